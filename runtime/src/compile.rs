@@ -1,0 +1,554 @@
+//! From pipeline text to a checked graph.
+//!
+//! Every problem is collected before anything is reported, each with the line
+//! and path where it is: unknown kinds, inputs naming no stage, duplicate
+//! names, bad options, type mismatches on edges, and cycles.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::config::{PipelineSpec, StageSpec};
+use crate::error::{CompileErrors, Diagnostic};
+use crate::locate::Locator;
+use crate::registry::{PortType, Registry};
+
+/// Default bound of an in-memory partition queue.
+pub const DEFAULT_CAPACITY: u32 = 4096;
+const MAX_PARTITIONS: u32 = 1024;
+
+#[derive(Debug, Clone)]
+pub struct StageNode {
+    pub name: String,
+    pub kind: String,
+    pub options: serde_yaml::Value,
+    pub input: Option<PortType>,
+    pub output: Option<PortType>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeInfo {
+    pub topic: Option<String>,
+    pub partitions: u32,
+    pub capacity: u32,
+    /// The type carried, by port name.
+    pub carries: &'static str,
+}
+
+/// A pipeline that passed every check; its stages in dependency order.
+#[derive(Debug, Clone)]
+pub struct CompiledPipeline {
+    pub file: String,
+    pub graph: DiGraph<StageNode, EdgeInfo>,
+    pub order: Vec<NodeIndex>,
+}
+
+impl CompiledPipeline {
+    pub fn stage_count(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    pub fn edge_count(&self) -> usize {
+        self.graph.edge_count()
+    }
+
+    /// The graph in Graphviz DOT.
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from("digraph imflow {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+        for idx in &self.order {
+            let n = &self.graph[*idx];
+            out.push_str(&format!(
+                "  {} [label=\"{}\\n({})\"];\n",
+                dot_id(&n.name),
+                n.name,
+                n.kind
+            ));
+        }
+        for e in self.graph.edge_references() {
+            let from = &self.graph[e.source()].name;
+            let to = &self.graph[e.target()].name;
+            let w = e.weight();
+            let via = match &w.topic {
+                Some(t) => format!("kafka {t} ×{}", w.partitions),
+                None => format!("memory ×{}", w.partitions),
+            };
+            out.push_str(&format!(
+                "  {} -> {} [label=\"{}\\n{}\"];\n",
+                dot_id(from),
+                dot_id(to),
+                w.carries,
+                via
+            ));
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+fn dot_id(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\\\""))
+}
+
+impl fmt::Display for CompiledPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.order.iter().map(|i| self.graph[*i].name.as_str()).collect();
+        write!(
+            f,
+            "{}: ok, {} stages, {} edges: {}",
+            self.file,
+            self.stage_count(),
+            self.edge_count(),
+            names.join(" -> ")
+        )
+    }
+}
+
+/// Top level of the file, keeping every `stages` entry even when a name
+/// repeats (serde_yaml's own map would stop at the first duplicate).
+struct RawFile {
+    top: Vec<(String, serde_yaml::Value)>,
+    stages: Option<Vec<(serde_yaml::Value, serde_yaml::Value)>>,
+}
+
+struct Entries(Vec<(serde_yaml::Value, serde_yaml::Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of stage names to stages")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, val)) = map.next_entry()? {
+                    v.push((k, val));
+                }
+                Ok(Entries(v))
+            }
+            fn visit_unit<E>(self) -> Result<Entries, E> {
+                Ok(Entries(Vec::new()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawFile;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping with a `stages` key")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
+                let mut raw = RawFile {
+                    top: Vec::new(),
+                    stages: None,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "stages" {
+                        raw.stages = Some(map.next_value::<Entries>()?.0);
+                    } else {
+                        raw.top.push((key, map.next_value()?));
+                    }
+                }
+                Ok(raw)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    locator: Locator,
+    errors: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        self.errors.push(Diagnostic {
+            file: self.file.to_string(),
+            line: self.locator.line(&path),
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Parse the stage list out of the text, reporting per-stage decode errors.
+fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
+    let raw: RawFile = match serde_yaml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let line = e.location().map(|l| l.line());
+            cx.errors.push(Diagnostic {
+                file: cx.file.to_string(),
+                line,
+                path: "(file)".into(),
+                message: format!("not a valid pipeline file: {e}"),
+            });
+            return None;
+        }
+    };
+    for (key, _) in &raw.top {
+        if key != "version" {
+            cx.err(key.clone(), format!("unknown top-level key `{key}`; expected `stages` (and optionally `version`)"));
+        }
+    }
+    if let Some((_, v)) = raw.top.iter().find(|(k, _)| k == "version") {
+        if v.as_u64() != Some(1) {
+            cx.err("version", "only `version: 1` is understood by this imflow");
+        }
+    }
+    let Some(entries) = raw.stages else {
+        cx.err("stages", "the file has no `stages:` section; declare at least one stage");
+        return None;
+    };
+    let mut spec = PipelineSpec::default();
+    for (k, v) in entries {
+        let Some(name) = k.as_str().map(str::to_string) else {
+            cx.err("stages", format!("stage names must be strings, found {k:?}"));
+            continue;
+        };
+        let path = format!("stages.{name}");
+        if !valid_name(&name) {
+            cx.err(&*path, format!("stage name `{name}` must be 1-64 characters of a-z A-Z 0-9 - _"));
+        }
+        match serde_yaml::from_value::<StageSpec>(v) {
+            Ok(s) => spec.stages.push((name, s)),
+            Err(e) => cx.err(path, format!("{e}")),
+        }
+    }
+    Some(spec)
+}
+
+/// Compile pipeline text. `file` is how the file is named in messages.
+pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPipeline, CompileErrors> {
+    let mut cx = Ctx {
+        file,
+        locator: Locator::new(text),
+        errors: Vec::new(),
+    };
+    let spec = parse(text, &mut cx);
+    let Some(spec) = spec else {
+        return Err(CompileErrors(cx.errors));
+    };
+    let mut graph: DiGraph<StageNode, EdgeInfo> = DiGraph::new();
+    let mut index: HashMap<String, NodeIndex> = HashMap::new();
+
+    for (name, stage) in &spec.stages {
+        let path = format!("stages.{name}");
+        if index.contains_key(name) {
+            cx.err(&*path, format!("stage name `{name}` is used more than once; give each stage its own name"));
+            continue;
+        }
+        let (input, output) = match registry.get(&stage.kind) {
+            Some(kind) => {
+                for e in kind.check_options(&stage.options) {
+                    let p = if e.field.is_empty() {
+                        format!("{path}.options")
+                    } else {
+                        format!("{path}.options.{}", e.field)
+                    };
+                    cx.err(p, format!("bad option for kind `{}`: {}", stage.kind, e.message));
+                }
+                (kind.input(), kind.output())
+            }
+            None => {
+                let known: Vec<&str> = registry.kinds().collect();
+                cx.err(
+                    format!("{path}.kind"),
+                    format!("unknown stage kind `{}`; known kinds: {}", stage.kind, known.join(", ")),
+                );
+                (None, None)
+            }
+        };
+        let idx = graph.add_node(StageNode {
+            name: name.clone(),
+            kind: stage.kind.clone(),
+            options: stage.options.clone(),
+            input,
+            output,
+        });
+        index.insert(name.clone(), idx);
+    }
+
+    let mut topics: HashMap<String, String> = HashMap::new();
+    for (name, stage) in &spec.stages {
+        let Some(&to) = index.get(name) else { continue };
+        let known_kind = registry.get(&stage.kind).is_some();
+        let consumer = graph[to].clone();
+        if known_kind && consumer.input.is_none() && !stage.inputs.is_empty() {
+            cx.err(
+                format!("stages.{name}.inputs"),
+                format!("kind `{}` is a source and takes no inputs; remove `inputs`", stage.kind),
+            );
+            continue;
+        }
+        if known_kind && consumer.input.is_some() && stage.inputs.is_empty() {
+            cx.err(
+                format!("stages.{name}"),
+                format!(
+                    "kind `{}` needs an input carrying `{}`; add `inputs: [STAGE]`",
+                    stage.kind,
+                    consumer.input.map(|p| p.name).unwrap_or("?")
+                ),
+            );
+        }
+        for (i, input) in stage.inputs.iter().enumerate() {
+            let path = format!("stages.{name}.inputs[{i}]");
+            let edge = input.edge();
+            let Some(&from) = index.get(&edge.from) else {
+                let names: Vec<&str> = spec.stages.iter().map(|(n, _)| n.as_str()).collect();
+                cx.err(
+                    path,
+                    format!("input `{}` names no stage; stages are: {}", edge.from, names.join(", ")),
+                );
+                continue;
+            };
+            let producer = graph[from].clone();
+            let carries = match (producer.output, consumer.input) {
+                (None, _) if registry.get(&producer.kind).is_some() => {
+                    cx.err(
+                        &*path,
+                        format!("stage `{}` (kind `{}`) is a sink and produces nothing to consume", producer.name, producer.kind),
+                    );
+                    continue;
+                }
+                (Some(out), Some(inp)) if !out.same_as(&inp) => {
+                    cx.err(
+                        &*path,
+                        format!(
+                            "type mismatch: `{}` (kind `{}`) produces `{}` but `{}` (kind `{}`) takes `{}`",
+                            producer.name, producer.kind, out.name, name, stage.kind, inp.name
+                        ),
+                    );
+                    continue;
+                }
+                (Some(out), _) => out.name,
+                _ => "?",
+            };
+            let partitions = edge.partitions.unwrap_or(1);
+            if partitions == 0 || partitions > MAX_PARTITIONS {
+                cx.err(
+                    format!("{path}.partitions"),
+                    format!("partitions must be between 1 and {MAX_PARTITIONS}, found {partitions}"),
+                );
+            }
+            let capacity = edge.capacity.unwrap_or(DEFAULT_CAPACITY);
+            if capacity == 0 {
+                cx.err(format!("{path}.capacity"), "capacity must be at least 1");
+            }
+            if let Some(topic) = &edge.topic {
+                if !valid_topic(topic) {
+                    cx.err(
+                        format!("{path}.topic"),
+                        format!("`{topic}` is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),
+                    );
+                } else if let Some(other) = topics.insert(topic.clone(), path.clone()) {
+                    cx.err(
+                        format!("{path}.topic"),
+                        format!("topic `{topic}` is already used by {other}; each edge needs its own topic"),
+                    );
+                }
+            }
+            graph.add_edge(
+                from,
+                to,
+                EdgeInfo {
+                    topic: edge.topic.clone(),
+                    partitions: partitions.clamp(1, MAX_PARTITIONS),
+                    capacity: capacity.max(1),
+                    carries,
+                },
+            );
+        }
+    }
+
+    for scc in tarjan_scc(&graph) {
+        let is_cycle = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
+        if is_cycle {
+            let mut names: Vec<&str> = scc.iter().map(|i| graph[*i].name.as_str()).collect();
+            names.reverse();
+            let first = names[0].to_string();
+            names.push(&first);
+            cx.err(
+                format!("stages.{}.inputs", first),
+                format!("cycle: {}; a message must not flow back into a stage it passed", names.join(" -> ")),
+            );
+        }
+    }
+
+    if graph.node_count() == 0 && cx.errors.is_empty() {
+        cx.err("stages", "no stages declared");
+    }
+
+    if !cx.errors.is_empty() {
+        cx.errors.sort_by_key(|d| d.line.unwrap_or(usize::MAX));
+        return Err(CompileErrors(cx.errors));
+    }
+    let order = toposort(&graph, None).map_err(|_| CompileErrors(Vec::new()))?;
+    Ok(CompiledPipeline {
+        file: file.to_string(),
+        graph,
+        order,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{BuildContext, OptionError, StageKind, StageTask};
+    use crate::BuildError;
+
+    struct Kind {
+        name: &'static str,
+        input: Option<PortType>,
+        output: Option<PortType>,
+    }
+    struct A;
+    struct B;
+
+    impl StageKind for Kind {
+        fn kind(&self) -> &'static str {
+            self.name
+        }
+        fn input(&self) -> Option<PortType> {
+            self.input
+        }
+        fn output(&self) -> Option<PortType> {
+            self.output
+        }
+        fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError> {
+            match options.get("batch") {
+                Some(v) if v.as_u64().is_none() => vec![OptionError {
+                    field: "batch".into(),
+                    message: "must be a positive integer".into(),
+                }],
+                _ => vec![],
+            }
+        }
+        fn build(&self, _cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+            Ok(vec![])
+        }
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.register(Kind { name: "src", input: None, output: Some(PortType::of::<A>("a")) });
+        r.register(Kind { name: "map", input: Some(PortType::of::<A>("a")), output: Some(PortType::of::<A>("a")) });
+        r.register(Kind { name: "conv", input: Some(PortType::of::<A>("a")), output: Some(PortType::of::<B>("b")) });
+        r.register(Kind { name: "sink", input: Some(PortType::of::<B>("b")), output: None });
+        r
+    }
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        compile("p.yaml", text, &registry()).expect_err("should fail").0
+    }
+
+    #[test]
+    fn a_good_pipeline_compiles_in_order() {
+        let text = "stages:\n  s:\n    kind: src\n  c:\n    kind: conv\n    inputs:\n      - from: s\n        topic: ws2ms_chat\n        partitions: 8\n  k:\n    kind: sink\n    inputs: [c]\n";
+        let p = compile("p.yaml", text, &registry()).unwrap();
+        let names: Vec<&str> = p.order.iter().map(|i| p.graph[*i].name.as_str()).collect();
+        assert_eq!(names, ["s", "c", "k"]);
+        assert!(p.to_dot().contains("kafka ws2ms_chat ×8"));
+        assert!(p.to_string().contains("3 stages, 2 edges"));
+    }
+
+    #[test]
+    fn reports_every_error_with_its_line() {
+        let text = "\
+stages:
+  s:
+    kind: src
+  m:
+    kind: nope
+  c:
+    kind: conv
+    inputs: [ghost]
+  k:
+    kind: sink
+    inputs: [s]
+    options:
+      batch: lots
+";
+        let errs = errors(text);
+        let shown: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+        assert_eq!(errs.len(), 4, "{shown:#?}");
+        assert!(shown[0].starts_with("p.yaml:5: stages.m.kind: unknown stage kind `nope`"), "{}", shown[0]);
+        assert!(shown[1].starts_with("p.yaml:8: stages.c.inputs[0]: input `ghost` names no stage"), "{}", shown[1]);
+        assert!(shown[2].starts_with("p.yaml:11: stages.k.inputs[0]: type mismatch: `s` (kind `src`) produces `a` but `k` (kind `sink`) takes `b`"), "{}", shown[2]);
+        assert!(shown[3].starts_with("p.yaml:13: stages.k.options.batch: bad option"), "{}", shown[3]);
+    }
+
+    #[test]
+    fn reports_cycles() {
+        let text = "stages:\n  a:\n    kind: map\n    inputs: [b]\n  b:\n    kind: map\n    inputs: [a]\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.starts_with("cycle: "), "{}", errs[0]);
+        assert!(errs[0].message.contains("a -> b") || errs[0].message.contains("b -> a"));
+    }
+
+    #[test]
+    fn reports_duplicate_names() {
+        let text = "stages:\n  s:\n    kind: src\n  s:\n    kind: src\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("used more than once"));
+    }
+
+    #[test]
+    fn reports_sources_with_inputs_sinks_as_inputs_and_missing_inputs() {
+        let text = "stages:\n  s:\n    kind: src\n    inputs: [k]\n  k:\n    kind: sink\n  c:\n    kind: conv\n    inputs: [k]\n";
+        let errs = errors(text);
+        let msgs: Vec<&str> = errs.iter().map(|d| d.message.as_str()).collect();
+        assert!(msgs.iter().any(|m| m.contains("is a source and takes no inputs")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("needs an input carrying `b`")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("is a sink and produces nothing")), "{msgs:?}");
+    }
+
+    #[test]
+    fn reports_bad_edges_and_unknown_fields() {
+        let text = "stages:\n  s:\n    kind: src\n  m:\n    kind: map\n    inputs:\n      - from: s\n        partitions: 0\n        topic: \"bad topic\"\n  n:\n    kind: map\n    colour: red\n    inputs: [m]\n";
+        let errs = errors(text);
+        let shown: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+        assert!(shown.iter().any(|m| m.contains("p.yaml:8: stages.m.inputs[0].partitions")), "{shown:#?}");
+        assert!(shown.iter().any(|m| m.contains("p.yaml:9: stages.m.inputs[0].topic")), "{shown:#?}");
+        assert!(shown.iter().any(|m| m.contains("stages.n") && m.contains("colour")), "{shown:#?}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_yaml_is_one_clear_error() {
+        let errs = errors("stages: [\n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.starts_with("not a valid pipeline file"));
+    }
+}

@@ -1,0 +1,23 @@
+//! imflow's dataflow runtime.
+//!
+//! It reads `pipeline.yaml` ([`config`]), compiles it into a checked graph
+//! ([`compile`]), and runs it ([`topology`]) with the stage kinds a caller
+//! registered ([`registry`]). It knows nothing of instant messaging: stage
+//! kinds, payload types and stores live in other crates and reach the runtime
+//! only through [`registry::StageKind`].
+
+pub mod ack;
+pub mod compile;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod locate;
+pub mod registry;
+pub mod topology;
+
+pub use ack::{Ack, AckStatus};
+pub use compile::{compile, CompiledPipeline};
+pub use edge::{Envelope, Input, Output};
+pub use error::{BuildError, CompileErrors, Diagnostic};
+pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
+pub use topology::RunningTopology;

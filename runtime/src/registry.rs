@@ -1,0 +1,209 @@
+//! Stage kinds and the context they are built in.
+//!
+//! A stage kind says what it consumes and produces ([`PortType`]), checks its
+//! own options, and, given a [`BuildContext`], returns the tasks that do its
+//! work. The runtime type-checks edges by port name before anything runs, and
+//! again by Rust type when a stage opens its ports, so a mismatch can never
+//! reach a running task.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use metrics::Counter;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::edge::{memory_partition, EdgeSenders, Input, Output, QueueProbe};
+use crate::error::BuildError;
+
+/// The type of items on a port: a name for people and a Rust type for the
+/// runtime's own check.
+#[derive(Debug, Clone, Copy)]
+pub struct PortType {
+    pub name: &'static str,
+    id: TypeId,
+    rust_name: &'static str,
+}
+
+impl PortType {
+    pub fn of<T: 'static>(name: &'static str) -> Self {
+        PortType {
+            name,
+            id: TypeId::of::<T>(),
+            rust_name: std::any::type_name::<T>(),
+        }
+    }
+
+    pub fn same_as(&self, other: &PortType) -> bool {
+        self.id == other.id
+    }
+}
+
+/// What a stage task returns when it stops.
+pub type StageResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+/// One running unit of a stage (typically one per input partition).
+pub type StageTask = Pin<Box<dyn Future<Output = StageResult> + Send>>;
+
+/// An option problem found by a kind: the field (dotted, under `options`) and
+/// what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionError {
+    pub field: String,
+    pub message: String,
+}
+
+pub trait StageKind: Send + Sync + 'static {
+    /// The name used as `kind:` in pipeline.yaml.
+    fn kind(&self) -> &'static str;
+    /// What items it consumes; `None` for a source.
+    fn input(&self) -> Option<PortType>;
+    /// What items it produces; `None` for a sink.
+    fn output(&self) -> Option<PortType>;
+    /// Check `options:`; report every problem, not just the first.
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError>;
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError>;
+}
+
+/// Decode `options:` into a kind's settings struct, turning serde's message
+/// into an [`OptionError`]. A missing or null `options` decodes as `{}`.
+pub fn decode_options<T: DeserializeOwned>(options: &serde_yaml::Value) -> Result<T, OptionError> {
+    let value = if options.is_null() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        options.clone()
+    };
+    serde_yaml::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        // serde names the field in backquotes; point the location at it.
+        let field = msg
+            .split('`')
+            .nth(1)
+            .filter(|f| !f.contains(' '))
+            .unwrap_or("")
+            .to_string();
+        OptionError { field, message: msg }
+    })
+}
+
+/// The stage kinds a program knows. Adding a kind is one `register` call.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&mut self, kind: impl StageKind) -> &mut Self {
+        self.kinds.insert(kind.kind(), Arc::new(kind));
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn StageKind>> {
+        self.kinds.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+}
+
+pub(crate) struct OutEdge {
+    pub(crate) id: usize,
+    pub(crate) label: String,
+    pub(crate) partitions: u32,
+    pub(crate) capacity: u32,
+    pub(crate) consumer: String,
+}
+
+/// What a kind gets while it is being built.
+pub struct BuildContext<'a> {
+    pub name: &'a str,
+    pub options: &'a serde_yaml::Value,
+    /// Cancelled when the pipeline shuts down. Sources stop producing when it
+    /// fires; other stages stop when their inputs close.
+    pub shutdown: CancellationToken,
+    pub(crate) input_type: Option<PortType>,
+    pub(crate) output_type: Option<PortType>,
+    pub(crate) in_edges: Vec<usize>,
+    pub(crate) out_edges: Vec<OutEdge>,
+    pub(crate) pending_inputs: &'a mut HashMap<usize, Box<dyn Any + Send>>,
+    pub(crate) probes: &'a mut Vec<QueueProbe>,
+    pub(crate) output_opened: bool,
+    pub(crate) inputs_opened: bool,
+}
+
+impl BuildContext<'_> {
+    fn check<T: 'static>(&self, port: Option<PortType>, what: &'static str) -> Result<(), BuildError> {
+        match port {
+            Some(p) if p.id == TypeId::of::<T>() => Ok(()),
+            Some(p) => Err(BuildError::PortType {
+                stage: self.name.to_string(),
+                what,
+                wanted: std::any::type_name::<T>(),
+                actual: p.rust_name,
+            }),
+            None => Err(BuildError::stage(self.name, format!("this kind has no {what}"))),
+        }
+    }
+
+    /// Counter of items this stage handled that failed.
+    pub fn error_counter(&self) -> Counter {
+        metrics::counter!("imflow_stage_errors_total", "stage" => self.name.to_string())
+    }
+
+    /// Open this stage's output: one bounded queue per partition of every
+    /// outgoing edge. Must be called once by every kind that has an output.
+    pub fn output<T: Clone + Send + 'static>(&mut self) -> Result<Output<T>, BuildError> {
+        self.check::<T>(self.output_type, "output")?;
+        if self.output_opened {
+            return Err(BuildError::stage(self.name, "output opened twice"));
+        }
+        self.output_opened = true;
+        let mut edges = Vec::new();
+        for e in &self.out_edges {
+            let received = metrics::counter!("imflow_stage_in_total", "stage" => e.consumer.clone());
+            let mut senders = Vec::new();
+            let mut inputs = Vec::new();
+            for p in 0..e.partitions {
+                let (tx, input, probe) =
+                    memory_partition::<T>(e.capacity as usize, &e.label, p, received.clone());
+                senders.push(tx);
+                inputs.push(input);
+                self.probes.push(probe);
+            }
+            self.pending_inputs.insert(e.id, Box::new(inputs));
+            edges.push(EdgeSenders { partitions: senders });
+        }
+        let sent = metrics::counter!("imflow_stage_out_total", "stage" => self.name.to_string());
+        Ok(Output::new(edges, sent))
+    }
+
+    /// Take every partition of every input edge of this stage.
+    pub fn inputs<T: Send + 'static>(&mut self) -> Result<Vec<Input<T>>, BuildError> {
+        self.check::<T>(self.input_type, "input")?;
+        if self.inputs_opened {
+            return Err(BuildError::stage(self.name, "inputs opened twice"));
+        }
+        self.inputs_opened = true;
+        let mut all = Vec::new();
+        for id in &self.in_edges {
+            let boxed = self.pending_inputs.remove(id).ok_or_else(|| {
+                BuildError::stage(self.name, "an upstream stage did not open its output")
+            })?;
+            let inputs = boxed.downcast::<Vec<Input<T>>>().map_err(|_| BuildError::PortType {
+                stage: self.name.to_string(),
+                what: "input",
+                wanted: std::any::type_name::<T>(),
+                actual: "a different type",
+            })?;
+            all.extend(*inputs);
+        }
+        Ok(all)
+    }
+}

@@ -1,0 +1,142 @@
+//! Running a compiled pipeline.
+//!
+//! Stages are built in dependency order, so every producer has opened its
+//! queues before its consumers take them. Shutdown follows the graph: the
+//! token tells sources to stop, each source drops its output, every consumer
+//! drains what is queued and then drops its own output, and so on to the
+//! sinks. A deadline bounds the whole drain.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::compile::CompiledPipeline;
+use crate::edge::QueueProbe;
+use crate::error::BuildError;
+use crate::registry::{BuildContext, OutEdge, Registry};
+
+pub struct RunningTopology {
+    tasks: JoinSet<(String, crate::registry::StageResult)>,
+    shutdown: CancellationToken,
+    probes: Vec<QueueProbe>,
+}
+
+impl RunningTopology {
+    /// Build every stage and spawn its tasks on the current tokio runtime.
+    pub fn start(pipeline: &CompiledPipeline, registry: &Registry) -> Result<Self, BuildError> {
+        let shutdown = CancellationToken::new();
+        let mut pending = HashMap::new();
+        let mut probes = Vec::new();
+        let mut tasks = JoinSet::new();
+        let g = &pipeline.graph;
+        for &idx in &pipeline.order {
+            let node = &g[idx];
+            let kind = registry
+                .get(&node.kind)
+                .ok_or_else(|| BuildError::stage(&node.name, format!("unknown kind `{}`", node.kind)))?;
+            let in_edges: Vec<usize> = g
+                .edges_directed(idx, Direction::Incoming)
+                .map(|e| e.id().index())
+                .collect();
+            let out_edges: Vec<OutEdge> = g
+                .edges_directed(idx, Direction::Outgoing)
+                .map(|e| OutEdge {
+                    id: e.id().index(),
+                    label: format!("{}->{}", node.name, g[e.target()].name),
+                    partitions: e.weight().partitions,
+                    capacity: e.weight().capacity,
+                    consumer: g[e.target()].name.clone(),
+                })
+                .collect();
+            let has_inputs = !in_edges.is_empty();
+            let has_outputs = !out_edges.is_empty();
+            let mut cx = BuildContext {
+                name: &node.name,
+                options: &node.options,
+                shutdown: shutdown.child_token(),
+                input_type: node.input,
+                output_type: node.output,
+                in_edges,
+                out_edges,
+                pending_inputs: &mut pending,
+                probes: &mut probes,
+                output_opened: false,
+                inputs_opened: false,
+            };
+            let stage_tasks = kind.build(&mut cx)?;
+            if has_outputs && !cx.output_opened {
+                return Err(BuildError::stage(&node.name, "the stage never opened its output"));
+            }
+            if has_inputs && !cx.inputs_opened {
+                return Err(BuildError::stage(&node.name, "the stage never opened its inputs"));
+            }
+            for t in stage_tasks {
+                let name = node.name.clone();
+                tasks.spawn(async move { (name, t.await) });
+            }
+            tracing::debug!(stage = %node.name, kind = %node.kind, "stage built");
+        }
+        Ok(RunningTopology {
+            tasks,
+            shutdown,
+            probes,
+        })
+    }
+
+    /// Publish the depth of every queue as `imflow_edge_queue_depth`.
+    pub fn record_queue_depths(&self) {
+        for p in &self.probes {
+            if let Some(d) = (p.depth)() {
+                metrics::gauge!("imflow_edge_queue_depth", "edge" => p.edge.clone(), "partition" => p.partition.to_string())
+                    .set(d as f64);
+            }
+        }
+    }
+
+    /// Resolves when a stage task ends on its own before shutdown, which
+    /// means the pipeline can no longer serve. Returns the stage and why.
+    pub async fn failed(&mut self) -> (String, String) {
+        loop {
+            match self.tasks.join_next().await {
+                None => {
+                    // Nothing left to watch: park forever; shutdown() is how
+                    // the owner ends things.
+                    std::future::pending::<()>().await;
+                }
+                Some(Ok((stage, Ok(())))) => {
+                    if !self.shutdown.is_cancelled() {
+                        tracing::warn!(%stage, "stage task ended before shutdown");
+                    }
+                }
+                Some(Ok((stage, Err(e)))) => return (stage, e.to_string()),
+                Some(Err(e)) => return ("(task)".into(), e.to_string()),
+            }
+        }
+    }
+
+    /// Tell sources to stop, let everything queued drain, and wait at most
+    /// `deadline` for the stages to finish. Returns whether all finished.
+    pub async fn shutdown(mut self, deadline: Duration) -> bool {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            while let Some(res) = self.tasks.join_next().await {
+                match res {
+                    Ok((stage, Err(e))) => tracing::error!(%stage, error = %e, "stage failed while draining"),
+                    Err(e) if e.is_panic() => tracing::error!(error = %e, "stage task panicked"),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(remaining = self.tasks.len(), "shutdown deadline passed; aborting the remaining stage tasks");
+            self.tasks.abort_all();
+        }
+        drained
+    }
+}
