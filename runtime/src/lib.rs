@@ -21,3 +21,4 @@ pub use edge::{Envelope, Input, Output};
 pub use error::{BuildError, CompileErrors, Diagnostic};
 pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
 pub use topology::RunningTopology;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,41 @@
+use crate::model::ImError;
+
+/// Errors of the stage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("embedded store: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("embedded store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("embedded store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error(transparent)]
+    Client(#[from] ImError),
+}
+
+impl Error {
+    /// How a client sees this error.
+    pub fn to_client(&self) -> ImError {
+        match self {
+            Error::Client(e) => e.clone(),
+            other => {
+                tracing::error!(error = %other, "store error");
+                ImError::unavailable("the server could not complete the request; try again")
+            }
+        }
+    }
+}
+
+impl From<Error> for ImError {
+    fn from(e: Error) -> Self {
+        e.to_client()
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,90 @@
+//! `fanout`: turns a message into its recipients: both users of a single
+//! chat, or every member of the group. The sender is among them, so its other
+//! devices (and the sending one, which learns the seq this way) get it too.
+
+use std::sync::Arc;
+
+use imflow_runtime::{BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
+use serde::Deserialize;
+
+use crate::model::{Delivery, Sequenced, Target};
+use crate::store::Store;
+use crate::Services;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Options {}
+
+pub struct Fanout {
+    store: Arc<Store>,
+}
+
+impl Fanout {
+    pub fn new(services: &Services) -> Self {
+        Fanout {
+            store: services.store.clone(),
+        }
+    }
+}
+
+impl StageKind for Fanout {
+    fn kind(&self) -> &'static str {
+        "fanout"
+    }
+    fn input(&self) -> Option<PortType> {
+        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+    }
+    fn output(&self) -> Option<PortType> {
+        Some(PortType::of::<Delivery>(super::DELIVERY))
+    }
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+        super::check::<Options>(options)
+    }
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let out = cx.output::<Delivery>()?;
+        let errors = cx.error_counter();
+        let mut tasks: Vec<StageTask> = Vec::new();
+        for input in cx.inputs::<Sequenced>()? {
+            tasks.push(Box::pin(run(input, out.clone(), self.store.clone(), errors.clone())));
+        }
+        Ok(tasks)
+    }
+}
+
+async fn run(
+    mut input: Input<Sequenced>,
+    out: Output<Delivery>,
+    store: Arc<Store>,
+    errors: metrics::Counter,
+) -> imflow_runtime::registry::StageResult {
+    let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
+    while input.recv_batch(&mut batch, 256).await {
+        for env in batch.drain(..) {
+            let Envelope { key, item, ack } = env;
+            let recipients: Arc<[Arc<str>]> = match &item.msg.target {
+                Target::User(r) if *r == item.msg.sender => Arc::from(vec![r.clone()]),
+                Target::User(r) => Arc::from(vec![item.msg.sender.clone(), r.clone()]),
+                Target::Group(g) => match store.group(g).await {
+                    Ok(Some(group)) => group.members.clone(),
+                    Ok(None) => Arc::from(Vec::new()),
+                    Err(e) => {
+                        // The message is stored; members still get it by sync.
+                        errors.increment(1);
+                        tracing::error!(error = %e, group = %g, "group lookup failed; push skipped");
+                        Arc::from(vec![item.msg.sender.clone()])
+                    }
+                },
+            };
+            let delivery = Delivery {
+                conversation_id: item.msg.conversation_id,
+                seq: item.seq,
+                body: item.body,
+                recipients,
+            };
+            if out.send(Envelope::new(key, delivery, ack)).await.is_err() {
+                return Err("downstream of fanout stopped".into());
+            }
+        }
+    }
+    Ok(())
+}

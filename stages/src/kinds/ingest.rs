@@ -1,0 +1,194 @@
+//! `ingest`: the pipeline's source. Doors call [`IngestHandle::send`]; it
+//! checks the request against PROTOCOL.md and the directory (the receiver
+//! exists, the sender is a member of the group), stamps `server_msg_id` and
+//! `send_time`, and hands the message on. The returned [`PendingAck`] resolves
+//! once the message is durable, or to the first message's ids for a resend.
+
+use std::sync::{Arc, RwLock};
+
+use imflow_runtime::{Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, StageKind, StageTask};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::dedup::DedupIndex;
+use crate::model::{
+    check_content, check_id, new_server_msg_id, now_ms, partition_key, valid_client_msg_id, AckInfo, Conversation,
+    ImError, SendRequest, Stamped, Target,
+};
+use crate::store::Store;
+use crate::Services;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Options {}
+
+pub struct Ingest {
+    handle: IngestHandle,
+}
+
+impl Ingest {
+    pub fn new(services: &Services) -> Self {
+        Ingest {
+            handle: services.ingest.clone(),
+        }
+    }
+}
+
+impl StageKind for Ingest {
+    fn kind(&self) -> &'static str {
+        "ingest"
+    }
+    fn input(&self) -> Option<PortType> {
+        None
+    }
+    fn output(&self) -> Option<PortType> {
+        Some(PortType::of::<Stamped>(super::STAMPED))
+    }
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+        super::check::<Options>(options)
+    }
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let out = cx.output::<Stamped>()?;
+        self.handle.open(out);
+        let handle = self.handle.clone();
+        let shutdown = cx.shutdown.clone();
+        Ok(vec![Box::pin(async move {
+            shutdown.cancelled().await;
+            // Dropping the output lets everything downstream drain and stop.
+            handle.close();
+            Ok(())
+        })])
+    }
+}
+
+/// How a door submits messages. Cheap to clone.
+#[derive(Clone)]
+pub struct IngestHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    output: RwLock<Option<Output<Stamped>>>,
+    store: Arc<Store>,
+    dedup: Arc<DedupIndex>,
+}
+
+/// The answer to a send, once there is one.
+pub enum PendingAck {
+    Ready(Result<AckInfo, ImError>),
+    Waiting(oneshot::Receiver<Result<AckInfo, ImError>>),
+}
+
+impl PendingAck {
+    pub async fn wait(self) -> Result<AckInfo, ImError> {
+        match self {
+            PendingAck::Ready(r) => r,
+            PendingAck::Waiting(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(ImError::unavailable("the message was not stored; send it again"))),
+        }
+    }
+}
+
+fn answer(info: AckInfo, status: AckStatus) -> Result<AckInfo, ImError> {
+    match status {
+        AckStatus::Delivered => Ok(info),
+        AckStatus::Duplicate(first) => Ok(serde_json::from_str(&first).unwrap_or(info)),
+        AckStatus::Failed(why) => {
+            tracing::warn!(reason = %why, server_msg_id = %info.server_msg_id, "message not stored");
+            Err(ImError::unavailable("the message was not stored; send it again"))
+        }
+    }
+}
+
+impl IngestHandle {
+    pub fn new(store: Arc<Store>, dedup: Arc<DedupIndex>) -> Self {
+        IngestHandle {
+            inner: Arc::new(Inner {
+                output: RwLock::new(None),
+                store,
+                dedup,
+            }),
+        }
+    }
+
+    fn open(&self, out: Output<Stamped>) {
+        if let Ok(mut o) = self.inner.output.write() {
+            *o = Some(out);
+        }
+    }
+
+    /// Stop taking messages; later sends get `unavailable`.
+    pub fn close(&self) {
+        if let Ok(mut o) = self.inner.output.write() {
+            o.take();
+        }
+    }
+
+    /// Check, stamp and submit a message from `sender`. Waits only while the
+    /// pipeline is full (backpressure); the durable ack comes later.
+    pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
+        let msg = self.stamp(sender, req).await?;
+        if let Some(first) = self.inner.dedup.durable(sender, &msg.client_msg_id) {
+            return Ok(PendingAck::Ready(Ok(first)));
+        }
+        let output = match self.inner.output.read() {
+            Ok(o) => o.clone(),
+            Err(_) => None,
+        }
+        .ok_or_else(|| ImError::unavailable("the server is shutting down"))?;
+        let (tx, rx) = oneshot::channel();
+        let info = msg.ack_info();
+        let ack = Ack::new(move |status| {
+            let _ = tx.send(answer(info, status));
+        });
+        let key = partition_key(&msg.conversation_id);
+        output
+            .send(Envelope::new(key, msg, ack))
+            .await
+            .map_err(|_| ImError::unavailable("the pipeline is not running"))?;
+        Ok(PendingAck::Waiting(rx))
+    }
+
+    async fn stamp(&self, sender: &Arc<str>, req: SendRequest) -> Result<Stamped, ImError> {
+        if !valid_client_msg_id(&req.client_msg_id) {
+            return Err(ImError::bad_request("client_msg_id must be 1 to 64 printable ASCII characters"));
+        }
+        check_content(req.content_type, &req.content)?;
+        let (target, conversation) = match (req.recv_id, req.group_id) {
+            (Some(r), None) => {
+                check_id("recv_id", &r)?;
+                if !self.inner.store.user_exists(&r) {
+                    return Err(ImError::not_found(format!("no user {r}")));
+                }
+                let conv = Conversation::single(sender, &r);
+                (Target::User(r.into()), conv)
+            }
+            (None, Some(g)) => {
+                check_id("group_id", &g)?;
+                let group = self
+                    .inner
+                    .store
+                    .group(&g)
+                    .await
+                    .map_err(|e| e.to_client())?
+                    .ok_or_else(|| ImError::not_found(format!("no group {g}")))?;
+                if group.role_of(sender).is_none() {
+                    return Err(ImError::forbidden(format!("{sender} is not a member of group {g}")));
+                }
+                (Target::Group(g.clone().into()), Conversation::Group(g.into()))
+            }
+            _ => return Err(ImError::bad_request("give exactly one of recv_id and group_id")),
+        };
+        Ok(Stamped {
+            conversation_id: conversation.id().into(),
+            server_msg_id: new_server_msg_id().into(),
+            client_msg_id: req.client_msg_id.into(),
+            sender: sender.clone(),
+            target,
+            content_type: req.content_type,
+            content: req.content.get().into(),
+            send_time: now_ms(),
+        })
+    }
+}

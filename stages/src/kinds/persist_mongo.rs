@@ -1,0 +1,126 @@
+//! `persist-mongo`: writes the durable history in batches, idempotently, and
+//! only then releases each message's ack (the client's "ack" frame). In
+//! standalone mode the history is the embedded store.
+//!
+//! A failed commit is retried, never skipped: skipping would leave a hole in
+//! the conversation's seqs. While it retries, backpressure stops the senders.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imflow_runtime::{Ack, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
+use serde::Deserialize;
+use imflow_runtime::CancellationToken;
+
+use crate::dedup::DedupIndex;
+use crate::model::Sequenced;
+use crate::store::Store;
+use crate::Services;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Options {
+    /// Most messages per commit from one partition (the store may merge
+    /// several partitions' batches into one transaction).
+    max_batch: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_batch: 1024 }
+    }
+}
+
+pub struct PersistMongo {
+    store: Arc<Store>,
+    dedup: Arc<DedupIndex>,
+}
+
+impl PersistMongo {
+    pub fn new(services: &Services) -> Self {
+        PersistMongo {
+            store: services.store.clone(),
+            dedup: services.dedup.clone(),
+        }
+    }
+}
+
+impl StageKind for PersistMongo {
+    fn kind(&self) -> &'static str {
+        "persist-mongo"
+    }
+    fn input(&self) -> Option<PortType> {
+        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+    }
+    fn output(&self) -> Option<PortType> {
+        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+    }
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+        super::check::<Options>(options)
+    }
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let opts: Options = imflow_runtime::registry::decode_options(cx.options)
+            .map_err(|e| BuildError::stage(cx.name, e.message))?;
+        let out = cx.output::<Sequenced>()?;
+        let errors = cx.error_counter();
+        let mut tasks: Vec<StageTask> = Vec::new();
+        for input in cx.inputs::<Sequenced>()? {
+            tasks.push(Box::pin(run(
+                input,
+                out.clone(),
+                self.store.clone(),
+                self.dedup.clone(),
+                opts.max_batch.max(1),
+                errors.clone(),
+                cx.shutdown.clone(),
+            )));
+        }
+        Ok(tasks)
+    }
+}
+
+async fn run(
+    mut input: Input<Sequenced>,
+    out: Output<Sequenced>,
+    store: Arc<Store>,
+    dedup: Arc<DedupIndex>,
+    max_batch: usize,
+    errors: metrics::Counter,
+    shutdown: CancellationToken,
+) -> imflow_runtime::registry::StageResult {
+    let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(max_batch);
+    while input.recv_batch(&mut batch, max_batch).await {
+        let items: Vec<Sequenced> = batch.iter().map(|e| e.item.clone()).collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match store.commit_messages(items.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    errors.increment(1);
+                    if shutdown.is_cancelled() && backoff >= Duration::from_secs(2) {
+                        // Shutting down and the store will not take them: the
+                        // senders were never acked and are told to resend.
+                        for env in batch.drain(..) {
+                            dedup.abandon(&(env.item.msg.sender.clone(), env.item.msg.client_msg_id.clone()));
+                            env.ack.fail(format!("not stored: {e}"));
+                            env.ack.release();
+                        }
+                        return Err(format!("history commit failed: {e}").into());
+                    }
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "history commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for env in batch.drain(..) {
+            let Envelope { key, item, ack } = env;
+            dedup.mark_durable(&(item.msg.sender.clone(), item.msg.client_msg_id.clone()), None);
+            ack.release();
+            if out.send(Envelope::new(key, item, Ack::none())).await.is_err() {
+                return Err("downstream of persist-mongo stopped".into());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `push`: hands each delivery to the connections of its recipients that are
+//! online on this host. It never waits for a connection: a client that does
+//! not read is cut off by its gateway, not allowed to slow everyone else.
+
+use std::sync::Arc;
+
+use imflow_runtime::{BuildContext, BuildError, Envelope, Input, PortType, StageKind, StageTask};
+use serde::Deserialize;
+
+use crate::model::Delivery;
+use crate::{Presence, PushItem, Services};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Options {}
+
+pub struct Push {
+    presence: Arc<dyn Presence>,
+}
+
+impl Push {
+    pub fn new(services: &Services) -> Self {
+        Push {
+            presence: services.presence.clone(),
+        }
+    }
+}
+
+impl StageKind for Push {
+    fn kind(&self) -> &'static str {
+        "push"
+    }
+    fn input(&self) -> Option<PortType> {
+        Some(PortType::of::<Delivery>(super::DELIVERY))
+    }
+    fn output(&self) -> Option<PortType> {
+        None
+    }
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+        super::check::<Options>(options)
+    }
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let mut tasks: Vec<StageTask> = Vec::new();
+        for input in cx.inputs::<Delivery>()? {
+            tasks.push(Box::pin(run(input, self.presence.clone())));
+        }
+        Ok(tasks)
+    }
+}
+
+async fn run(mut input: Input<Delivery>, presence: Arc<dyn Presence>) -> imflow_runtime::registry::StageResult {
+    let mut batch: Vec<Envelope<Delivery>> = Vec::with_capacity(256);
+    while input.recv_batch(&mut batch, 256).await {
+        for env in batch.drain(..) {
+            let Envelope { item, ack, .. } = env;
+            let push = PushItem {
+                conversation_id: item.conversation_id,
+                seq: item.seq,
+                body: item.body,
+            };
+            for user in item.recipients.iter() {
+                presence.deliver(user, &push);
+            }
+            ack.release();
+        }
+    }
+    Ok(())
+}

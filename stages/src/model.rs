@@ -1,0 +1,403 @@
+//! What flows through the pipeline, and the rules on identifiers and content
+//! from PROTOCOL.md that every door (WebSocket, REST) shares.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The error codes of PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// An error a client sees: a protocol code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ImError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ImError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ImError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, m)
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, m)
+    }
+}
+
+/// Largest serialised `content` a message may carry.
+pub const MAX_CONTENT_BYTES: usize = 16 * 1024;
+/// Largest pull range (`to_seq - from_seq`).
+pub const MAX_PULL_SPAN: u64 = 1000;
+
+/// `user_id` / `group_id`: 1 to 64 of `A-Z a-z 0-9 . - @`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'@'))
+}
+
+pub fn check_id(what: &str, id: &str) -> Result<(), ImError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ImError::bad_request(format!(
+            "{what} must be 1 to 64 characters of A-Z a-z 0-9 . - @"
+        )))
+    }
+}
+
+/// `client_msg_id`: 1 to 64 printable ASCII characters.
+pub fn valid_client_msg_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+pub fn valid_platform(p: i64) -> bool {
+    (1..=9).contains(&p)
+}
+
+/// A conversation, parsed from its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conversation {
+    Single(Arc<str>, Arc<str>),
+    Group(Arc<str>),
+}
+
+impl Conversation {
+    pub fn single(a: &str, b: &str) -> Self {
+        let (x, y) = if a.as_bytes() <= b.as_bytes() { (a, b) } else { (b, a) };
+        Conversation::Single(x.into(), y.into())
+    }
+
+    pub fn parse(id: &str) -> Option<Self> {
+        if let Some(g) = id.strip_prefix("sg_") {
+            return valid_id(g).then(|| Conversation::Group(g.into()));
+        }
+        let rest = id.strip_prefix("si_")?;
+        let (a, b) = rest.split_once('_')?;
+        (valid_id(a) && valid_id(b) && a.as_bytes() <= b.as_bytes())
+            .then(|| Conversation::Single(a.into(), b.into()))
+    }
+
+    pub fn id(&self) -> String {
+        match self {
+            Conversation::Single(a, b) => format!("si_{a}_{b}"),
+            Conversation::Group(g) => format!("sg_{g}"),
+        }
+    }
+}
+
+/// Who a message is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    User(Arc<str>),
+    Group(Arc<str>),
+}
+
+/// A send request as a door received it, before any check.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendRequest {
+    pub client_msg_id: String,
+    #[serde(default)]
+    pub recv_id: Option<String>,
+    #[serde(default)]
+    pub group_id: Option<String>,
+    pub content_type: i64,
+    pub content: Box<RawValue>,
+}
+
+/// A message after `ingest`: authorised and stamped, not yet sequenced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stamped {
+    pub conversation_id: Arc<str>,
+    pub server_msg_id: Arc<str>,
+    pub client_msg_id: Arc<str>,
+    pub sender: Arc<str>,
+    pub target: Target,
+    pub content_type: i64,
+    /// The content exactly as the client sent it (validated JSON text).
+    pub content: Arc<str>,
+    pub send_time: i64,
+}
+
+/// A message after `seq-assign`: it has its place in the conversation, and its
+/// client-facing JSON is rendered once here and shared from then on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sequenced {
+    pub msg: Stamped,
+    pub seq: u64,
+    pub body: Arc<str>,
+}
+
+/// A message after `fanout`: the users it goes to.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub conversation_id: Arc<str>,
+    pub seq: u64,
+    pub body: Arc<str>,
+    pub recipients: Arc<[Arc<str>]>,
+}
+
+/// What the sender is told once its message is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckInfo {
+    pub server_msg_id: String,
+    pub conversation_id: String,
+    pub send_time: i64,
+}
+
+impl Stamped {
+    pub fn ack_info(&self) -> AckInfo {
+        AckInfo {
+            server_msg_id: self.server_msg_id.to_string(),
+            conversation_id: self.conversation_id.to_string(),
+            send_time: self.send_time,
+        }
+    }
+
+    /// The message as clients see it (PROTOCOL.md "A message").
+    pub fn render(&self, seq: u64) -> String {
+        let mut out = String::with_capacity(200 + self.content.len());
+        out.push_str("{\"conversation_id\":");
+        push_json_str(&mut out, &self.conversation_id);
+        out.push_str(",\"seq\":");
+        out.push_str(&seq.to_string());
+        out.push_str(",\"server_msg_id\":");
+        push_json_str(&mut out, &self.server_msg_id);
+        out.push_str(",\"client_msg_id\":");
+        push_json_str(&mut out, &self.client_msg_id);
+        out.push_str(",\"sender\":");
+        push_json_str(&mut out, &self.sender);
+        match &self.target {
+            Target::User(u) => {
+                out.push_str(",\"recv_id\":");
+                push_json_str(&mut out, u);
+            }
+            Target::Group(g) => {
+                out.push_str(",\"group_id\":");
+                push_json_str(&mut out, g);
+            }
+        }
+        out.push_str(",\"content_type\":");
+        out.push_str(&self.content_type.to_string());
+        out.push_str(",\"content\":");
+        out.push_str(&self.content);
+        out.push_str(",\"send_time\":");
+        out.push_str(&self.send_time.to_string());
+        out.push('}');
+        out
+    }
+}
+
+/// Append `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping cannot fail on a &str.
+    match serde_json::to_string(s) {
+        Ok(q) => out.push_str(&q),
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+/// Check `content_type` and the shape of `content` (PROTOCOL.md).
+pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImError> {
+    let text = content.get();
+    if text.len() > MAX_CONTENT_BYTES {
+        return Err(ImError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("content is {} bytes; at most {MAX_CONTENT_BYTES} are allowed", text.len()),
+        ));
+    }
+    let need = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ImError::bad_request(format!(
+                "content_type {content_type} needs content {what}"
+            )))
+        }
+    };
+    match content_type {
+        101 => {
+            let v: serde_json::Value = parse(text)?;
+            need(v.get("text").is_some_and(|t| t.is_string()), "{\"text\": \"…\"}")
+        }
+        102..=105 => {
+            let v: serde_json::Value = parse(text)?;
+            need(v.get("url").is_some_and(|t| t.is_string()), "{\"url\": \"…\", …}")
+        }
+        106 => {
+            let v: serde_json::Value = parse(text)?;
+            let ok = v.get("text").is_some_and(|t| t.is_string())
+                && v.get("user_ids")
+                    .and_then(|u| u.as_array())
+                    .is_some_and(|a| a.iter().all(|x| x.as_str().is_some_and(valid_id)));
+            need(ok, "{\"text\": \"…\", \"user_ids\": [user_id, …]}")
+        }
+        110 => Ok(()),
+        t if t >= 1000 => Err(ImError::bad_request(
+            "content_type 1000 and up are notifications only the server sends",
+        )),
+        t => Err(ImError::bad_request(format!(
+            "unknown content_type {t}; use 101-106 or 110"
+        ))),
+    }
+}
+
+fn parse(text: &str) -> Result<serde_json::Value, ImError> {
+    serde_json::from_str(text).map_err(|e| ImError::bad_request(format!("content: {e}")))
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Unique, roughly time-ordered message ids: milliseconds, a per-process
+/// counter and a random process tag, so two processes (or a restarted one)
+/// never mint the same id.
+pub fn new_server_msg_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static TAG: OnceLock<u32> = OnceLock::new();
+    let tag = *TAG.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u32(std::process::id());
+        (h.finish() & 0xff_ffff) as u32
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
+    format!("{:012x}{:08x}{:06x}", now_ms(), n, tag)
+}
+
+/// Stable 64-bit key of a conversation for partitioning (FNV-1a): the same
+/// conversation lands in the same partition in every process and release.
+pub fn partition_key(conversation_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in conversation_id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl fmt::Display for Conversation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversation_ids_round_trip_and_order_users() {
+        assert_eq!(Conversation::single("bob", "alice").id(), "si_alice_bob");
+        assert_eq!(Conversation::parse("si_alice_bob"), Some(Conversation::single("alice", "bob")));
+        assert_eq!(Conversation::parse("si_bob_alice"), None, "a must sort before b");
+        assert_eq!(Conversation::parse("sg_team.1"), Some(Conversation::Group("team.1".into())));
+        assert_eq!(Conversation::parse("sg_"), None);
+        assert_eq!(Conversation::parse("xx_a_b"), None);
+    }
+
+    #[test]
+    fn ids_follow_the_protocol() {
+        assert!(valid_id("alice@example.com"));
+        assert!(!valid_id("a_b"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(&"x".repeat(65)));
+        assert!(valid_client_msg_id("c-1 x"));
+        assert!(!valid_client_msg_id("é"));
+    }
+
+    #[test]
+    fn content_rules() {
+        let raw = |s: &str| RawValue::from_string(s.to_string()).unwrap();
+        assert!(check_content(101, &raw(r#"{"text":"hi"}"#)).is_ok());
+        assert!(check_content(101, &raw(r#"{"url":"x"}"#)).is_err());
+        assert!(check_content(102, &raw(r#"{"url":"x","w":3}"#)).is_ok());
+        assert!(check_content(106, &raw(r#"{"text":"@a","user_ids":["a"]}"#)).is_ok());
+        assert!(check_content(110, &raw("[1,2]")).is_ok());
+        assert_eq!(check_content(1001, &raw("{}")).unwrap_err().code, ErrorCode::BadRequest);
+        let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(MAX_CONTENT_BYTES));
+        assert_eq!(check_content(101, &raw(&big)).unwrap_err().code, ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn rendered_message_is_the_protocol_shape() {
+        let m = Stamped {
+            conversation_id: "si_a_b".into(),
+            server_msg_id: "s1".into(),
+            client_msg_id: "c\"1".into(),
+            sender: "a".into(),
+            target: Target::User("b".into()),
+            content_type: 101,
+            content: r#"{"text":"hi"}"#.into(),
+            send_time: 5,
+        };
+        let v: serde_json::Value = serde_json::from_str(&m.render(3)).unwrap();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["client_msg_id"], "c\"1");
+        assert_eq!(v["recv_id"], "b");
+        assert_eq!(v["content"]["text"], "hi");
+        assert!(v.get("group_id").is_none());
+    }
+
+    #[test]
+    fn server_msg_ids_are_unique() {
+        let a = new_server_msg_id();
+        let b = new_server_msg_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 26);
+    }
+}

@@ -1,0 +1,634 @@
+//! The embedded store of standalone mode: SQLite through sqlx, in a data
+//! directory, with in-memory caches of what every message needs (users,
+//! group membership, token generations).
+//!
+//! Writes of messages go through one writer task that commits whatever is
+//! waiting in one transaction (group commit): many concurrent senders share
+//! one fsync, and a message is acknowledged only after its commit.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::error::{Error, Result};
+use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced, Target};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Owner = 1,
+    Admin = 2,
+    Member = 3,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+    fn from_i64(v: i64) -> Role {
+        match v {
+            1 => Role::Owner,
+            2 => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+}
+
+/// A group as the hot path sees it: a snapshot replaced on every change, so
+/// readers never lock.
+#[derive(Debug)]
+pub struct GroupState {
+    pub group_id: Arc<str>,
+    pub name: String,
+    pub owner: Arc<str>,
+    pub roles: HashMap<Arc<str>, Role>,
+    /// Members in join order; shared by every delivery of a group message.
+    pub members: Arc<[Arc<str>]>,
+}
+
+impl GroupState {
+    pub fn role_of(&self, user: &str) -> Option<Role> {
+        self.roles.get(user).copied()
+    }
+}
+
+/// How hard a commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit: an acknowledged message survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints: survives a crash of the process, not of the machine.
+    Normal,
+}
+
+/// One conversation a user takes part in, for `sync`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConversationState {
+    pub conversation_id: String,
+    pub max_seq: u64,
+    pub read_seq: u64,
+}
+
+struct WriteJob {
+    messages: Vec<Sequenced>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct Store {
+    write: SqlitePool,
+    read: SqlitePool,
+    writer: mpsc::Sender<WriteJob>,
+    users: DashMap<Arc<str>, ()>,
+    groups: DashMap<Arc<str>, Arc<GroupState>>,
+    /// Membership changes are serialised so the cache and the table agree.
+    group_writes: Mutex<()>,
+    generations: DashMap<(Arc<str>, u8), u64>,
+}
+
+/// Rows per multi-row INSERT: 7 parameters each stays far below SQLite's limit.
+const ROWS_PER_STATEMENT: usize = 128;
+/// Most messages one group commit takes.
+const MAX_COMMIT: usize = 4096;
+
+impl Store {
+    pub async fn open(dir: &Path, durability: Durability) -> Result<Arc<Store>> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Open {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let file = dir.join("imflow.db");
+        let base = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&file)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(base.read_only(true))
+            .await?;
+
+        let users = DashMap::new();
+        for row in sqlx::query("SELECT user_id FROM users").fetch_all(&read).await? {
+            let id: String = row.try_get(0)?;
+            users.insert(Arc::from(id), ());
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(message_writer(write.clone(), rx));
+        tracing::info!(path = %file.display(), users = users.len(), ?durability, "embedded store open");
+        Ok(Arc::new(Store {
+            write,
+            read,
+            writer: tx,
+            users,
+            groups: DashMap::new(),
+            group_writes: Mutex::new(()),
+            generations: DashMap::new(),
+        }))
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    // ---- settings ----
+
+    pub async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Store `value` unless the key already has one; returns the value in force.
+    pub async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.write)
+            .await?;
+        Ok(self.setting(key).await?.unwrap_or_else(|| value.to_string()))
+    }
+
+    // ---- users ----
+
+    pub fn user_exists(&self, user_id: &str) -> bool {
+        self.users.contains_key(user_id)
+    }
+
+    /// Register users; an existing user keeps everything but a new nickname.
+    pub async fn register_users(&self, users: &[(String, Option<String>)]) -> Result<usize> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        for (id, nick) in users {
+            sqlx::query(
+                "INSERT INTO users (user_id, nickname, created_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (user_id) DO UPDATE SET nickname = COALESCE(?, nickname)",
+            )
+            .bind(id)
+            .bind(nick.as_deref().unwrap_or(""))
+            .bind(now)
+            .bind(nick.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for (id, _) in users {
+            self.users.insert(Arc::from(id.as_str()), ());
+        }
+        Ok(users.len())
+    }
+
+    // ---- tokens ----
+
+    pub async fn token_generation(&self, user: &str, platform: u8) -> Result<u64> {
+        let key = (Arc::from(user), platform);
+        if let Some(g) = self.generations.get(&key) {
+            return Ok(*g);
+        }
+        let row = sqlx::query("SELECT generation FROM token_generations WHERE user_id = ? AND platform = ?")
+            .bind(user)
+            .bind(platform as i64)
+            .fetch_optional(&self.read)
+            .await?;
+        let g = match row {
+            Some(r) => r.try_get::<i64, _>(0)? as u64,
+            None => 0,
+        };
+        self.generations.entry(key).or_insert(g);
+        Ok(g)
+    }
+
+    /// The cached generation, if known; callers fall back to `token_generation`.
+    pub fn cached_generation(&self, user: &str, platform: u8) -> Option<u64> {
+        self.generations.get(&(Arc::from(user), platform)).map(|g| *g)
+    }
+
+    /// Revoke every token issued so far for `user` on `platforms`.
+    pub async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let mut new = Vec::new();
+        for &p in platforms {
+            let g: i64 = sqlx::query_scalar(
+                "INSERT INTO token_generations (user_id, platform, generation) VALUES (?, ?, 1) \
+                 ON CONFLICT (user_id, platform) DO UPDATE SET generation = generation + 1 \
+                 RETURNING generation",
+            )
+            .bind(user)
+            .bind(p as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+            new.push((p, g as u64));
+        }
+        tx.commit().await?;
+        for (p, g) in new {
+            self.generations.insert((Arc::from(user), p), g);
+        }
+        Ok(())
+    }
+
+    // ---- groups ----
+
+    pub async fn group(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
+        if let Some(g) = self.groups.get(group_id) {
+            return Ok(Some(g.clone()));
+        }
+        let Some(state) = self.load_group(group_id).await? else {
+            return Ok(None);
+        };
+        let state = Arc::new(state);
+        self.groups.insert(state.group_id.clone(), state.clone());
+        Ok(Some(state))
+    }
+
+    async fn load_group(&self, group_id: &str) -> Result<Option<GroupState>> {
+        let Some(row) = sqlx::query("SELECT name, owner FROM groups WHERE group_id = ?")
+            .bind(group_id)
+            .fetch_optional(&self.write)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let name: String = row.try_get(0)?;
+        let owner: String = row.try_get(1)?;
+        let rows = sqlx::query("SELECT user_id, role FROM group_members WHERE group_id = ? ORDER BY joined_at, user_id")
+            .bind(group_id)
+            .fetch_all(&self.write)
+            .await?;
+        let mut roles = HashMap::with_capacity(rows.len());
+        let mut members = Vec::with_capacity(rows.len());
+        for r in rows {
+            let u: Arc<str> = Arc::from(r.try_get::<String, _>(0)?);
+            roles.insert(u.clone(), Role::from_i64(r.try_get(1)?));
+            members.push(u);
+        }
+        Ok(Some(GroupState {
+            group_id: group_id.into(),
+            name,
+            owner: owner.into(),
+            roles,
+            members: members.into(),
+        }))
+    }
+
+    async fn refresh_group(&self, group_id: &str) -> Result<()> {
+        match self.load_group(group_id).await? {
+            Some(s) => {
+                self.groups.insert(s.group_id.clone(), Arc::new(s));
+            }
+            None => {
+                self.groups.remove(group_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_users_exist(&self, users: &[String]) -> Result<(), ImError> {
+        let unknown: Vec<&str> = users
+            .iter()
+            .filter(|u| !self.user_exists(u))
+            .map(String::as_str)
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(ImError::not_found(format!("unknown users: {}", unknown.join(", "))))
+        }
+    }
+
+    pub async fn create_group(&self, group_id: &str, name: &str, owner: &str, members: &[String]) -> Result<()> {
+        self.check_users_exist(members)?;
+        let _guard = self.group_writes.lock().await;
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let inserted = sqlx::query("INSERT OR IGNORE INTO groups (group_id, name, owner, created_at) VALUES (?, ?, ?, ?)")
+            .bind(group_id)
+            .bind(name)
+            .bind(owner)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Err(ImError::conflict(format!("group {group_id} already exists")).into());
+        }
+        sqlx::query("INSERT INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)")
+            .bind(group_id)
+            .bind(owner)
+            .bind(Role::Owner as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        insert_members(&mut tx, group_id, members, now).await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    /// Add members; returns how many were not members before.
+    pub async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
+        self.check_users_exist(users)?;
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.write.begin().await?;
+        let added = insert_members(&mut tx, group_id, users, now_ms()).await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await?;
+        Ok(added)
+    }
+
+    pub async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
+        let _guard = self.group_writes.lock().await;
+        let n = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
+            .bind(group_id)
+            .bind(user)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
+        self.refresh_group(group_id).await?;
+        Ok(n > 0)
+    }
+
+    pub async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
+            .bind(role as i64)
+            .bind(group_id)
+            .bind(user)
+            .execute(&self.write)
+            .await?;
+        self.refresh_group(group_id).await
+    }
+
+    // ---- messages ----
+
+    /// Commit a batch of messages durably (shared with every other batch
+    /// waiting at the same time). Idempotent: a message already stored with
+    /// the same (conversation, seq) is left as it is.
+    pub async fn commit_messages(&self, messages: Vec<Sequenced>) -> Result<(), String> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(WriteJob { messages, done })
+            .await
+            .map_err(|_| Error::WriterGone.to_string())?;
+        wait.await.map_err(|_| Error::WriterGone.to_string())?
+    }
+
+    /// Bodies of the stored messages of `conversation` with seq in
+    /// `from..=to`, ascending.
+    pub async fn messages(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
+        let rows = sqlx::query("SELECT seq, body FROM messages WHERE conversation_id = ? AND seq BETWEEN ? AND ? ORDER BY seq")
+            .bind(conversation)
+            .bind(from as i64)
+            .bind(to as i64)
+            .fetch_all(&self.read)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, Arc::from(r.try_get::<String, _>(1)?))))
+            .collect()
+    }
+
+    /// Messages already stored for these (sender, client_msg_id) pairs.
+    pub async fn find_sent(&self, keys: &[(Arc<str>, Arc<str>)]) -> Result<HashMap<(Arc<str>, Arc<str>), AckInfo>> {
+        let mut found = HashMap::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT sender, client_msg_id, server_msg_id, conversation_id, send_time FROM messages WHERE (sender, client_msg_id) IN (",
+            );
+            let mut sep = q.separated(", ");
+            for (s, c) in chunk {
+                sep.push("(");
+                sep.push_bind_unseparated(s.to_string());
+                sep.push_unseparated(", ");
+                sep.push_bind_unseparated(c.to_string());
+                sep.push_unseparated(")");
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&self.read).await? {
+                let key = (Arc::from(r.try_get::<String, _>(0)?), Arc::from(r.try_get::<String, _>(1)?));
+                found.insert(
+                    key,
+                    AckInfo {
+                        server_msg_id: r.try_get(2)?,
+                        conversation_id: r.try_get(3)?,
+                        send_time: r.try_get(4)?,
+                    },
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// Highest stored seq of each conversation (0 when it has none).
+    pub async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
+        let mut out: HashMap<Arc<str>, u64> = conversations.iter().map(|c| (c.clone(), 0)).collect();
+        for chunk in conversations.chunks(ROWS_PER_STATEMENT * 4) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT conversation_id, max_seq FROM conversations WHERE conversation_id IN (");
+            let mut sep = q.separated(", ");
+            for c in chunk {
+                sep.push_bind(c.to_string());
+            }
+            q.push(")");
+            // Read through the writer's pool: the value must include the
+            // latest commit, which a reader snapshot might predate.
+            for r in q.build().fetch_all(&self.write).await? {
+                let c: String = r.try_get(0)?;
+                out.insert(Arc::from(c), r.try_get::<i64, _>(1)? as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every conversation `user` is in, with its max and read seq.
+    pub async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationState>> {
+        let rows = sqlx::query(
+            "SELECT uc.conversation_id, COALESCE(c.max_seq, 0), uc.read_seq \
+               FROM user_conversations uc LEFT JOIN conversations c ON c.conversation_id = uc.conversation_id \
+              WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
+             UNION ALL \
+             SELECT 'sg_' || gm.group_id, COALESCE(c.max_seq, 0), COALESCE(uc.read_seq, 0) \
+               FROM group_members gm \
+               LEFT JOIN conversations c ON c.conversation_id = 'sg_' || gm.group_id \
+               LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
+              WHERE gm.user_id = ?1",
+        )
+        .bind(user)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ConversationState {
+                    conversation_id: r.try_get(0)?,
+                    max_seq: r.try_get::<i64, _>(1)? as u64,
+                    read_seq: r.try_get::<i64, _>(2)? as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Mark `conversation` read up to `seq` (never backwards, never past the
+    /// last message). Returns the read seq in force.
+    pub async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar(
+            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) \
+             VALUES (?1, ?2, MIN(?3, COALESCE((SELECT max_seq FROM conversations WHERE conversation_id = ?2), 0))) \
+             ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq) \
+             RETURNING read_seq",
+        )
+        .bind(user)
+        .bind(conversation)
+        .bind(seq.min(i64::MAX as u64) as i64)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(v as u64)
+    }
+
+    /// Whether `user` may read `conversation`: one of the pair, or a member.
+    pub async fn is_participant(&self, user: &str, conversation: &Conversation) -> Result<bool> {
+        Ok(match conversation {
+            Conversation::Single(a, b) => &**a == user || &**b == user,
+            Conversation::Group(g) => self.group(g).await?.is_some_and(|g| g.role_of(user).is_some()),
+        })
+    }
+
+    /// Page of members with their roles, in join order, and the total.
+    pub async fn members_page(&self, group_id: &str, offset: usize, limit: usize) -> Result<(Vec<(Arc<str>, Role)>, usize)> {
+        let Some(g) = self.group(group_id).await? else {
+            return Err(ImError::not_found(format!("no group {group_id}")).into());
+        };
+        let page = g
+            .members
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|u| (u.clone(), g.role_of(u).unwrap_or(Role::Member)))
+            .collect();
+        Ok((page, g.members.len()))
+    }
+}
+
+async fn insert_members(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    group_id: &str,
+    users: &[String],
+    now: i64,
+) -> Result<u64> {
+    let mut added = 0;
+    for u in users {
+        added += sqlx::query("INSERT OR IGNORE INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)")
+            .bind(group_id)
+            .bind(u)
+            .bind(Role::Member as i64)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+    }
+    Ok(added)
+}
+
+/// The group-commit loop: take every job waiting, write them in one
+/// transaction, answer them all.
+async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
+    let mut jobs = Vec::new();
+    while rx.recv_many(&mut jobs, 256).await > 0 {
+        // Keep taking queued jobs while the commit stays bounded.
+        let mut total: usize = jobs.iter().map(|j| j.messages.len()).sum();
+        while total < MAX_COMMIT {
+            match rx.try_recv() {
+                Ok(j) => {
+                    total += j.messages.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&pool, &jobs).await.map_err(|e| e.to_string());
+        metrics::histogram!("imflow_store_commit_messages").record(total as f64);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, messages = total, "message commit failed");
+        }
+        for j in jobs.drain(..) {
+            let _ = j.done.send(result.clone());
+        }
+    }
+}
+
+async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
+    let all: Vec<&Sequenced> = jobs.iter().flat_map(|j| j.messages.iter()).collect();
+    let mut tx = pool.begin().await?;
+    for chunk in all.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) ",
+        );
+        q.push_values(chunk, |mut b, m| {
+            b.push_bind(&*m.msg.conversation_id)
+                .push_bind(m.seq as i64)
+                .push_bind(&*m.msg.server_msg_id)
+                .push_bind(&*m.msg.client_msg_id)
+                .push_bind(&*m.msg.sender)
+                .push_bind(m.msg.send_time)
+                .push_bind(&*m.body);
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        q.build().execute(&mut *tx).await?;
+    }
+    let mut max: HashMap<&str, u64> = HashMap::new();
+    let mut new_pairs: Vec<(&str, &str)> = Vec::new();
+    for m in &all {
+        let e = max.entry(&m.msg.conversation_id).or_insert(0);
+        *e = (*e).max(m.seq);
+        if m.seq == 1 {
+            if let Target::User(_) = &m.msg.target {
+                if let Some(Conversation::Single(_, _)) = Conversation::parse(&m.msg.conversation_id) {
+                    new_pairs.push((&m.msg.conversation_id, &m.msg.sender));
+                }
+            }
+        }
+    }
+    let max: Vec<(&str, u64)> = max.into_iter().collect();
+    for chunk in max.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO conversations (conversation_id, max_seq) ");
+        q.push_values(chunk, |mut b, (c, s)| {
+            b.push_bind(*c).push_bind(*s as i64);
+        });
+        q.push(" ON CONFLICT (conversation_id) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)");
+        q.build().execute(&mut *tx).await?;
+    }
+    // A single chat appears in both users' conversation lists from its first
+    // message on.
+    for (conv, _) in new_pairs {
+        if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
+            sqlx::query("INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)")
+                .bind(&*a)
+                .bind(conv)
+                .bind(&*b)
+                .bind(conv)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
