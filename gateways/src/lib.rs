@@ -1,1 +1,14 @@
+//! imflow's doors: the WebSocket gateway and the REST API.
+//!
+//! Both speak PROTOCOL.md and share one implementation of its operations
+//! ([`api::Api`]); the connection registry ([`connections::Connections`]) is
+//! the `Presence` through which the pipeline's `push` stage reaches clients.
 
+pub mod api;
+pub mod auth;
+pub mod connections;
+pub mod error;
+pub mod rest;
+pub mod ws;
+
+pub use error::Error;

@@ -7,6 +7,7 @@
 //! sinks. A deadline bounds the whole drain.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use petgraph::visit::EdgeRef;
@@ -22,7 +23,23 @@ use crate::registry::{BuildContext, OutEdge, Registry};
 pub struct RunningTopology {
     tasks: JoinSet<(String, crate::registry::StageResult)>,
     shutdown: CancellationToken,
-    probes: Vec<QueueProbe>,
+    gauges: QueueGauges,
+}
+
+/// Publishes the depth of every queue of a running pipeline as the gauge
+/// `imflow_edge_queue_depth` (call before rendering metrics). Cheap to clone.
+#[derive(Clone)]
+pub struct QueueGauges(Arc<Vec<QueueProbe>>);
+
+impl QueueGauges {
+    pub fn record(&self) {
+        for p in self.0.iter() {
+            if let Some(d) = (p.depth)() {
+                metrics::gauge!("imflow_edge_queue_depth", "edge" => p.edge.clone(), "partition" => p.partition.to_string())
+                    .set(d as f64);
+            }
+        }
+    }
 }
 
 impl RunningTopology {
@@ -83,18 +100,12 @@ impl RunningTopology {
         Ok(RunningTopology {
             tasks,
             shutdown,
-            probes,
+            gauges: QueueGauges(Arc::new(probes)),
         })
     }
 
-    /// Publish the depth of every queue as `imflow_edge_queue_depth`.
-    pub fn record_queue_depths(&self) {
-        for p in &self.probes {
-            if let Some(d) = (p.depth)() {
-                metrics::gauge!("imflow_edge_queue_depth", "edge" => p.edge.clone(), "partition" => p.partition.to_string())
-                    .set(d as f64);
-            }
-        }
+    pub fn queue_gauges(&self) -> QueueGauges {
+        self.gauges.clone()
     }
 
     /// Resolves when a stage task ends on its own before shutdown, which

@@ -133,6 +133,16 @@ impl Store {
             let id: String = row.try_get(0)?;
             users.insert(Arc::from(id), ());
         }
+        let generations = DashMap::new();
+        for row in sqlx::query("SELECT user_id, platform, generation FROM token_generations")
+            .fetch_all(&read)
+            .await?
+        {
+            let user: String = row.try_get(0)?;
+            let platform: i64 = row.try_get(1)?;
+            let generation: i64 = row.try_get(2)?;
+            generations.insert((Arc::from(user), platform as u8), generation as u64);
+        }
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(message_writer(write.clone(), rx));
         tracing::info!(path = %file.display(), users = users.len(), ?durability, "embedded store open");
@@ -143,7 +153,7 @@ impl Store {
             users,
             groups: DashMap::new(),
             group_writes: Mutex::new(()),
-            generations: DashMap::new(),
+            generations,
         }))
     }
 
@@ -203,27 +213,14 @@ impl Store {
 
     // ---- tokens ----
 
-    pub async fn token_generation(&self, user: &str, platform: u8) -> Result<u64> {
-        let key = (Arc::from(user), platform);
-        if let Some(g) = self.generations.get(&key) {
-            return Ok(*g);
-        }
-        let row = sqlx::query("SELECT generation FROM token_generations WHERE user_id = ? AND platform = ?")
-            .bind(user)
-            .bind(platform as i64)
-            .fetch_optional(&self.read)
-            .await?;
-        let g = match row {
-            Some(r) => r.try_get::<i64, _>(0)? as u64,
-            None => 0,
-        };
-        self.generations.entry(key).or_insert(g);
-        Ok(g)
-    }
-
-    /// The cached generation, if known; callers fall back to `token_generation`.
-    pub fn cached_generation(&self, user: &str, platform: u8) -> Option<u64> {
-        self.generations.get(&(Arc::from(user), platform)).map(|g| *g)
+    /// The generation tokens of `user` on `platform` must carry. Every
+    /// generation is held in memory (only users who logged out have one), so
+    /// the check before a WebSocket upgrade never waits on the disk.
+    pub fn token_generation(&self, user: &str, platform: u8) -> u64 {
+        self.generations
+            .get(&(Arc::from(user), platform))
+            .map(|g| *g)
+            .unwrap_or(0)
     }
 
     /// Revoke every token issued so far for `user` on `platforms`.

@@ -1,0 +1,323 @@
+//! The REST API (default port 10002), on axum.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use imflow_stages::model::{ErrorCode, ImError, SendRequest};
+
+use crate::api::{http_status, Api};
+use crate::auth::{token_from, Identity};
+
+/// What the REST router shares between requests.
+#[derive(Clone)]
+pub struct RestState {
+    pub api: Arc<Api>,
+    /// Renders `/metrics` (Prometheus text).
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Cancelled while the server drains: `/healthz` then answers 503.
+    pub draining: CancellationToken,
+}
+
+/// An error response: the status that fits and `{"code", "message"}`.
+pub struct ApiError(pub ImError);
+
+impl From<ImError> for ApiError {
+    fn from(e: ImError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(http_status(self.0.code)).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(json!({"code": self.0.code.as_str(), "message": self.0.message}))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A user call: the bearer token's identity.
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<RestState> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
+        let auth = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = token_from(auth, None)
+            .ok_or_else(|| ImError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        Ok(Caller(state.api.auth.verify(&token)?))
+    }
+}
+
+/// An admin call: the right `X-Admin-Secret`.
+pub struct Admin;
+
+impl FromRequestParts<RestState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
+        let secret = parts.headers.get("x-admin-secret").and_then(|v| v.to_str().ok());
+        if state.api.auth.is_admin(secret) {
+            Ok(Admin)
+        } else {
+            Err(ImError::new(ErrorCode::Unauthorized, "missing or wrong X-Admin-Secret").into())
+        }
+    }
+}
+
+/// Parse a JSON body ourselves so malformed input gets the protocol's
+/// `bad_request` shape rather than the framework's plain text.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ImError::bad_request(format!("request body: {e}")).into())
+}
+
+pub fn router(state: RestState) -> Router {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/token", post(token))
+        .route("/auth/logout", post(logout))
+        .route("/groups", post(create_group))
+        .route("/groups/{group_id}/members", post(add_members).get(members))
+        .route("/groups/{group_id}/members/{user_id}", delete(remove_member))
+        .route("/groups/{group_id}/members/{user_id}/role", put(set_role))
+        .route("/msg/send", post(send))
+        .route("/conversations", get(conversations))
+        .route("/conversations/{conversation_id}/messages", get(messages))
+        .route("/conversations/{conversation_id}/read", post(read))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(ImError::not_found("no such endpoint")) })
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct RegisterUser {
+    user_id: String,
+    #[serde(default)]
+    nickname: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    users: Vec<RegisterUser>,
+}
+
+async fn register(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let b: RegisterBody = body(&bytes)?;
+    let n = s
+        .api
+        .register(b.users.into_iter().map(|u| (u.user_id, u.nickname)).collect())
+        .await?;
+    Ok(Json(json!({"registered": n})))
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    user_id: String,
+    platform: i64,
+}
+
+async fn token(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let b: TokenBody = body(&bytes)?;
+    let (token, expires_at) = s.api.token(&b.user_id, b.platform)?;
+    Ok(Json(json!({"token": token, "expires_at": expires_at})))
+}
+
+#[derive(Deserialize)]
+struct LogoutBody {
+    user_id: String,
+    #[serde(default)]
+    platform: Option<i64>,
+}
+
+async fn logout(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let b: LogoutBody = body(&bytes)?;
+    s.api.logout(&b.user_id, b.platform).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct CreateGroupBody {
+    #[serde(default)]
+    group_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn create_group(Caller(me): Caller, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Response> {
+    let b: CreateGroupBody = body(&bytes)?;
+    let id = s.api.create_group(&me.user_id, b.group_id, b.name, b.members).await?;
+    Ok((StatusCode::CREATED, Json(json!({"group_id": id}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct AddMembersBody {
+    user_ids: Vec<String>,
+}
+
+async fn add_members(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: AddMembersBody = body(&bytes)?;
+    let added = s.api.add_members(&me.user_id, &group_id, b.user_ids).await?;
+    Ok(Json(json!({"added": added})))
+}
+
+async fn remove_member(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path((group_id, user_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    s.api.remove_member(&me.user_id, &group_id, &user_id).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    role: String,
+}
+
+async fn set_role(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path((group_id, user_id)): Path<(String, String)>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: RoleBody = body(&bytes)?;
+    s.api.set_role(&me.user_id, &group_id, &user_id, &b.role).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    offset: Option<String>,
+    limit: Option<String>,
+}
+
+fn number<T: std::str::FromStr>(name: &str, v: Option<&str>, default: T) -> Result<T, ApiError> {
+    match v {
+        None | Some("") => Ok(default),
+        Some(s) => s
+            .parse()
+            .map_err(|_| ImError::bad_request(format!("{name} must be a non-negative integer")).into()),
+    }
+}
+
+async fn members(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+    Query(p): Query<Page>,
+) -> ApiResult<Json<Value>> {
+    let offset = number("offset", p.offset.as_deref(), 0usize)?;
+    let limit = number("limit", p.limit.as_deref(), 100usize)?;
+    let (page, total) = s.api.members(&me.user_id, &group_id, offset, limit).await?;
+    let list: Vec<Value> = page
+        .into_iter()
+        .map(|(u, r)| json!({"user_id": &*u, "role": r.as_str()}))
+        .collect();
+    Ok(Json(json!({"members": list, "total": total})))
+}
+
+async fn send(Caller(me): Caller, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let req: SendRequest = body(&bytes)?;
+    let info = s.api.send(&me.user_id, req).await?.wait().await?;
+    Ok(Json(json!({
+        "server_msg_id": info.server_msg_id,
+        "conversation_id": info.conversation_id,
+        "send_time": info.send_time,
+    })))
+}
+
+async fn conversations(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
+    let list = s.api.sync(&me.user_id).await?;
+    Ok(Json(json!({"conversations": list})))
+}
+
+#[derive(Deserialize)]
+struct Range {
+    from_seq: Option<String>,
+    to_seq: Option<String>,
+}
+
+async fn messages(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(conversation_id): Path<String>,
+    Query(r): Query<Range>,
+) -> ApiResult<Response> {
+    let (Some(from), Some(to)) = (r.from_seq.as_deref(), r.to_seq.as_deref()) else {
+        return Err(ImError::bad_request("from_seq and to_seq are required").into());
+    };
+    let from = number("from_seq", Some(from), 0u64)?;
+    let to = number("to_seq", Some(to), 0u64)?;
+    let bodies = s.api.pull(&me.user_id, &conversation_id, from, to).await?;
+    let mut out = String::with_capacity(64 + bodies.iter().map(|b| b.len() + 1).sum::<usize>());
+    out.push_str("{\"conversation_id\":");
+    imflow_stages::model::push_json_str(&mut out, &conversation_id);
+    out.push_str(",\"messages\":[");
+    for (i, b) in bodies.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(b);
+    }
+    out.push_str("]}");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    Ok((headers, out).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReadBody {
+    seq: u64,
+}
+
+async fn read(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(conversation_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: ReadBody = body(&bytes)?;
+    s.api.read(&me.user_id, &conversation_id, b.seq, None).await?;
+    Ok(Json(json!({})))
+}
+
+async fn healthz(State(s): State<RestState>) -> Response {
+    if s.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response()
+    } else {
+        Json(json!({"status": "ok", "connections": s.api.conns.open_count()})).into_response()
+    }
+}
+
+async fn metrics(State(s): State<RestState>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    (headers, (s.metrics)()).into_response()
+}

@@ -1,0 +1,454 @@
+//! The WebSocket gateway (default port 10001).
+//!
+//! The token is checked before the upgrade, so a refused client gets a plain
+//! HTTP 401. After the upgrade one task serves the connection: it reads
+//! requests, writes replies, acks and pushes, and closes the connection when
+//! its outgoing queue overflows. The per-connection logic ([`run_connection`])
+//! works over any `Stream + Sink` of WebSocket messages, so it can be tested
+//! without sockets.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use imflow_stages::model::{push_json_str, AckInfo, ErrorCode, ImError, SendRequest};
+
+use crate::api::Api;
+use crate::auth::{token_from, Identity};
+use crate::connections::{ConnHandle, Outbound};
+
+/// Largest frame a client may send (PROTOCOL.md).
+pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Frames beyond this are not read at all; the connection is dropped.
+const HARD_FRAME_LIMIT: usize = 1024 * 1024;
+/// Bad frames in a row after which a client is disconnected.
+const MAX_STRIKES: u32 = 100;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsSettings {
+    pub max_connections: usize,
+    /// Requests per second per connection (sustained).
+    pub rate_limit_per_sec: u32,
+    /// Requests a connection may send in a burst above the rate.
+    pub rate_limit_burst: u32,
+    /// Sends awaiting their durable ack, per connection; beyond it the
+    /// gateway stops reading that connection until acks come back.
+    pub max_pending_acks: usize,
+    /// Items waiting to be written to one connection before it is considered
+    /// too slow and closed.
+    pub outgoing_queue: usize,
+    /// Read buffer per connection in bytes: the main memory cost of an idle
+    /// connection.
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        WsSettings {
+            max_connections: 100_000,
+            rate_limit_per_sec: 100,
+            rate_limit_burst: 200,
+            max_pending_acks: 1024,
+            outgoing_queue: 1024,
+            read_buffer_bytes: 2048,
+        }
+    }
+}
+
+/// Accept connections until `stop` fires. Connection tasks are spawned on
+/// `tracker`, so the caller can wait for them to finish.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, settings: WsSettings, stop: CancellationToken, tracker: TaskTracker) {
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let api = api.clone();
+                let settings = settings.clone();
+                tracker.spawn(async move {
+                    if let Err(e) = accept(stream, api, settings).await {
+                        tracing::debug!(%peer, error = %e, "websocket connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: back off briefly rather
+                // than spin; established connections keep being served.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn refuse(status: u16, code: ErrorCode, message: &str) -> ErrorResponse {
+    let body = json!({"code": code.as_str(), "message": message}).to_string();
+    let mut resp = ErrorResponse::new(Some(body));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+struct Slot<'a>(&'a crate::connections::Connections);
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
+async fn accept(stream: TcpStream, api: Arc<Api>, settings: Arc<WsSettings>) -> Result<(), WsError> {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(&stream);
+    let _ = sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(15)),
+    );
+    let has_slot = api.conns.try_reserve(settings.max_connections);
+    let _slot = has_slot.then(|| Slot(&api.conns));
+    let mut identity: Option<Identity> = None;
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != "/ws" {
+            return Err(refuse(404, ErrorCode::NotFound, "the WebSocket endpoint is /ws"));
+        }
+        if !has_slot {
+            return Err(refuse(503, ErrorCode::Unavailable, "this gateway is at its connection limit"));
+        }
+        let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let Some(token) = token_from(auth, req.uri().query()) else {
+            return Err(refuse(401, ErrorCode::Unauthorized, "missing token"));
+        };
+        match api.auth.verify(&token) {
+            Ok(id) => {
+                identity = Some(id);
+                Ok(resp)
+            }
+            Err(e) => Err(refuse(401, ErrorCode::Unauthorized, &e.message)),
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(settings.read_buffer_bytes.max(256))
+        .write_buffer_size(0)
+        .max_message_size(Some(HARD_FRAME_LIMIT))
+        .max_frame_size(Some(HARD_FRAME_LIMIT));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
+    };
+    let Some(me) = identity else { return Ok(()) };
+    let (handle, rx) = api.conns.register(&me.user_id, me.platform);
+    tracing::debug!(user = %me.user_id, platform = me.platform, conn = handle.id, "connected");
+    let limits = Limits::from(&*settings);
+    run_connection(ws, &api, &me, &handle, rx, &limits).await;
+    api.conns.unregister(&me.user_id, handle.id);
+    tracing::debug!(user = %me.user_id, conn = handle.id, "disconnected");
+    Ok(())
+}
+
+/// Per-connection limits.
+pub struct Limits {
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    pub max_pending_acks: usize,
+}
+
+impl From<&WsSettings> for Limits {
+    fn from(s: &WsSettings) -> Self {
+        Limits {
+            rate_per_sec: s.rate_limit_per_sec,
+            burst: s.rate_limit_burst,
+            max_pending_acks: s.max_pending_acks,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    op: String,
+    #[serde(default)]
+    rid: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct PullReq {
+    conversation_id: String,
+    from_seq: u64,
+    to_seq: u64,
+}
+
+#[derive(Deserialize)]
+struct ReadReq {
+    conversation_id: String,
+    seq: u64,
+}
+
+/// A reply frame: `op`, the request's `rid`, then `fields`.
+fn reply(op: &str, rid: Option<&RawValue>, fields: Value) -> String {
+    let mut out = String::with_capacity(128);
+    out.push_str("{\"op\":");
+    push_json_str(&mut out, op);
+    if let Some(r) = rid {
+        out.push_str(",\"rid\":");
+        out.push_str(r.get());
+    }
+    if let Value::Object(map) = fields {
+        for (k, v) in map {
+            out.push(',');
+            push_json_str(&mut out, &k);
+            out.push(':');
+            out.push_str(&v.to_string());
+        }
+    }
+    out.push('}');
+    out
+}
+
+fn error_frame(rid: Option<&RawValue>, e: &ImError) -> String {
+    reply("error", rid, json!({"code": e.code.as_str(), "message": e.message}))
+}
+
+fn ack_frame(rid: Option<&RawValue>, a: &AckInfo) -> String {
+    reply(
+        "ack",
+        rid,
+        json!({"server_msg_id": a.server_msg_id, "conversation_id": a.conversation_id, "send_time": a.send_time}),
+    )
+}
+
+fn messages_frame(rid: Option<&RawValue>, conversation_id: &str, bodies: &[Arc<str>]) -> String {
+    let mut out = reply("messages", rid, json!({"conversation_id": conversation_id}));
+    out.pop();
+    out.push_str(",\"messages\":[");
+    for (i, b) in bodies.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(b);
+    }
+    out.push_str("]}");
+    out
+}
+
+fn bad_json(what: &str, e: serde_json::Error) -> ImError {
+    ImError::bad_request(format!("{what}: {e}"))
+}
+
+type AckFuture = futures::future::BoxFuture<'static, (Option<Box<RawValue>>, Result<AckInfo, ImError>)>;
+
+/// Serve one upgraded connection until it closes, is kicked, overflows or
+/// the gateway shuts down.
+pub async fn run_connection<S>(
+    mut ws: S,
+    api: &Api,
+    me: &Identity,
+    handle: &ConnHandle,
+    mut rx: mpsc::Receiver<Outbound>,
+    limits: &Limits,
+) where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let rate: DefaultDirectRateLimiter = RateLimiter::direct(
+        Quota::per_second(NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN)),
+    );
+    let mut pending: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+    let mut outbox: Vec<Outbound> = Vec::with_capacity(64);
+    let mut strikes = 0u32;
+    let close = &handle.close;
+    loop {
+        tokio::select! {
+            biased;
+            _ = close.cancelled() => {
+                let frame = CloseFrame { code: CloseCode::Away, reason: "closing".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+                break;
+            }
+            n = rx.recv_many(&mut outbox, 64) => {
+                if n == 0 || !write_outbound(&mut ws, close, &mut outbox).await {
+                    break;
+                }
+            }
+            Some((rid, result)) = pending.next(), if !pending.is_empty() => {
+                let frame = match result {
+                    Ok(info) => ack_frame(rid.as_deref(), &info),
+                    Err(e) => error_frame(rid.as_deref(), &e),
+                };
+                if !write(&mut ws, close, frame).await {
+                    break;
+                }
+            }
+            incoming = ws.next(), if pending.len() < limits.max_pending_acks => {
+                let text = match incoming {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Binary(_))) => {
+                        strikes += 1;
+                        let e = ImError::bad_request("frames must be UTF-8 JSON text");
+                        if !write(&mut ws, close, error_frame(None, &e)).await || strikes > MAX_STRIKES {
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                if rate.check().is_err() {
+                    strikes += 1;
+                    let e = ImError::new(ErrorCode::RateLimited, "too many requests; slow down");
+                    if !write(&mut ws, close, error_frame(None, &e)).await || strikes > MAX_STRIKES {
+                        break;
+                    }
+                    continue;
+                }
+                let reply = match handle_text(api, me, handle, text.as_str(), &mut pending).await {
+                    Ok(reply) => {
+                        strikes = 0;
+                        reply
+                    }
+                    Err(frame) => {
+                        strikes += 1;
+                        Some(frame)
+                    }
+                };
+                if let Some(frame) = reply {
+                    if !write(&mut ws, close, frame).await {
+                        break;
+                    }
+                }
+                if strikes > MAX_STRIKES {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Handle one text frame. `Ok(Some(frame))` is a reply to write now,
+/// `Ok(None)` means the reply comes later (a send's ack), `Err(frame)` is an
+/// error reply that counts as a strike.
+async fn handle_text(
+    api: &Api,
+    me: &Identity,
+    handle: &ConnHandle,
+    text: &str,
+    pending: &mut FuturesUnordered<AckFuture>,
+) -> Result<Option<String>, String> {
+    if text.len() > MAX_CLIENT_FRAME {
+        let e = ImError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("frame is {} bytes; at most {MAX_CLIENT_FRAME} are allowed", text.len()),
+        );
+        return Err(error_frame(None, &e));
+    }
+    let head: Head = serde_json::from_str(text).map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
+    let rid = head.rid.as_deref();
+    let fail = |e: ImError| error_frame(rid, &e);
+    match head.op.as_str() {
+        "send" => {
+            let req: SendRequest = serde_json::from_str(text).map_err(|e| fail(bad_json("send", e)))?;
+            match api.send(&me.user_id, req).await {
+                Ok(p) => {
+                    let rid = head.rid;
+                    pending.push(Box::pin(async move { (rid, p.wait().await) }));
+                    Ok(None)
+                }
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "sync" => match api.sync(&me.user_id).await {
+            Ok(list) => Ok(Some(reply("sync", rid, json!({"conversations": list})))),
+            Err(e) => Ok(Some(fail(e))),
+        },
+        "pull" => {
+            let req: PullReq = serde_json::from_str(text).map_err(|e| fail(bad_json("pull", e)))?;
+            match api.pull(&me.user_id, &req.conversation_id, req.from_seq, req.to_seq).await {
+                Ok(bodies) => Ok(Some(messages_frame(rid, &req.conversation_id, &bodies))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "read" => {
+            let req: ReadReq = serde_json::from_str(text).map_err(|e| fail(bad_json("read", e)))?;
+            match api.read(&me.user_id, &req.conversation_id, req.seq, Some(handle.id)).await {
+                Ok(_) => Ok(Some(reply("ok", rid, json!({})))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "ping" => Ok(Some(reply("pong", rid, json!({})))),
+        other => Err(fail(ImError::bad_request(format!(
+            "unknown op `{other}`; ops are send, sync, pull, read, ping"
+        )))),
+    }
+}
+
+/// Write one frame, giving up if the connection is told to close meanwhile.
+async fn write<S>(ws: &mut S, close: &CancellationToken, frame: String) -> bool
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    tokio::select! {
+        r = ws.send(Message::text(frame)) => r.is_ok(),
+        _ = close.cancelled() => false,
+    }
+}
+
+/// Write what is queued, merging consecutive pushes into one `push` frame.
+/// Returns false when the connection must end (kicked, or write failed).
+async fn write_outbound<S>(ws: &mut S, close: &CancellationToken, outbox: &mut Vec<Outbound>) -> bool
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut push = String::new();
+    let mut items = std::mem::take(outbox).into_iter().peekable();
+    while let Some(out) = items.next() {
+        match out {
+            Outbound::Push(p) => {
+                if push.is_empty() {
+                    push.push_str("{\"op\":\"push\",\"messages\":[");
+                } else {
+                    push.push(',');
+                }
+                push.push_str(&p.body);
+                if !matches!(items.peek(), Some(Outbound::Push(_))) {
+                    push.push_str("]}");
+                    if !write(ws, close, std::mem::take(&mut push)).await {
+                        return false;
+                    }
+                }
+            }
+            Outbound::Frame(f) => {
+                if !write(ws, close, f.to_string()).await {
+                    return false;
+                }
+            }
+            Outbound::Kick(reason) => {
+                let frame = reply("kick", None, json!({"reason": reason}));
+                let _ = write(ws, close, frame).await;
+                let cf = CloseFrame { code: CloseCode::Policy, reason: "kicked".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(cf)))).await;
+                return false;
+            }
+        }
+    }
+    true
+}

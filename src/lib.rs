@@ -1,0 +1,183 @@
+//! The imflow binary's wiring: it opens the store, registers the stage kinds,
+//! compiles and starts the pipeline, and opens the doors. Library so that the
+//! end-to-end tests can run a real server in-process on ephemeral ports.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use imflow_gateways::api::Api;
+use imflow_gateways::auth::Auth;
+use imflow_gateways::connections::Connections;
+use imflow_gateways::rest::{router, RestState};
+use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
+use imflow_stages::store::Store;
+use imflow_stages::{register_all, Services};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// The pipeline compiled into the binary, used when no pipeline file exists.
+pub const BUILTIN_PIPELINE: &str = include_str!("../pipeline.yaml");
+
+/// The registry of every stage kind, for checking a pipeline without running
+/// it (kinds check their options without touching their services).
+pub fn kinds_for_checking(services: &Services) -> Registry {
+    let mut r = Registry::new();
+    register_all(&mut r, services);
+    r
+}
+
+/// Read and compile a pipeline file (or the built-in one when `path` is
+/// missing and `required` is false).
+pub fn load_pipeline(path: &Path, required: bool, registry: &Registry) -> anyhow::Result<CompiledPipeline> {
+    let (name, text) = match std::fs::read_to_string(path) {
+        Ok(t) => (path.display().to_string(), t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            ("(built-in pipeline.yaml)".to_string(), BUILTIN_PIPELINE.to_string())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read pipeline file {}", path.display())),
+    };
+    compile(&name, &text, registry).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // A second server in the same process (tests) shares the first's recorder.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// A running standalone server.
+pub struct Server {
+    pub gateway_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Start serving. Returns once both doors listen.
+    pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        if cfg.admin_secret == config::DEFAULT_ADMIN_SECRET {
+            tracing::warn!("using the default admin secret; set admin_secret in the config or IMFLOW_ADMIN_SECRET before exposing this server");
+        }
+        let store = Store::open(&cfg.data_dir, cfg.store.durability)
+            .await
+            .with_context(|| format!("opening the data directory {}", cfg.data_dir.display()))?;
+        let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
+        let services = Services::new(store.clone(), conns.clone());
+        let registry = kinds_for_checking(&services);
+        let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
+        tracing::info!(%pipeline, "pipeline compiled");
+
+        let auth = Auth::new(store.clone(), cfg.admin_secret.clone(), cfg.token_ttl_secs).await?;
+        let api = Arc::new(Api {
+            services: services.clone(),
+            auth,
+            conns: conns.clone(),
+        });
+
+        let ws_listener = TcpListener::bind(cfg.listen.gateway)
+            .await
+            .with_context(|| format!("listen.gateway: cannot listen on {}", cfg.listen.gateway))?;
+        let api_listener = TcpListener::bind(cfg.listen.api)
+            .await
+            .with_context(|| format!("listen.api: cannot listen on {}", cfg.listen.api))?;
+        let gateway_addr = ws_listener.local_addr()?;
+        let api_addr = api_listener.local_addr()?;
+
+        let mut topology = RunningTopology::start(&pipeline, &registry)?;
+        let gauges = topology.queue_gauges();
+        let prom = prometheus();
+        let draining = CancellationToken::new();
+        let rest = router(RestState {
+            api: api.clone(),
+            metrics: Arc::new(move || {
+                gauges.record();
+                prom.render()
+            }),
+            draining: draining.clone(),
+        });
+
+        let stop = CancellationToken::new();
+        let accept_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ws_task = tokio::spawn(imflow_gateways::ws::serve(
+            ws_listener,
+            api.clone(),
+            cfg.websocket.clone(),
+            accept_stop.clone(),
+            tracker.clone(),
+        ));
+        let rest_stop = accept_stop.clone();
+        let rest_task = tokio::spawn(async move {
+            axum::serve(api_listener, rest)
+                .with_graceful_shutdown(async move { rest_stop.cancelled().await })
+                .await
+        });
+        tracing::info!(gateway = %gateway_addr, api = %api_addr, data_dir = %cfg.data_dir.display(), "imflow serving");
+
+        let deadline = Duration::from_secs(cfg.shutdown_deadline_secs);
+        let stop_signal = stop.clone();
+        let done = tokio::spawn(async move {
+            let failure = tokio::select! {
+                _ = stop_signal.cancelled() => None,
+                (stage, why) = topology.failed() => Some(format!("stage `{stage}` failed: {why}")),
+            };
+            if let Some(f) = &failure {
+                tracing::error!(error = %f, "pipeline failed; shutting down");
+            }
+            // 1. No new connections or requests; /healthz says so.
+            draining.cancel();
+            accept_stop.cancel();
+            // 2. Drain the pipeline: ingest stops, queued messages are stored,
+            //    acked and pushed.
+            let drained = topology.shutdown(deadline).await;
+            // 3. Close the connections, then the store.
+            conns.close_all();
+            tracker.close();
+            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+            let _ = ws_task.await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), rest_task).await;
+            store.close().await;
+            tracing::info!(drained, "imflow stopped");
+            match failure {
+                Some(f) => Err(anyhow::anyhow!(f)),
+                None => Ok(()),
+            }
+        });
+        Ok(Server {
+            gateway_addr,
+            api_addr,
+            stop,
+            done,
+        })
+    }
+
+    /// Wait until the server stops on its own (a pipeline failure).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.done).await?
+    }
+
+    /// Graceful shutdown.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.done.await?
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.done.is_finished()
+    }
+}
