@@ -73,6 +73,9 @@ impl Server {
         if cfg.admin_secret == config::DEFAULT_ADMIN_SECRET {
             tracing::warn!("using the default admin secret; set admin_secret in the config or IMFLOW_ADMIN_SECRET before exposing this server");
         }
+        // Install the recorder first: metric handles created before it exists
+        // would record nowhere.
+        let prom = prometheus();
         let store = Store::open(&cfg.data_dir, cfg.store.durability)
             .await
             .with_context(|| format!("opening the data directory {}", cfg.data_dir.display()))?;
@@ -100,7 +103,6 @@ impl Server {
 
         let mut topology = RunningTopology::start(&pipeline, &registry)?;
         let gauges = topology.queue_gauges();
-        let prom = prometheus();
         let draining = CancellationToken::new();
         let rest = router(RestState {
             api: api.clone(),

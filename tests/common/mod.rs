@@ -1,0 +1,224 @@
+//! A real imflow server on ephemeral loopback ports, and a protocol client
+//! over real sockets, for the end-to-end tests.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use imflow::{Config, Server};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const ADMIN: &str = "test-admin-secret";
+/// How long a test waits for an event before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub api: String,
+    pub ws: String,
+    pub cfg: Config,
+}
+
+pub fn test_config(data_dir: PathBuf) -> Config {
+    let mut cfg = Config::default();
+    cfg.pipeline = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"));
+    cfg.data_dir = data_dir;
+    cfg.admin_secret = ADMIN.into();
+    cfg.listen.gateway = "127.0.0.1:0".parse().unwrap();
+    cfg.listen.api = "127.0.0.1:0".parse().unwrap();
+    cfg.websocket.rate_limit_per_sec = 100_000;
+    cfg.websocket.rate_limit_burst = 100_000;
+    cfg.shutdown_deadline_secs = 10;
+    cfg
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = test_config(dir.path().join("data"));
+        tweak(&mut cfg);
+        let server = Server::start(cfg.clone()).await.expect("server starts");
+        TestServer {
+            api: format!("http://{}", server.api_addr),
+            ws: format!("ws://{}/ws", server.gateway_addr),
+            server: Some(server),
+            dir,
+            http: reqwest::Client::new(),
+            cfg,
+        }
+    }
+
+    /// Stop gracefully and start again on the same data directory.
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await.expect("clean stop");
+        }
+        let server = Server::start(self.cfg.clone()).await.expect("server restarts");
+        self.api = format!("http://{}", server.api_addr);
+        self.ws = format!("ws://{}/ws", server.gateway_addr);
+        self.server = Some(server);
+    }
+
+    pub async fn admin(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header("X-Admin-Secret", ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn register(&self, users: &[&str]) {
+        let list: Vec<Value> = users.iter().map(|u| json!({"user_id": u})).collect();
+        for chunk in list.chunks(1000) {
+            let (s, _) = self.admin("/auth/register", json!({"users": chunk})).await;
+            assert_eq!(s, 200);
+        }
+    }
+
+    pub async fn token(&self, user: &str, platform: u8) -> String {
+        let (s, v) = self.admin("/auth/token", json!({"user_id": user, "platform": platform})).await;
+        assert_eq!(s, 200, "{v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// A user call over REST: (status, body).
+    pub async fn call(&self, method: &str, token: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.api);
+        let mut req = match method {
+            "GET" => self.http.get(url),
+            "POST" => self.http.post(url),
+            "PUT" => self.http.put(url),
+            "DELETE" => self.http.delete(url),
+            m => panic!("method {m}"),
+        };
+        req = req.bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn connect(&self, user: &str, platform: u8) -> Client {
+        let token = self.token(user, platform).await;
+        self.connect_token(&token).await.expect("websocket connects")
+    }
+
+    pub async fn connect_token(&self, token: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{}?token={token}", self.ws)).await?;
+        Ok(Client {
+            ws,
+            backlog: VecDeque::new(),
+        })
+    }
+}
+
+static RID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read while waiting for something else.
+    backlog: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn send_raw(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send frame");
+    }
+
+    pub async fn send_json(&mut self, v: &Value) {
+        self.send_raw(v.to_string()).await;
+    }
+
+    /// Next frame from the socket (not the backlog); None when closed.
+    pub async fn read_frame(&mut self) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")?;
+            match m {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server frames are JSON")),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// The first frame (backlog first) that `pred` accepts; others are kept.
+    pub async fn next_where(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i).expect("index");
+        }
+        loop {
+            let f = self.read_frame().await.expect("connection closed while waiting");
+            if pred(&f) {
+                return f;
+            }
+            self.backlog.push_back(f);
+        }
+    }
+
+    /// Send a request with a fresh rid and wait for its reply.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        let rid = format!("r{}", RID.fetch_add(1, Ordering::Relaxed));
+        frame["rid"] = json!(rid);
+        self.send_json(&frame).await;
+        self.next_where(|f| f["rid"] == json!(rid)).await
+    }
+
+    pub async fn send_text(&mut self, to: Target<'_>, client_msg_id: &str, text: &str) -> Value {
+        self.request(send_frame(to, client_msg_id, text)).await
+    }
+
+    /// Messages from `push` frames until `n` have arrived, in arrival order.
+    pub async fn pushed(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let f = self.next_where(|f| f["op"] == "push").await;
+            out.extend(f["messages"].as_array().expect("push has messages").iter().cloned());
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    User(&'a str),
+    Group(&'a str),
+}
+
+pub fn send_frame(to: Target<'_>, client_msg_id: &str, text: &str) -> Value {
+    let mut f = json!({"op": "send", "client_msg_id": client_msg_id, "content_type": 101, "content": {"text": text}});
+    match to {
+        Target::User(u) => f["recv_id"] = json!(u),
+        Target::Group(g) => f["group_id"] = json!(g),
+    }
+    f
+}
+
+/// Seqs of the messages of one conversation, in arrival order.
+pub fn seqs_of(messages: &[Value], conversation: &str) -> Vec<u64> {
+    messages
+        .iter()
+        .filter(|m| m["conversation_id"] == conversation)
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
+}
