@@ -78,7 +78,10 @@ impl Config {
         let mut cfg = match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&path.display().to_string(), &text)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Config::default(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read config file {}", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read config file {}", path.display()))
+            }
         };
         cfg.apply_env();
         cfg.check(&path.display().to_string())?;
@@ -132,7 +135,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named_with_their_place() {
-        let err = Config::parse("c.yaml", "listen:\n  gatway: 127.0.0.1:1\n").unwrap_err().to_string();
+        let err = Config::parse("c.yaml", "listen:\n  gatway: 127.0.0.1:1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.yaml:2:"), "{err}");
         assert!(err.contains("gatway"), "{err}");
     }

@@ -37,13 +37,20 @@ pub fn kinds_for_checking(services: &Services) -> Registry {
 
 /// Read and compile a pipeline file (or the built-in one when `path` is
 /// missing and `required` is false).
-pub fn load_pipeline(path: &Path, required: bool, registry: &Registry) -> anyhow::Result<CompiledPipeline> {
+pub fn load_pipeline(
+    path: &Path,
+    required: bool,
+    registry: &Registry,
+) -> anyhow::Result<CompiledPipeline> {
     let (name, text) = match std::fs::read_to_string(path) {
         Ok(t) => (path.display().to_string(), t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-            ("(built-in pipeline.yaml)".to_string(), BUILTIN_PIPELINE.to_string())
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => (
+            "(built-in pipeline.yaml)".to_string(),
+            BUILTIN_PIPELINE.to_string(),
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read pipeline file {}", path.display()))
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot read pipeline file {}", path.display())),
     };
     compile(&name, &text, registry).map_err(|e| anyhow::anyhow!("{e}"))
 }

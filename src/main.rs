@@ -8,7 +8,11 @@ use imflow::{kinds_for_checking, load_pipeline, Config, Server};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "imflow", version, about = "An instant-messaging server built as a declarative dataflow pipeline")]
+#[command(
+    name = "imflow",
+    version,
+    about = "An instant-messaging server built as a declarative dataflow pipeline"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -54,7 +58,9 @@ fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_env("IMFLOW_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -64,7 +70,9 @@ fn init_logs(json: bool) {
 
 /// Kinds check options without touching their services, so validation
 /// needs no store: an empty one in a temporary directory backs them.
-async fn check_pipeline(file: &PathBuf) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
+async fn check_pipeline(
+    file: &std::path::Path,
+) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
     let tmp = std::env::temp_dir().join(format!("imflow-validate-{}", std::process::id()));
     let store = imflow_stages::store::Store::open(&tmp, Default::default()).await?;
     let conns = std::sync::Arc::new(imflow_gateways::connections::Connections::new(1));
@@ -105,7 +113,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("imflow: cannot start the async runtime: {e}");

@@ -32,24 +32,39 @@ impl Api {
     }
 
     /// Authorise and parse a conversation id for `user`.
-    async fn participant(&self, user: &str, conversation_id: &str) -> Result<Conversation, ImError> {
-        let conv = Conversation::parse(conversation_id)
-            .ok_or_else(|| ImError::bad_request(format!("`{conversation_id}` is not a conversation id")))?;
+    async fn participant(
+        &self,
+        user: &str,
+        conversation_id: &str,
+    ) -> Result<Conversation, ImError> {
+        let conv = Conversation::parse(conversation_id).ok_or_else(|| {
+            ImError::bad_request(format!("`{conversation_id}` is not a conversation id"))
+        })?;
         if let Conversation::Group(g) = &conv {
             if self.services.store.group(g).await?.is_none() {
                 return Err(ImError::not_found(format!("no group {g}")));
             }
         }
         if !self.services.store.is_participant(user, &conv).await? {
-            return Err(ImError::forbidden(format!("{user} does not take part in {conversation_id}")));
+            return Err(ImError::forbidden(format!(
+                "{user} does not take part in {conversation_id}"
+            )));
         }
         Ok(conv)
     }
 
     /// Message bodies of `from..=to`, ascending; absent seqs are left out.
-    pub async fn pull(&self, user: &str, conversation_id: &str, from: u64, to: u64) -> Result<Vec<Arc<str>>, ImError> {
+    pub async fn pull(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Arc<str>>, ImError> {
         if from > to {
-            return Err(ImError::bad_request("from_seq must not be greater than to_seq"));
+            return Err(ImError::bad_request(
+                "from_seq must not be greater than to_seq",
+            ));
         }
         if to - from > MAX_PULL_SPAN {
             return Err(ImError::bad_request(format!(
@@ -75,10 +90,21 @@ impl Api {
     }
 
     /// Mark read and tell the user's other connections.
-    pub async fn read(&self, user: &str, conversation_id: &str, seq: u64, from_conn: Option<u64>) -> Result<u64, ImError> {
+    pub async fn read(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        seq: u64,
+        from_conn: Option<u64>,
+    ) -> Result<u64, ImError> {
         self.participant(user, conversation_id).await?;
-        let read_seq = self.services.store.set_read(user, conversation_id, seq).await?;
-        let frame = serde_json::json!({"op": "read", "conversation_id": conversation_id, "seq": read_seq});
+        let read_seq = self
+            .services
+            .store
+            .set_read(user, conversation_id, seq)
+            .await?;
+        let frame =
+            serde_json::json!({"op": "read", "conversation_id": conversation_id, "seq": read_seq});
         self.conns
             .send_to_user(user, from_conn, &Outbound::Frame(frame.to_string().into()));
         Ok(read_seq)
@@ -88,7 +114,9 @@ impl Api {
 
     pub async fn register(&self, users: Vec<(String, Option<String>)>) -> Result<usize, ImError> {
         if users.len() > MAX_REGISTER {
-            return Err(ImError::bad_request(format!("at most {MAX_REGISTER} users per call")));
+            return Err(ImError::bad_request(format!(
+                "at most {MAX_REGISTER} users per call"
+            )));
         }
         for (id, _) in &users {
             check_id("user_id", id)?;
@@ -117,7 +145,10 @@ impl Api {
         if !self.services.store.user_exists(user_id) {
             return Err(ImError::not_found(format!("no user {user_id}")));
         }
-        self.services.store.bump_generation(user_id, &platforms).await?;
+        self.services
+            .store
+            .bump_generation(user_id, &platforms)
+            .await?;
         for p in &platforms {
             self.conns.kick(user_id, Some(*p), "logged out");
         }
@@ -135,7 +166,13 @@ impl Api {
             .ok_or_else(|| ImError::not_found(format!("no group {group_id}")))
     }
 
-    pub async fn create_group(&self, owner: &str, group_id: Option<String>, name: String, members: Vec<String>) -> Result<String, ImError> {
+    pub async fn create_group(
+        &self,
+        owner: &str,
+        group_id: Option<String>,
+        name: String,
+        members: Vec<String>,
+    ) -> Result<String, ImError> {
         let group_id = match group_id {
             Some(g) => {
                 check_id("group_id", &g)?;
@@ -149,15 +186,27 @@ impl Api {
         if name.chars().count() > 256 {
             return Err(ImError::bad_request("name may be at most 256 characters"));
         }
-        self.services.store.create_group(&group_id, &name, owner, &members).await?;
+        self.services
+            .store
+            .create_group(&group_id, &name, owner, &members)
+            .await?;
         Ok(group_id)
     }
 
-    pub async fn add_members(&self, caller: &str, group_id: &str, users: Vec<String>) -> Result<u64, ImError> {
+    pub async fn add_members(
+        &self,
+        caller: &str,
+        group_id: &str,
+        users: Vec<String>,
+    ) -> Result<u64, ImError> {
         let g = self.group(group_id).await?;
         match g.role_of(caller) {
             Some(Role::Owner | Role::Admin) => {}
-            _ => return Err(ImError::forbidden("only the owner or an admin of the group may add members")),
+            _ => {
+                return Err(ImError::forbidden(
+                    "only the owner or an admin of the group may add members",
+                ))
+            }
         }
         for u in &users {
             check_id("user_ids", u)?;
@@ -165,16 +214,25 @@ impl Api {
         Ok(self.services.store.add_members(group_id, &users).await?)
     }
 
-    pub async fn remove_member(&self, caller: &str, group_id: &str, user: &str) -> Result<(), ImError> {
+    pub async fn remove_member(
+        &self,
+        caller: &str,
+        group_id: &str,
+        user: &str,
+    ) -> Result<(), ImError> {
         let g = self.group(group_id).await?;
         check_id("user_id", user)?;
         let caller_role = g.role_of(caller);
         let target_role = g.role_of(user);
         if caller_role.is_none() {
-            return Err(ImError::forbidden(format!("{caller} is not a member of group {group_id}")));
+            return Err(ImError::forbidden(format!(
+                "{caller} is not a member of group {group_id}"
+            )));
         }
         let Some(target_role) = target_role else {
-            return Err(ImError::not_found(format!("{user} is not a member of group {group_id}")));
+            return Err(ImError::not_found(format!(
+                "{user} is not a member of group {group_id}"
+            )));
         };
         if caller == user {
             if target_role == Role::Owner {
@@ -185,39 +243,69 @@ impl Api {
                 (Some(Role::Owner), _) => {}
                 (Some(Role::Admin), Role::Member) => {}
                 (Some(Role::Admin), _) => {
-                    return Err(ImError::forbidden("an admin cannot remove the owner or another admin"))
+                    return Err(ImError::forbidden(
+                        "an admin cannot remove the owner or another admin",
+                    ))
                 }
-                _ => return Err(ImError::forbidden("only the owner or an admin may remove other members")),
+                _ => {
+                    return Err(ImError::forbidden(
+                        "only the owner or an admin may remove other members",
+                    ))
+                }
             }
         }
         self.services.store.remove_member(group_id, user).await?;
         Ok(())
     }
 
-    pub async fn set_role(&self, caller: &str, group_id: &str, user: &str, role: &str) -> Result<(), ImError> {
+    pub async fn set_role(
+        &self,
+        caller: &str,
+        group_id: &str,
+        user: &str,
+        role: &str,
+    ) -> Result<(), ImError> {
         let g = self.group(group_id).await?;
         check_id("user_id", user)?;
         let role = match role {
             "admin" => Role::Admin,
             "member" => Role::Member,
-            other => return Err(ImError::bad_request(format!("role must be `admin` or `member`, not `{other}`"))),
+            other => {
+                return Err(ImError::bad_request(format!(
+                    "role must be `admin` or `member`, not `{other}`"
+                )))
+            }
         };
         if g.role_of(caller) != Some(Role::Owner) {
             return Err(ImError::forbidden("only the owner may change roles"));
         }
         match g.role_of(user) {
-            None => Err(ImError::not_found(format!("{user} is not a member of group {group_id}"))),
+            None => Err(ImError::not_found(format!(
+                "{user} is not a member of group {group_id}"
+            ))),
             Some(Role::Owner) => Err(ImError::conflict("the owner's role cannot be changed")),
             Some(_) => Ok(self.services.store.set_role(group_id, user, role).await?),
         }
     }
 
-    pub async fn members(&self, caller: &str, group_id: &str, offset: usize, limit: usize) -> Result<(Vec<(Arc<str>, Role)>, usize), ImError> {
+    pub async fn members(
+        &self,
+        caller: &str,
+        group_id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<(Arc<str>, Role)>, usize), ImError> {
         let g = self.group(group_id).await?;
         if g.role_of(caller).is_none() {
-            return Err(ImError::forbidden(format!("{caller} is not a member of group {group_id}")));
+            return Err(ImError::forbidden(format!(
+                "{caller} is not a member of group {group_id}"
+            )));
         }
-        Ok(self.services.store.members_page(group_id, offset, limit.clamp(1, 1000)).await?)
+        Ok(self
+            .services
+            .store
+            .members_page(group_id, offset, limit.clamp(1, 1000))
+            .await?)
     }
 }
 

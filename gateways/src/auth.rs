@@ -43,7 +43,11 @@ pub struct Auth {
 impl Auth {
     /// `signing_key` signs tokens; it is kept in the store so tokens survive
     /// restarts (created at random on first run).
-    pub async fn new(store: Arc<Store>, admin_secret: String, ttl_secs: i64) -> Result<Self, Error> {
+    pub async fn new(
+        store: Arc<Store>,
+        admin_secret: String,
+        ttl_secs: i64,
+    ) -> Result<Self, Error> {
         let mut fresh = [0u8; 32];
         getrandom::fill(&mut fresh).map_err(|e| Error::Random(e.to_string()))?;
         let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
@@ -91,12 +95,11 @@ impl Auth {
     /// Check a token: signature, expiry, revocation, and that the user exists.
     pub fn verify(&self, token: &str) -> Result<Identity, ImError> {
         let unauthorized = |m: &str| ImError::new(imflow_stages::model::ErrorCode::Unauthorized, m);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => unauthorized("token expired"),
                 _ => unauthorized("invalid token"),
-            }
-        })?;
+            })?;
         let c = data.claims;
         if c.gen < self.store.token_generation(&c.sub, c.plt) {
             return Err(unauthorized("token revoked"));
@@ -156,7 +159,10 @@ mod tests {
     #[test]
     fn token_is_found_in_header_or_query() {
         assert_eq!(token_from(Some("Bearer abc"), None).as_deref(), Some("abc"));
-        assert_eq!(token_from(None, Some("x=1&token=a%2Eb")).as_deref(), Some("a.b"));
+        assert_eq!(
+            token_from(None, Some("x=1&token=a%2Eb")).as_deref(),
+            Some("a.b")
+        );
         assert_eq!(token_from(None, Some("x=1")), None);
         assert_eq!(token_from(Some("Basic x"), None), None);
     }

@@ -39,7 +39,10 @@ impl ConnHandle {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !self.close.is_cancelled() {
                     metrics::counter!("imflow_gateway_slow_clients_closed_total").increment(1);
-                    tracing::info!(conn = self.id, "client is not reading; closing its connection");
+                    tracing::info!(
+                        conn = self.id,
+                        "client is not reading; closing its connection"
+                    );
                 }
                 self.close.cancel();
                 false
@@ -97,7 +100,11 @@ impl Connections {
 
     /// Register a connection of `user` on `platform`. An older connection on
     /// the same platform is kicked.
-    pub fn register(&self, user: &Arc<str>, platform: u8) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
+    pub fn register(
+        &self,
+        user: &Arc<str>,
+        platform: u8,
+    ) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(self.queue_capacity);
         let handle = Arc::new(ConnHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -107,12 +114,17 @@ impl Connections {
         });
         let replaced = {
             let mut conns = self.users.entry(user.clone()).or_default();
-            let old = conns.iter().position(|c| c.platform == platform).map(|i| conns.swap_remove(i));
+            let old = conns
+                .iter()
+                .position(|c| c.platform == platform)
+                .map(|i| conns.swap_remove(i));
             conns.push(handle.clone());
             old
         };
         if let Some(old) = replaced {
-            if !old.offer(Outbound::Kick("logged in on another device of the same platform".into())) {
+            if !old.offer(Outbound::Kick(
+                "logged in on another device of the same platform".into(),
+            )) {
                 old.close.cancel();
             }
         }
@@ -142,7 +154,10 @@ impl Connections {
     /// Kick `user`'s connections (on `platform`, or all).
     pub fn kick(&self, user: &str, platform: Option<u8>, reason: &str) {
         if let Some(conns) = self.users.get(user) {
-            for c in conns.iter().filter(|c| platform.is_none_or(|p| p == c.platform)) {
+            for c in conns
+                .iter()
+                .filter(|c| platform.is_none_or(|p| p == c.platform))
+            {
                 if !c.offer(Outbound::Kick(reason.to_string())) {
                     c.close.cancel();
                 }
@@ -204,7 +219,10 @@ mod tests {
         assert!(matches!(old_rx.try_recv(), Ok(Outbound::Kick(_))));
         assert!(other_rx.try_recv().is_err(), "another platform stays");
         c.deliver("a", &item(1));
-        assert!(old_rx.try_recv().is_err(), "the kicked connection gets no more pushes");
+        assert!(
+            old_rx.try_recv().is_err(),
+            "the kicked connection gets no more pushes"
+        );
         assert!(matches!(other_rx.try_recv(), Ok(Outbound::Push(_))));
     }
 }

@@ -40,8 +40,13 @@ impl From<ImError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(http_status(self.0.code)).unwrap_or(StatusCode::BAD_REQUEST);
-        (status, Json(json!({"code": self.0.code.as_str(), "message": self.0.message}))).into_response()
+        let status =
+            StatusCode::from_u16(http_status(self.0.code)).unwrap_or(StatusCode::BAD_REQUEST);
+        (
+            status,
+            Json(json!({"code": self.0.code.as_str(), "message": self.0.message})),
+        )
+            .into_response()
     }
 }
 
@@ -52,7 +57,10 @@ pub struct Caller(pub Identity);
 
 impl FromRequestParts<RestState> for Caller {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &RestState,
+    ) -> Result<Self, Self::Rejection> {
         let auth = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -68,8 +76,14 @@ pub struct Admin;
 
 impl FromRequestParts<RestState> for Admin {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
-        let secret = parts.headers.get("x-admin-secret").and_then(|v| v.to_str().ok());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &RestState,
+    ) -> Result<Self, Self::Rejection> {
+        let secret = parts
+            .headers
+            .get("x-admin-secret")
+            .and_then(|v| v.to_str().ok());
         if state.api.auth.is_admin(secret) {
             Ok(Admin)
         } else {
@@ -81,7 +95,8 @@ impl FromRequestParts<RestState> for Admin {
 /// Parse a JSON body ourselves so malformed input gets the protocol's
 /// `bad_request` shape rather than the framework's plain text.
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ImError::bad_request(format!("request body: {e}")).into())
+    serde_json::from_slice(bytes)
+        .map_err(|e| ImError::bad_request(format!("request body: {e}")).into())
 }
 
 pub fn router(state: RestState) -> Router {
@@ -91,7 +106,10 @@ pub fn router(state: RestState) -> Router {
         .route("/auth/logout", post(logout))
         .route("/groups", post(create_group))
         .route("/groups/{group_id}/members", post(add_members).get(members))
-        .route("/groups/{group_id}/members/{user_id}", delete(remove_member))
+        .route(
+            "/groups/{group_id}/members/{user_id}",
+            delete(remove_member),
+        )
         .route("/groups/{group_id}/members/{user_id}/role", put(set_role))
         .route("/msg/send", post(send))
         .route("/conversations", get(conversations))
@@ -120,7 +138,12 @@ async fn register(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResu
     let b: RegisterBody = body(&bytes)?;
     let n = s
         .api
-        .register(b.users.into_iter().map(|u| (u.user_id, u.nickname)).collect())
+        .register(
+            b.users
+                .into_iter()
+                .map(|u| (u.user_id, u.nickname))
+                .collect(),
+        )
         .await?;
     Ok(Json(json!({"registered": n})))
 }
@@ -159,9 +182,16 @@ struct CreateGroupBody {
     members: Vec<String>,
 }
 
-async fn create_group(Caller(me): Caller, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Response> {
+async fn create_group(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
     let b: CreateGroupBody = body(&bytes)?;
-    let id = s.api.create_group(&me.user_id, b.group_id, b.name, b.members).await?;
+    let id = s
+        .api
+        .create_group(&me.user_id, b.group_id, b.name, b.members)
+        .await?;
     Ok((StatusCode::CREATED, Json(json!({"group_id": id}))).into_response())
 }
 
@@ -177,7 +207,10 @@ async fn add_members(
     bytes: Bytes,
 ) -> ApiResult<Json<Value>> {
     let b: AddMembersBody = body(&bytes)?;
-    let added = s.api.add_members(&me.user_id, &group_id, b.user_ids).await?;
+    let added = s
+        .api
+        .add_members(&me.user_id, &group_id, b.user_ids)
+        .await?;
     Ok(Json(json!({"added": added})))
 }
 
@@ -186,7 +219,9 @@ async fn remove_member(
     State(s): State<RestState>,
     Path((group_id, user_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    s.api.remove_member(&me.user_id, &group_id, &user_id).await?;
+    s.api
+        .remove_member(&me.user_id, &group_id, &user_id)
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -202,7 +237,9 @@ async fn set_role(
     bytes: Bytes,
 ) -> ApiResult<Json<Value>> {
     let b: RoleBody = body(&bytes)?;
-    s.api.set_role(&me.user_id, &group_id, &user_id, &b.role).await?;
+    s.api
+        .set_role(&me.user_id, &group_id, &user_id, &b.role)
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -215,9 +252,9 @@ struct Page {
 fn number<T: std::str::FromStr>(name: &str, v: Option<&str>, default: T) -> Result<T, ApiError> {
     match v {
         None | Some("") => Ok(default),
-        Some(s) => s
-            .parse()
-            .map_err(|_| ImError::bad_request(format!("{name} must be a non-negative integer")).into()),
+        Some(s) => s.parse().map_err(|_| {
+            ImError::bad_request(format!("{name} must be a non-negative integer")).into()
+        }),
     }
 }
 
@@ -237,7 +274,11 @@ async fn members(
     Ok(Json(json!({"members": list, "total": total})))
 }
 
-async fn send(Caller(me): Caller, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+async fn send(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
     let req: SendRequest = body(&bytes)?;
     let info = s.api.send(&me.user_id, req).await?.wait().await?;
     Ok(Json(json!({
@@ -301,13 +342,19 @@ async fn read(
     bytes: Bytes,
 ) -> ApiResult<Json<Value>> {
     let b: ReadBody = body(&bytes)?;
-    s.api.read(&me.user_id, &conversation_id, b.seq, None).await?;
+    s.api
+        .read(&me.user_id, &conversation_id, b.seq, None)
+        .await?;
     Ok(Json(json!({})))
 }
 
 async fn healthz(State(s): State<RestState>) -> Response {
     if s.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
     } else {
         Json(json!({"status": "ok", "connections": s.api.conns.open_count()})).into_response()
     }

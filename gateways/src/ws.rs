@@ -73,7 +73,13 @@ impl Default for WsSettings {
 
 /// Accept connections until `stop` fires. Connection tasks are spawned on
 /// `tracker`, so the caller can wait for them to finish.
-pub async fn serve(listener: TcpListener, api: Arc<Api>, settings: WsSettings, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    settings: WsSettings,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     let settings = Arc::new(settings);
     loop {
         let accepted = tokio::select! {
@@ -103,9 +109,12 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, settings: WsSettings, s
 fn refuse(status: u16, code: ErrorCode, message: &str) -> ErrorResponse {
     let body = json!({"code": code.as_str(), "message": message}).to_string();
     let mut resp = ErrorResponse::new(Some(body));
-    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -116,7 +125,11 @@ impl Drop for Slot<'_> {
     }
 }
 
-async fn accept(stream: TcpStream, api: Arc<Api>, settings: Arc<WsSettings>) -> Result<(), WsError> {
+async fn accept(
+    stream: TcpStream,
+    api: Arc<Api>,
+    settings: Arc<WsSettings>,
+) -> Result<(), WsError> {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_tcp_keepalive(
@@ -127,14 +140,27 @@ async fn accept(stream: TcpStream, api: Arc<Api>, settings: Arc<WsSettings>) -> 
     let has_slot = api.conns.try_reserve(settings.max_connections);
     let _slot = has_slot.then(|| Slot(&api.conns));
     let mut identity: Option<Identity> = None;
+    // The handshake callback's error type is fixed by tungstenite.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/ws" {
-            return Err(refuse(404, ErrorCode::NotFound, "the WebSocket endpoint is /ws"));
+            return Err(refuse(
+                404,
+                ErrorCode::NotFound,
+                "the WebSocket endpoint is /ws",
+            ));
         }
         if !has_slot {
-            return Err(refuse(503, ErrorCode::Unavailable, "this gateway is at its connection limit"));
+            return Err(refuse(
+                503,
+                ErrorCode::Unavailable,
+                "this gateway is at its connection limit",
+            ));
         }
-        let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let Some(token) = token_from(auth, req.uri().query()) else {
             return Err(refuse(401, ErrorCode::Unauthorized, "missing token"));
         };
@@ -225,7 +251,11 @@ fn reply(op: &str, rid: Option<&RawValue>, fields: Value) -> String {
 }
 
 fn error_frame(rid: Option<&RawValue>, e: &ImError) -> String {
-    reply("error", rid, json!({"code": e.code.as_str(), "message": e.message}))
+    reply(
+        "error",
+        rid,
+        json!({"code": e.code.as_str(), "message": e.message}),
+    )
 }
 
 fn ack_frame(rid: Option<&RawValue>, a: &AckInfo) -> String {
@@ -254,7 +284,8 @@ fn bad_json(what: &str, e: serde_json::Error) -> ImError {
     ImError::bad_request(format!("{what}: {e}"))
 }
 
-type AckFuture = futures::future::BoxFuture<'static, (Option<Box<RawValue>>, Result<AckInfo, ImError>)>;
+type AckFuture =
+    futures::future::BoxFuture<'static, (Option<Box<RawValue>>, Result<AckInfo, ImError>)>;
 
 /// Serve one upgraded connection until it closes, is kicked, overflows or
 /// the gateway shuts down.
@@ -357,16 +388,21 @@ async fn handle_text(
     if text.len() > MAX_CLIENT_FRAME {
         let e = ImError::new(
             ErrorCode::PayloadTooLarge,
-            format!("frame is {} bytes; at most {MAX_CLIENT_FRAME} are allowed", text.len()),
+            format!(
+                "frame is {} bytes; at most {MAX_CLIENT_FRAME} are allowed",
+                text.len()
+            ),
         );
         return Err(error_frame(None, &e));
     }
-    let head: Head = serde_json::from_str(text).map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
+    let head: Head = serde_json::from_str(text)
+        .map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
     let rid = head.rid.as_deref();
     let fail = |e: ImError| error_frame(rid, &e);
     match head.op.as_str() {
         "send" => {
-            let req: SendRequest = serde_json::from_str(text).map_err(|e| fail(bad_json("send", e)))?;
+            let req: SendRequest =
+                serde_json::from_str(text).map_err(|e| fail(bad_json("send", e)))?;
             match api.send(&me.user_id, req).await {
                 Ok(p) => {
                     let rid = head.rid;
@@ -382,14 +418,20 @@ async fn handle_text(
         },
         "pull" => {
             let req: PullReq = serde_json::from_str(text).map_err(|e| fail(bad_json("pull", e)))?;
-            match api.pull(&me.user_id, &req.conversation_id, req.from_seq, req.to_seq).await {
+            match api
+                .pull(&me.user_id, &req.conversation_id, req.from_seq, req.to_seq)
+                .await
+            {
                 Ok(bodies) => Ok(Some(messages_frame(rid, &req.conversation_id, &bodies))),
                 Err(e) => Ok(Some(fail(e))),
             }
         }
         "read" => {
             let req: ReadReq = serde_json::from_str(text).map_err(|e| fail(bad_json("read", e)))?;
-            match api.read(&me.user_id, &req.conversation_id, req.seq, Some(handle.id)).await {
+            match api
+                .read(&me.user_id, &req.conversation_id, req.seq, Some(handle.id))
+                .await
+            {
                 Ok(_) => Ok(Some(reply("ok", rid, json!({})))),
                 Err(e) => Ok(Some(fail(e))),
             }
@@ -414,7 +456,11 @@ where
 
 /// Write what is queued, merging consecutive pushes into one `push` frame.
 /// Returns false when the connection must end (kicked, or write failed).
-async fn write_outbound<S>(ws: &mut S, close: &CancellationToken, outbox: &mut Vec<Outbound>) -> bool
+async fn write_outbound<S>(
+    ws: &mut S,
+    close: &CancellationToken,
+    outbox: &mut Vec<Outbound>,
+) -> bool
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
@@ -444,8 +490,13 @@ where
             Outbound::Kick(reason) => {
                 let frame = reply("kick", None, json!({"reason": reason}));
                 let _ = write(ws, close, frame).await;
-                let cf = CloseFrame { code: CloseCode::Policy, reason: "kicked".into() };
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(cf)))).await;
+                let cf = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "kicked".into(),
+                };
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(cf))))
+                        .await;
                 return false;
             }
         }

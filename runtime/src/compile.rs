@@ -59,7 +59,8 @@ impl CompiledPipeline {
 
     /// The graph in Graphviz DOT.
     pub fn to_dot(&self) -> String {
-        let mut out = String::from("digraph imflow {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+        let mut out =
+            String::from("digraph imflow {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
         for idx in &self.order {
             let n = &self.graph[*idx];
             out.push_str(&format!(
@@ -96,7 +97,11 @@ fn dot_id(name: &str) -> String {
 
 impl fmt::Display for CompiledPipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.order.iter().map(|i| self.graph[*i].name.as_str()).collect();
+        let names: Vec<&str> = self
+            .order
+            .iter()
+            .map(|i| self.graph[*i].name.as_str())
+            .collect();
         write!(
             f,
             "{}: ok, {} stages, {} edges: {}",
@@ -198,7 +203,8 @@ fn valid_topic(t: &str) -> bool {
         && t.len() <= 249
         && t != "."
         && t != ".."
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Parse the stage list out of the text, reporting per-stage decode errors.
@@ -218,7 +224,12 @@ fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
     };
     for (key, _) in &raw.top {
         if key != "version" {
-            cx.err(key.clone(), format!("unknown top-level key `{key}`; expected `stages` (and optionally `version`)"));
+            cx.err(
+                key.clone(),
+                format!(
+                    "unknown top-level key `{key}`; expected `stages` (and optionally `version`)"
+                ),
+            );
         }
     }
     if let Some((_, v)) = raw.top.iter().find(|(k, _)| k == "version") {
@@ -227,18 +238,27 @@ fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
         }
     }
     let Some(entries) = raw.stages else {
-        cx.err("stages", "the file has no `stages:` section; declare at least one stage");
+        cx.err(
+            "stages",
+            "the file has no `stages:` section; declare at least one stage",
+        );
         return None;
     };
     let mut spec = PipelineSpec::default();
     for (k, v) in entries {
         let Some(name) = k.as_str().map(str::to_string) else {
-            cx.err("stages", format!("stage names must be strings, found {k:?}"));
+            cx.err(
+                "stages",
+                format!("stage names must be strings, found {k:?}"),
+            );
             continue;
         };
         let path = format!("stages.{name}");
         if !valid_name(&name) {
-            cx.err(&*path, format!("stage name `{name}` must be 1-64 characters of a-z A-Z 0-9 - _"));
+            cx.err(
+                &*path,
+                format!("stage name `{name}` must be 1-64 characters of a-z A-Z 0-9 - _"),
+            );
         }
         match serde_yaml::from_value::<StageSpec>(v) {
             Ok(s) => spec.stages.push((name, s)),
@@ -249,7 +269,11 @@ fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
 }
 
 /// Compile pipeline text. `file` is how the file is named in messages.
-pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPipeline, CompileErrors> {
+pub fn compile(
+    file: &str,
+    text: &str,
+    registry: &Registry,
+) -> Result<CompiledPipeline, CompileErrors> {
     let mut cx = Ctx {
         file,
         locator: Locator::new(text),
@@ -265,7 +289,10 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
     for (name, stage) in &spec.stages {
         let path = format!("stages.{name}");
         if index.contains_key(name) {
-            cx.err(&*path, format!("stage name `{name}` is used more than once; give each stage its own name"));
+            cx.err(
+                &*path,
+                format!("stage name `{name}` is used more than once; give each stage its own name"),
+            );
             continue;
         }
         let (input, output) = match registry.get(&stage.kind) {
@@ -276,7 +303,10 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
                     } else {
                         format!("{path}.options.{}", e.field)
                     };
-                    cx.err(p, format!("bad option for kind `{}`: {}", stage.kind, e.message));
+                    cx.err(
+                        p,
+                        format!("bad option for kind `{}`: {}", stage.kind, e.message),
+                    );
                 }
                 (kind.input(), kind.output())
             }
@@ -284,7 +314,11 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
                 let known: Vec<&str> = registry.kinds().collect();
                 cx.err(
                     format!("{path}.kind"),
-                    format!("unknown stage kind `{}`; known kinds: {}", stage.kind, known.join(", ")),
+                    format!(
+                        "unknown stage kind `{}`; known kinds: {}",
+                        stage.kind,
+                        known.join(", ")
+                    ),
                 );
                 (None, None)
             }
@@ -307,7 +341,10 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
         if known_kind && consumer.input.is_none() && !stage.inputs.is_empty() {
             cx.err(
                 format!("stages.{name}.inputs"),
-                format!("kind `{}` is a source and takes no inputs; remove `inputs`", stage.kind),
+                format!(
+                    "kind `{}` is a source and takes no inputs; remove `inputs`",
+                    stage.kind
+                ),
             );
             continue;
         }
@@ -328,7 +365,11 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
                 let names: Vec<&str> = spec.stages.iter().map(|(n, _)| n.as_str()).collect();
                 cx.err(
                     path,
-                    format!("input `{}` names no stage; stages are: {}", edge.from, names.join(", ")),
+                    format!(
+                        "input `{}` names no stage; stages are: {}",
+                        edge.from,
+                        names.join(", ")
+                    ),
                 );
                 continue;
             };
@@ -337,7 +378,10 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
                 (None, _) if registry.get(&producer.kind).is_some() => {
                     cx.err(
                         &*path,
-                        format!("stage `{}` (kind `{}`) is a sink and produces nothing to consume", producer.name, producer.kind),
+                        format!(
+                            "stage `{}` (kind `{}`) is a sink and produces nothing to consume",
+                            producer.name, producer.kind
+                        ),
                     );
                     continue;
                 }
@@ -358,7 +402,9 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
             if partitions == 0 || partitions > MAX_PARTITIONS {
                 cx.err(
                     format!("{path}.partitions"),
-                    format!("partitions must be between 1 and {MAX_PARTITIONS}, found {partitions}"),
+                    format!(
+                        "partitions must be between 1 and {MAX_PARTITIONS}, found {partitions}"
+                    ),
                 );
             }
             let capacity = edge.capacity.unwrap_or(DEFAULT_CAPACITY);
@@ -400,7 +446,10 @@ pub fn compile(file: &str, text: &str, registry: &Registry) -> Result<CompiledPi
             names.push(&first);
             cx.err(
                 format!("stages.{}.inputs", first),
-                format!("cycle: {}; a message must not flow back into a stage it passed", names.join(" -> ")),
+                format!(
+                    "cycle: {}; a message must not flow back into a stage it passed",
+                    names.join(" -> ")
+                ),
             );
         }
     }
@@ -461,15 +510,33 @@ mod tests {
 
     fn registry() -> Registry {
         let mut r = Registry::new();
-        r.register(Kind { name: "src", input: None, output: Some(PortType::of::<A>("a")) });
-        r.register(Kind { name: "map", input: Some(PortType::of::<A>("a")), output: Some(PortType::of::<A>("a")) });
-        r.register(Kind { name: "conv", input: Some(PortType::of::<A>("a")), output: Some(PortType::of::<B>("b")) });
-        r.register(Kind { name: "sink", input: Some(PortType::of::<B>("b")), output: None });
+        r.register(Kind {
+            name: "src",
+            input: None,
+            output: Some(PortType::of::<A>("a")),
+        });
+        r.register(Kind {
+            name: "map",
+            input: Some(PortType::of::<A>("a")),
+            output: Some(PortType::of::<A>("a")),
+        });
+        r.register(Kind {
+            name: "conv",
+            input: Some(PortType::of::<A>("a")),
+            output: Some(PortType::of::<B>("b")),
+        });
+        r.register(Kind {
+            name: "sink",
+            input: Some(PortType::of::<B>("b")),
+            output: None,
+        });
         r
     }
 
     fn errors(text: &str) -> Vec<Diagnostic> {
-        compile("p.yaml", text, &registry()).expect_err("should fail").0
+        compile("p.yaml", text, &registry())
+            .expect_err("should fail")
+            .0
     }
 
     #[test]
@@ -502,15 +569,28 @@ stages:
         let errs = errors(text);
         let shown: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
         assert_eq!(errs.len(), 4, "{shown:#?}");
-        assert!(shown[0].starts_with("p.yaml:5: stages.m.kind: unknown stage kind `nope`"), "{}", shown[0]);
-        assert!(shown[1].starts_with("p.yaml:8: stages.c.inputs[0]: input `ghost` names no stage"), "{}", shown[1]);
+        assert!(
+            shown[0].starts_with("p.yaml:5: stages.m.kind: unknown stage kind `nope`"),
+            "{}",
+            shown[0]
+        );
+        assert!(
+            shown[1].starts_with("p.yaml:8: stages.c.inputs[0]: input `ghost` names no stage"),
+            "{}",
+            shown[1]
+        );
         assert!(shown[2].starts_with("p.yaml:11: stages.k.inputs[0]: type mismatch: `s` (kind `src`) produces `a` but `k` (kind `sink`) takes `b`"), "{}", shown[2]);
-        assert!(shown[3].starts_with("p.yaml:13: stages.k.options.batch: bad option"), "{}", shown[3]);
+        assert!(
+            shown[3].starts_with("p.yaml:13: stages.k.options.batch: bad option"),
+            "{}",
+            shown[3]
+        );
     }
 
     #[test]
     fn reports_cycles() {
-        let text = "stages:\n  a:\n    kind: map\n    inputs: [b]\n  b:\n    kind: map\n    inputs: [a]\n";
+        let text =
+            "stages:\n  a:\n    kind: map\n    inputs: [b]\n  b:\n    kind: map\n    inputs: [a]\n";
         let errs = errors(text);
         assert_eq!(errs.len(), 1);
         assert!(errs[0].message.starts_with("cycle: "), "{}", errs[0]);
@@ -530,9 +610,21 @@ stages:
         let text = "stages:\n  s:\n    kind: src\n    inputs: [k]\n  k:\n    kind: sink\n  c:\n    kind: conv\n    inputs: [k]\n";
         let errs = errors(text);
         let msgs: Vec<&str> = errs.iter().map(|d| d.message.as_str()).collect();
-        assert!(msgs.iter().any(|m| m.contains("is a source and takes no inputs")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("needs an input carrying `b`")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("is a sink and produces nothing")), "{msgs:?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("is a source and takes no inputs")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("needs an input carrying `b`")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("is a sink and produces nothing")),
+            "{msgs:?}"
+        );
     }
 
     #[test]
@@ -540,9 +632,24 @@ stages:
         let text = "stages:\n  s:\n    kind: src\n  m:\n    kind: map\n    inputs:\n      - from: s\n        partitions: 0\n        topic: \"bad topic\"\n  n:\n    kind: map\n    colour: red\n    inputs: [m]\n";
         let errs = errors(text);
         let shown: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
-        assert!(shown.iter().any(|m| m.contains("p.yaml:8: stages.m.inputs[0].partitions")), "{shown:#?}");
-        assert!(shown.iter().any(|m| m.contains("p.yaml:9: stages.m.inputs[0].topic")), "{shown:#?}");
-        assert!(shown.iter().any(|m| m.contains("stages.n") && m.contains("colour")), "{shown:#?}");
+        assert!(
+            shown
+                .iter()
+                .any(|m| m.contains("p.yaml:8: stages.m.inputs[0].partitions")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|m| m.contains("p.yaml:9: stages.m.inputs[0].topic")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|m| m.contains("stages.n") && m.contains("colour")),
+            "{shown:#?}"
+        );
     }
 
     #[test]

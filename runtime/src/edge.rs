@@ -201,13 +201,21 @@ mod tests {
     #[tokio::test]
     async fn bounded_queue_applies_backpressure() {
         let (tx, mut input, probe) = memory_partition::<u32>(2, "a->b", 0, counter());
-        let out = Output::new(vec![EdgeSenders { partitions: vec![tx] }], counter());
+        let out = Output::new(
+            vec![EdgeSenders {
+                partitions: vec![tx],
+            }],
+            counter(),
+        );
         out.send(Envelope::new(0, 1, Ack::none())).await.unwrap();
         out.send(Envelope::new(0, 2, Ack::none())).await.unwrap();
         assert_eq!((probe.depth)(), Some(2));
         let third = out.send(Envelope::new(0, 3, Ack::none()));
         tokio::pin!(third);
-        assert!(futures::poll!(third.as_mut()).is_pending(), "full queue must make the producer wait");
+        assert!(
+            futures::poll!(third.as_mut()).is_pending(),
+            "full queue must make the producer wait"
+        );
         input.recv().await.unwrap().ack.release();
         third.await.unwrap();
     }
@@ -216,7 +224,12 @@ mod tests {
     async fn send_to_a_stopped_consumer_fails_the_ack() {
         let (tx, input, _) = memory_partition::<u32>(2, "a->b", 0, counter());
         drop(input);
-        let out = Output::new(vec![EdgeSenders { partitions: vec![tx] }], counter());
+        let out = Output::new(
+            vec![EdgeSenders {
+                partitions: vec![tx],
+            }],
+            counter(),
+        );
         let (stx, srx) = std::sync::mpsc::channel();
         let ack = Ack::new(move |s| stx.send(s).unwrap());
         assert!(out.send(Envelope::new(0, 1, ack)).await.is_err());

@@ -20,5 +20,5 @@ pub use compile::{compile, CompiledPipeline};
 pub use edge::{Envelope, Input, Output};
 pub use error::{BuildError, CompileErrors, Diagnostic};
 pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
-pub use topology::{QueueGauges, RunningTopology};
 pub use tokio_util::sync::CancellationToken;
+pub use topology::{QueueGauges, RunningTopology};

@@ -25,7 +25,10 @@ impl Locator {
             }
             let mut indent = content.len() - content.trim_start().len();
             let mut rest = content.trim_start();
-            while let Some(item) = rest.strip_prefix("- ").or(if rest == "-" { Some("") } else { None }) {
+            while let Some(item) =
+                rest.strip_prefix("- ")
+                    .or(if rest == "-" { Some("") } else { None })
+            {
                 while stack.last().is_some_and(|(i, _)| *i >= indent) {
                     stack.pop();
                 }

@@ -75,16 +75,12 @@ pub fn decode_options<T: DeserializeOwned>(options: &serde_yaml::Value) -> Resul
     } else {
         options.clone()
     };
-    serde_yaml::from_value(value).map_err(|e| {
-        let msg = e.to_string();
-        // serde names the field in backquotes; point the location at it.
-        let field = msg
-            .split('`')
-            .nth(1)
-            .filter(|f| !f.contains(' '))
-            .unwrap_or("")
-            .to_string();
-        OptionError { field, message: msg }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        OptionError {
+            field: if path == "." { String::new() } else { path },
+            message: e.into_inner().to_string(),
+        }
     })
 }
 
@@ -139,7 +135,11 @@ pub struct BuildContext<'a> {
 }
 
 impl BuildContext<'_> {
-    fn check<T: 'static>(&self, port: Option<PortType>, what: &'static str) -> Result<(), BuildError> {
+    fn check<T: 'static>(
+        &self,
+        port: Option<PortType>,
+        what: &'static str,
+    ) -> Result<(), BuildError> {
         match port {
             Some(p) if p.id == TypeId::of::<T>() => Ok(()),
             Some(p) => Err(BuildError::PortType {
@@ -148,7 +148,10 @@ impl BuildContext<'_> {
                 wanted: std::any::type_name::<T>(),
                 actual: p.rust_name,
             }),
-            None => Err(BuildError::stage(self.name, format!("this kind has no {what}"))),
+            None => Err(BuildError::stage(
+                self.name,
+                format!("this kind has no {what}"),
+            )),
         }
     }
 
@@ -167,7 +170,8 @@ impl BuildContext<'_> {
         self.output_opened = true;
         let mut edges = Vec::new();
         for e in &self.out_edges {
-            let received = metrics::counter!("imflow_stage_in_total", "stage" => e.consumer.clone());
+            let received =
+                metrics::counter!("imflow_stage_in_total", "stage" => e.consumer.clone());
             let mut senders = Vec::new();
             let mut inputs = Vec::new();
             for p in 0..e.partitions {
@@ -178,7 +182,9 @@ impl BuildContext<'_> {
                 self.probes.push(probe);
             }
             self.pending_inputs.insert(e.id, Box::new(inputs));
-            edges.push(EdgeSenders { partitions: senders });
+            edges.push(EdgeSenders {
+                partitions: senders,
+            });
         }
         let sent = metrics::counter!("imflow_stage_out_total", "stage" => self.name.to_string());
         Ok(Output::new(edges, sent))
@@ -196,12 +202,14 @@ impl BuildContext<'_> {
             let boxed = self.pending_inputs.remove(id).ok_or_else(|| {
                 BuildError::stage(self.name, "an upstream stage did not open its output")
             })?;
-            let inputs = boxed.downcast::<Vec<Input<T>>>().map_err(|_| BuildError::PortType {
-                stage: self.name.to_string(),
-                what: "input",
-                wanted: std::any::type_name::<T>(),
-                actual: "a different type",
-            })?;
+            let inputs = boxed
+                .downcast::<Vec<Input<T>>>()
+                .map_err(|_| BuildError::PortType {
+                    stage: self.name.to_string(),
+                    what: "input",
+                    wanted: std::any::type_name::<T>(),
+                    actual: "a different type",
+                })?;
             all.extend(*inputs);
         }
         Ok(all)

@@ -52,9 +52,9 @@ impl RunningTopology {
         let g = &pipeline.graph;
         for &idx in &pipeline.order {
             let node = &g[idx];
-            let kind = registry
-                .get(&node.kind)
-                .ok_or_else(|| BuildError::stage(&node.name, format!("unknown kind `{}`", node.kind)))?;
+            let kind = registry.get(&node.kind).ok_or_else(|| {
+                BuildError::stage(&node.name, format!("unknown kind `{}`", node.kind))
+            })?;
             let in_edges: Vec<usize> = g
                 .edges_directed(idx, Direction::Incoming)
                 .map(|e| e.id().index())
@@ -86,10 +86,16 @@ impl RunningTopology {
             };
             let stage_tasks = kind.build(&mut cx)?;
             if has_outputs && !cx.output_opened {
-                return Err(BuildError::stage(&node.name, "the stage never opened its output"));
+                return Err(BuildError::stage(
+                    &node.name,
+                    "the stage never opened its output",
+                ));
             }
             if has_inputs && !cx.inputs_opened {
-                return Err(BuildError::stage(&node.name, "the stage never opened its inputs"));
+                return Err(BuildError::stage(
+                    &node.name,
+                    "the stage never opened its inputs",
+                ));
             }
             for t in stage_tasks {
                 let name = node.name.clone();
@@ -136,7 +142,9 @@ impl RunningTopology {
         let drained = tokio::time::timeout(deadline, async {
             while let Some(res) = self.tasks.join_next().await {
                 match res {
-                    Ok((stage, Err(e))) => tracing::error!(%stage, error = %e, "stage failed while draining"),
+                    Ok((stage, Err(e))) => {
+                        tracing::error!(%stage, error = %e, "stage failed while draining")
+                    }
                     Err(e) if e.is_panic() => tracing::error!(error = %e, "stage task panicked"),
                     _ => {}
                 }
@@ -145,7 +153,10 @@ impl RunningTopology {
         .await
         .is_ok();
         if !drained {
-            tracing::warn!(remaining = self.tasks.len(), "shutdown deadline passed; aborting the remaining stage tasks");
+            tracing::warn!(
+                remaining = self.tasks.len(),
+                "shutdown deadline passed; aborting the remaining stage tasks"
+            );
             self.tasks.abort_all();
         }
         drained

@@ -93,7 +93,9 @@ impl DedupIndex {
     /// The message under `key` is durable (possibly an older one found in the
     /// history, whose info replaces the claimant's). Answers waiting repeats.
     pub fn mark_durable(&self, key: &DedupKey, info: Option<AckInfo>) {
-        let Some(e) = self.map.get(key).map(|e| e.clone()) else { return };
+        let Some(e) = self.map.get(key).map(|e| e.clone()) else {
+            return;
+        };
         let waiters = {
             let mut st = lock(&e);
             if let Some(i) = info {
@@ -152,11 +154,20 @@ mod tests {
         let idx = DedupIndex::new(Duration::from_secs(60));
         let key: DedupKey = ("a".into(), "c1".into());
         let mut first = Ack::none();
-        assert!(matches!(idx.claim(key.clone(), info("s1"), &mut first), Claim::New));
+        assert!(matches!(
+            idx.claim(key.clone(), info("s1"), &mut first),
+            Claim::New
+        ));
         let (tx, rx) = std::sync::mpsc::channel();
         let mut second = Ack::new(move |s| tx.send(s).unwrap());
-        assert!(matches!(idx.claim(key.clone(), info("s2"), &mut second), Claim::Repeat));
-        assert!(rx.try_recv().is_err(), "not answered before the first is durable");
+        assert!(matches!(
+            idx.claim(key.clone(), info("s2"), &mut second),
+            Claim::Repeat
+        ));
+        assert!(
+            rx.try_recv().is_err(),
+            "not answered before the first is durable"
+        );
         idx.mark_durable(&key, None);
         match rx.recv().unwrap() {
             AckStatus::Duplicate(text) => assert!(text.contains("\"s1\"")),

@@ -72,6 +72,10 @@ mod tests {
         assert!(c.range("si_a_b", 2, 5).is_none(), "seq 2 was evicted");
         assert!(c.range("si_a_b", 4, 6).is_none(), "seq 6 is not known here");
         c.insert(&conv, 4, &"old".into());
-        assert_eq!(&*c.range("si_a_b", 4, 4).unwrap()[0].1, "m4", "no going back");
+        assert_eq!(
+            &*c.range("si_a_b", 4, 4).unwrap()[0].1,
+            "m4",
+            "no going back"
+        );
     }
 }

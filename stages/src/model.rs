@@ -112,7 +112,11 @@ pub enum Conversation {
 
 impl Conversation {
     pub fn single(a: &str, b: &str) -> Self {
-        let (x, y) = if a.as_bytes() <= b.as_bytes() { (a, b) } else { (b, a) };
+        let (x, y) = if a.as_bytes() <= b.as_bytes() {
+            (a, b)
+        } else {
+            (b, a)
+        };
         Conversation::Single(x.into(), y.into())
     }
 
@@ -252,7 +256,10 @@ pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImErro
     if text.len() > MAX_CONTENT_BYTES {
         return Err(ImError::new(
             ErrorCode::PayloadTooLarge,
-            format!("content is {} bytes; at most {MAX_CONTENT_BYTES} are allowed", text.len()),
+            format!(
+                "content is {} bytes; at most {MAX_CONTENT_BYTES} are allowed",
+                text.len()
+            ),
         ));
     }
     let need = |ok: bool, what: &str| {
@@ -267,11 +274,17 @@ pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImErro
     match content_type {
         101 => {
             let v: serde_json::Value = parse(text)?;
-            need(v.get("text").is_some_and(|t| t.is_string()), "{\"text\": \"…\"}")
+            need(
+                v.get("text").is_some_and(|t| t.is_string()),
+                "{\"text\": \"…\"}",
+            )
         }
         102..=105 => {
             let v: serde_json::Value = parse(text)?;
-            need(v.get("url").is_some_and(|t| t.is_string()), "{\"url\": \"…\", …}")
+            need(
+                v.get("url").is_some_and(|t| t.is_string()),
+                "{\"url\": \"…\", …}",
+            )
         }
         106 => {
             let v: serde_json::Value = parse(text)?;
@@ -311,7 +324,12 @@ pub fn new_server_msg_id() -> String {
     let tag = *TAG.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
         h.write_u32(std::process::id());
         (h.finish() & 0xff_ffff) as u32
     });
@@ -343,9 +361,19 @@ mod tests {
     #[test]
     fn conversation_ids_round_trip_and_order_users() {
         assert_eq!(Conversation::single("bob", "alice").id(), "si_alice_bob");
-        assert_eq!(Conversation::parse("si_alice_bob"), Some(Conversation::single("alice", "bob")));
-        assert_eq!(Conversation::parse("si_bob_alice"), None, "a must sort before b");
-        assert_eq!(Conversation::parse("sg_team.1"), Some(Conversation::Group("team.1".into())));
+        assert_eq!(
+            Conversation::parse("si_alice_bob"),
+            Some(Conversation::single("alice", "bob"))
+        );
+        assert_eq!(
+            Conversation::parse("si_bob_alice"),
+            None,
+            "a must sort before b"
+        );
+        assert_eq!(
+            Conversation::parse("sg_team.1"),
+            Some(Conversation::Group("team.1".into()))
+        );
         assert_eq!(Conversation::parse("sg_"), None);
         assert_eq!(Conversation::parse("xx_a_b"), None);
     }
@@ -368,9 +396,15 @@ mod tests {
         assert!(check_content(102, &raw(r#"{"url":"x","w":3}"#)).is_ok());
         assert!(check_content(106, &raw(r#"{"text":"@a","user_ids":["a"]}"#)).is_ok());
         assert!(check_content(110, &raw("[1,2]")).is_ok());
-        assert_eq!(check_content(1001, &raw("{}")).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            check_content(1001, &raw("{}")).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
         let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(MAX_CONTENT_BYTES));
-        assert_eq!(check_content(101, &raw(&big)).unwrap_err().code, ErrorCode::PayloadTooLarge);
+        assert_eq!(
+            check_content(101, &raw(&big)).unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -129,7 +131,10 @@ impl Store {
             .await?;
 
         let users = DashMap::new();
-        for row in sqlx::query("SELECT user_id FROM users").fetch_all(&read).await? {
+        for row in sqlx::query("SELECT user_id FROM users")
+            .fetch_all(&read)
+            .await?
+        {
             let id: String = row.try_get(0)?;
             users.insert(Arc::from(id), ());
         }
@@ -179,7 +184,10 @@ impl Store {
             .bind(value)
             .execute(&self.write)
             .await?;
-        Ok(self.setting(key).await?.unwrap_or_else(|| value.to_string()))
+        Ok(self
+            .setting(key)
+            .await?
+            .unwrap_or_else(|| value.to_string()))
     }
 
     // ---- users ----
@@ -311,33 +319,46 @@ impl Store {
         if unknown.is_empty() {
             Ok(())
         } else {
-            Err(ImError::not_found(format!("unknown users: {}", unknown.join(", "))))
+            Err(ImError::not_found(format!(
+                "unknown users: {}",
+                unknown.join(", ")
+            )))
         }
     }
 
-    pub async fn create_group(&self, group_id: &str, name: &str, owner: &str, members: &[String]) -> Result<()> {
+    pub async fn create_group(
+        &self,
+        group_id: &str,
+        name: &str,
+        owner: &str,
+        members: &[String],
+    ) -> Result<()> {
         self.check_users_exist(members)?;
         let _guard = self.group_writes.lock().await;
         let now = now_ms();
         let mut tx = self.write.begin().await?;
-        let inserted = sqlx::query("INSERT OR IGNORE INTO groups (group_id, name, owner, created_at) VALUES (?, ?, ?, ?)")
-            .bind(group_id)
-            .bind(name)
-            .bind(owner)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO groups (group_id, name, owner, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(group_id)
+        .bind(name)
+        .bind(owner)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if inserted == 0 {
             return Err(ImError::conflict(format!("group {group_id} already exists")).into());
         }
-        sqlx::query("INSERT INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)")
-            .bind(group_id)
-            .bind(owner)
-            .bind(Role::Owner as i64)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(group_id)
+        .bind(owner)
+        .bind(Role::Owner as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         insert_members(&mut tx, group_id, members, now).await?;
         tx.commit().await?;
         self.refresh_group(group_id).await
@@ -393,7 +414,12 @@ impl Store {
 
     /// Bodies of the stored messages of `conversation` with seq in
     /// `from..=to`, ascending.
-    pub async fn messages(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
+    pub async fn messages(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Arc<str>)>> {
         let rows = sqlx::query("SELECT seq, body FROM messages WHERE conversation_id = ? AND seq BETWEEN ? AND ? ORDER BY seq")
             .bind(conversation)
             .bind(from as i64)
@@ -401,12 +427,20 @@ impl Store {
             .fetch_all(&self.read)
             .await?;
         rows.into_iter()
-            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, Arc::from(r.try_get::<String, _>(1)?))))
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)? as u64,
+                    Arc::from(r.try_get::<String, _>(1)?),
+                ))
+            })
             .collect()
     }
 
     /// Messages already stored for these (sender, client_msg_id) pairs.
-    pub async fn find_sent(&self, keys: &[(Arc<str>, Arc<str>)]) -> Result<HashMap<(Arc<str>, Arc<str>), AckInfo>> {
+    pub async fn find_sent(
+        &self,
+        keys: &[(Arc<str>, Arc<str>)],
+    ) -> Result<HashMap<(Arc<str>, Arc<str>), AckInfo>> {
         let mut found = HashMap::new();
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -422,7 +456,10 @@ impl Store {
             }
             q.push(")");
             for r in q.build().fetch_all(&self.read).await? {
-                let key = (Arc::from(r.try_get::<String, _>(0)?), Arc::from(r.try_get::<String, _>(1)?));
+                let key = (
+                    Arc::from(r.try_get::<String, _>(0)?),
+                    Arc::from(r.try_get::<String, _>(1)?),
+                );
                 found.insert(
                     key,
                     AckInfo {
@@ -438,10 +475,12 @@ impl Store {
 
     /// Highest stored seq of each conversation (0 when it has none).
     pub async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
-        let mut out: HashMap<Arc<str>, u64> = conversations.iter().map(|c| (c.clone(), 0)).collect();
+        let mut out: HashMap<Arc<str>, u64> =
+            conversations.iter().map(|c| (c.clone(), 0)).collect();
         for chunk in conversations.chunks(ROWS_PER_STATEMENT * 4) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("SELECT conversation_id, max_seq FROM conversations WHERE conversation_id IN (");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT conversation_id, max_seq FROM conversations WHERE conversation_id IN (",
+            );
             let mut sep = q.separated(", ");
             for c in chunk {
                 sep.push_bind(c.to_string());
@@ -505,12 +544,20 @@ impl Store {
     pub async fn is_participant(&self, user: &str, conversation: &Conversation) -> Result<bool> {
         Ok(match conversation {
             Conversation::Single(a, b) => &**a == user || &**b == user,
-            Conversation::Group(g) => self.group(g).await?.is_some_and(|g| g.role_of(user).is_some()),
+            Conversation::Group(g) => self
+                .group(g)
+                .await?
+                .is_some_and(|g| g.role_of(user).is_some()),
         })
     }
 
     /// Page of members with their roles, in join order, and the total.
-    pub async fn members_page(&self, group_id: &str, offset: usize, limit: usize) -> Result<(Vec<(Arc<str>, Role)>, usize)> {
+    pub async fn members_page(
+        &self,
+        group_id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<(Arc<str>, Role)>, usize)> {
         let Some(g) = self.group(group_id).await? else {
             return Err(ImError::not_found(format!("no group {group_id}")).into());
         };
@@ -598,7 +645,9 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
         *e = (*e).max(m.seq);
         if m.seq == 1 {
             if let Target::User(_) = &m.msg.target {
-                if let Some(Conversation::Single(_, _)) = Conversation::parse(&m.msg.conversation_id) {
+                if let Some(Conversation::Single(_, _)) =
+                    Conversation::parse(&m.msg.conversation_id)
+                {
                     new_pairs.push((&m.msg.conversation_id, &m.msg.sender));
                 }
             }
@@ -606,11 +655,14 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
     }
     let max: Vec<(&str, u64)> = max.into_iter().collect();
     for chunk in max.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO conversations (conversation_id, max_seq) ");
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO conversations (conversation_id, max_seq) ");
         q.push_values(chunk, |mut b, (c, s)| {
             b.push_bind(*c).push_bind(*s as i64);
         });
-        q.push(" ON CONFLICT (conversation_id) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)");
+        q.push(
+            " ON CONFLICT (conversation_id) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
+        );
         q.build().execute(&mut *tx).await?;
     }
     // A single chat appears in both users' conversation lists from its first

@@ -28,10 +28,12 @@ pub struct TestServer {
 }
 
 pub fn test_config(data_dir: PathBuf) -> Config {
-    let mut cfg = Config::default();
-    cfg.pipeline = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"));
-    cfg.data_dir = data_dir;
-    cfg.admin_secret = ADMIN.into();
+    let mut cfg = Config {
+        pipeline: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml")),
+        data_dir,
+        admin_secret: ADMIN.into(),
+        ..Default::default()
+    };
     cfg.listen.gateway = "127.0.0.1:0".parse().unwrap();
     cfg.listen.api = "127.0.0.1:0".parse().unwrap();
     cfg.websocket.rate_limit_per_sec = 100_000;
@@ -65,7 +67,9 @@ impl TestServer {
         if let Some(s) = self.server.take() {
             s.stop().await.expect("clean stop");
         }
-        let server = Server::start(self.cfg.clone()).await.expect("server restarts");
+        let server = Server::start(self.cfg.clone())
+            .await
+            .expect("server restarts");
         self.api = format!("http://{}", server.api_addr);
         self.ws = format!("ws://{}/ws", server.gateway_addr);
         self.server = Some(server);
@@ -93,13 +97,24 @@ impl TestServer {
     }
 
     pub async fn token(&self, user: &str, platform: u8) -> String {
-        let (s, v) = self.admin("/auth/token", json!({"user_id": user, "platform": platform})).await;
+        let (s, v) = self
+            .admin(
+                "/auth/token",
+                json!({"user_id": user, "platform": platform}),
+            )
+            .await;
         assert_eq!(s, 200, "{v}");
         v["token"].as_str().expect("token").to_string()
     }
 
     /// A user call over REST: (status, body).
-    pub async fn call(&self, method: &str, token: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let url = format!("{}{path}", self.api);
         let mut req = match method {
             "GET" => self.http.get(url),
@@ -119,11 +134,17 @@ impl TestServer {
 
     pub async fn connect(&self, user: &str, platform: u8) -> Client {
         let token = self.token(user, platform).await;
-        self.connect_token(&token).await.expect("websocket connects")
+        self.connect_token(&token)
+            .await
+            .expect("websocket connects")
     }
 
-    pub async fn connect_token(&self, token: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("{}?token={token}", self.ws)).await?;
+    pub async fn connect_token(
+        &self,
+        token: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("{}?token={token}", self.ws)).await?;
         Ok(Client {
             ws,
             backlog: VecDeque::new(),
@@ -140,6 +161,13 @@ pub struct Client {
 }
 
 impl Client {
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            ws,
+            backlog: VecDeque::new(),
+        }
+    }
+
     pub async fn send_raw(&mut self, text: String) {
         self.ws.send(Message::text(text)).await.expect("send frame");
     }
@@ -155,7 +183,9 @@ impl Client {
                 .await
                 .expect("timed out waiting for a frame")?;
             match m {
-                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server frames are JSON")),
+                Ok(Message::Text(t)) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("server frames are JSON"))
+                }
                 Ok(Message::Close(_)) | Err(_) => return None,
                 Ok(_) => continue,
             }
@@ -168,7 +198,10 @@ impl Client {
             return self.backlog.remove(i).expect("index");
         }
         loop {
-            let f = self.read_frame().await.expect("connection closed while waiting");
+            let f = self
+                .read_frame()
+                .await
+                .expect("connection closed while waiting");
             if pred(&f) {
                 return f;
             }
@@ -193,7 +226,13 @@ impl Client {
         let mut out = Vec::new();
         while out.len() < n {
             let f = self.next_where(|f| f["op"] == "push").await;
-            out.extend(f["messages"].as_array().expect("push has messages").iter().cloned());
+            out.extend(
+                f["messages"]
+                    .as_array()
+                    .expect("push has messages")
+                    .iter()
+                    .cloned(),
+            );
         }
         out
     }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use imflow_runtime::{BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
+use imflow_runtime::{
+    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+};
 use serde::Deserialize;
 
 use crate::model::{Delivery, Sequenced, Target};
@@ -37,7 +39,10 @@ impl StageKind for Fanout {
     fn output(&self) -> Option<PortType> {
         Some(PortType::of::<Delivery>(super::DELIVERY))
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -45,7 +50,12 @@ impl StageKind for Fanout {
         let errors = cx.error_counter();
         let mut tasks: Vec<StageTask> = Vec::new();
         for input in cx.inputs::<Sequenced>()? {
-            tasks.push(Box::pin(run(input, out.clone(), self.store.clone(), errors.clone())));
+            tasks.push(Box::pin(run(
+                input,
+                out.clone(),
+                self.store.clone(),
+                errors.clone(),
+            )));
         }
         Ok(tasks)
     }

@@ -6,14 +6,16 @@
 
 use std::sync::{Arc, RwLock};
 
-use imflow_runtime::{Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, StageKind, StageTask};
+use imflow_runtime::{
+    Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, StageKind, StageTask,
+};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::dedup::DedupIndex;
 use crate::model::{
-    check_content, check_id, new_server_msg_id, now_ms, partition_key, valid_client_msg_id, AckInfo, Conversation,
-    ImError, SendRequest, Stamped, Target,
+    check_content, check_id, new_server_msg_id, now_ms, partition_key, valid_client_msg_id,
+    AckInfo, Conversation, ImError, SendRequest, Stamped, Target,
 };
 use crate::store::Store;
 use crate::Services;
@@ -44,7 +46,10 @@ impl StageKind for Ingest {
     fn output(&self) -> Option<PortType> {
         Some(PortType::of::<Stamped>(super::STAMPED))
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -83,9 +88,11 @@ impl PendingAck {
     pub async fn wait(self) -> Result<AckInfo, ImError> {
         match self {
             PendingAck::Ready(r) => r,
-            PendingAck::Waiting(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(ImError::unavailable("the message was not stored; send it again"))),
+            PendingAck::Waiting(rx) => rx.await.unwrap_or_else(|_| {
+                Err(ImError::unavailable(
+                    "the message was not stored; send it again",
+                ))
+            }),
         }
     }
 }
@@ -96,7 +103,9 @@ fn answer(info: AckInfo, status: AckStatus) -> Result<AckInfo, ImError> {
         AckStatus::Duplicate(first) => Ok(serde_json::from_str(&first).unwrap_or(info)),
         AckStatus::Failed(why) => {
             tracing::warn!(reason = %why, server_msg_id = %info.server_msg_id, "message not stored");
-            Err(ImError::unavailable("the message was not stored; send it again"))
+            Err(ImError::unavailable(
+                "the message was not stored; send it again",
+            ))
         }
     }
 }
@@ -152,7 +161,9 @@ impl IngestHandle {
 
     async fn stamp(&self, sender: &Arc<str>, req: SendRequest) -> Result<Stamped, ImError> {
         if !valid_client_msg_id(&req.client_msg_id) {
-            return Err(ImError::bad_request("client_msg_id must be 1 to 64 printable ASCII characters"));
+            return Err(ImError::bad_request(
+                "client_msg_id must be 1 to 64 printable ASCII characters",
+            ));
         }
         check_content(req.content_type, &req.content)?;
         let (target, conversation) = match (req.recv_id, req.group_id) {
@@ -174,11 +185,20 @@ impl IngestHandle {
                     .map_err(|e| e.to_client())?
                     .ok_or_else(|| ImError::not_found(format!("no group {g}")))?;
                 if group.role_of(sender).is_none() {
-                    return Err(ImError::forbidden(format!("{sender} is not a member of group {g}")));
+                    return Err(ImError::forbidden(format!(
+                        "{sender} is not a member of group {g}"
+                    )));
                 }
-                (Target::Group(g.clone().into()), Conversation::Group(g.into()))
+                (
+                    Target::Group(g.clone().into()),
+                    Conversation::Group(g.into()),
+                )
             }
-            _ => return Err(ImError::bad_request("give exactly one of recv_id and group_id")),
+            _ => {
+                return Err(ImError::bad_request(
+                    "give exactly one of recv_id and group_id",
+                ))
+            }
         };
         Ok(Stamped {
             conversation_id: conversation.id().into(),

@@ -8,9 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use imflow_runtime::{Ack, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
-use serde::Deserialize;
 use imflow_runtime::CancellationToken;
+use imflow_runtime::{
+    Ack, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+};
+use serde::Deserialize;
 
 use crate::dedup::DedupIndex;
 use crate::model::Sequenced;
@@ -55,7 +57,10 @@ impl StageKind for PersistMongo {
     fn output(&self) -> Option<PortType> {
         Some(PortType::of::<Sequenced>(super::SEQUENCED))
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -101,7 +106,10 @@ async fn run(
                         // Shutting down and the store will not take them: the
                         // senders were never acked and are told to resend.
                         for env in batch.drain(..) {
-                            dedup.abandon(&(env.item.msg.sender.clone(), env.item.msg.client_msg_id.clone()));
+                            dedup.abandon(&(
+                                env.item.msg.sender.clone(),
+                                env.item.msg.client_msg_id.clone(),
+                            ));
                             env.ack.fail(format!("not stored: {e}"));
                             env.ack.release();
                         }
@@ -115,9 +123,16 @@ async fn run(
         }
         for env in batch.drain(..) {
             let Envelope { key, item, ack } = env;
-            dedup.mark_durable(&(item.msg.sender.clone(), item.msg.client_msg_id.clone()), None);
+            dedup.mark_durable(
+                &(item.msg.sender.clone(), item.msg.client_msg_id.clone()),
+                None,
+            );
             ack.release();
-            if out.send(Envelope::new(key, item, Ack::none())).await.is_err() {
+            if out
+                .send(Envelope::new(key, item, Ack::none()))
+                .await
+                .is_err()
+            {
                 return Err("downstream of persist-mongo stopped".into());
             }
         }

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use imflow_runtime::{BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
+use imflow_runtime::{
+    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+};
 use serde::Deserialize;
 
 use crate::hot::HotCache;
@@ -38,7 +40,10 @@ impl StageKind for PersistRedis {
     fn output(&self) -> Option<PortType> {
         Some(PortType::of::<Sequenced>(super::SEQUENCED))
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -51,7 +56,11 @@ impl StageKind for PersistRedis {
     }
 }
 
-async fn run(mut input: Input<Sequenced>, out: Output<Sequenced>, hot: Arc<HotCache>) -> imflow_runtime::registry::StageResult {
+async fn run(
+    mut input: Input<Sequenced>,
+    out: Output<Sequenced>,
+    hot: Arc<HotCache>,
+) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
         for env in batch.drain(..) {

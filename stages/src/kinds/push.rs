@@ -36,7 +36,10 @@ impl StageKind for Push {
     fn output(&self) -> Option<PortType> {
         None
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -48,7 +51,10 @@ impl StageKind for Push {
     }
 }
 
-async fn run(mut input: Input<Delivery>, presence: Arc<dyn Presence>) -> imflow_runtime::registry::StageResult {
+async fn run(
+    mut input: Input<Delivery>,
+    presence: Arc<dyn Presence>,
+) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Delivery>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
         for env in batch.drain(..) {

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use imflow_runtime::{BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask};
+use imflow_runtime::{
+    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+};
 use serde::Deserialize;
 
 use crate::dedup::{Claim, DedupIndex, DedupKey};
@@ -62,7 +64,10 @@ impl StageKind for SeqAssign {
     fn output(&self) -> Option<PortType> {
         Some(PortType::of::<Sequenced>(super::SEQUENCED))
     }
-    fn check_options(&self, options: &serde_yaml::Value) -> Vec<imflow_runtime::registry::OptionError> {
+    fn check_options(
+        &self,
+        options: &serde_yaml::Value,
+    ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
@@ -123,7 +128,10 @@ impl Partition {
             self.load_counters(&fresh).await;
             for env in fresh {
                 let seq = {
-                    let c = self.next.entry(env.item.conversation_id.clone()).or_insert(0);
+                    let c = self
+                        .next
+                        .entry(env.item.conversation_id.clone())
+                        .or_insert(0);
                     *c += 1;
                     *c
                 };
@@ -134,7 +142,12 @@ impl Partition {
                     seq,
                     body,
                 };
-                if self.out.send(Envelope::new(key, item, env.ack)).await.is_err() {
+                if self
+                    .out
+                    .send(Envelope::new(key, item, env.ack))
+                    .await
+                    .is_err()
+                {
                     return Err("downstream of seq-assign stopped".into());
                 }
             }

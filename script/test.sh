@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): installs what the build needs on a
+# fresh Debian machine, then runs formatting, lint and every test.
+#   script/test.sh            everything
+#   script/test.sh --quick    tests only (no fmt/clippy)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+case "${1:-}" in
+  -h|--help)
+    sed -n '2,5p' "$0"; exit 0 ;;
+  --quick) quick=1 ;;
+  "") ;;
+  *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+esac
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+if ((${#need_apt[@]})); then
+  echo "== installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust (rustup) first" >&2
+  exit 1
+fi
+
+if ((quick == 0)); then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy"
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+echo "== cargo test"
+cargo test --workspace --all-targets
