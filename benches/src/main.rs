@@ -1,0 +1,179 @@
+//! `imflow-bench`: load tests against a running imflow server.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use imflow_bench::scenario::{self, Load, Search, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "imflow-bench",
+    version,
+    about = "Open-loop load generator for imflow (PROTOCOL.md over real sockets)"
+)]
+struct Cli {
+    /// REST base URL.
+    #[arg(long, default_value = "http://127.0.0.1:10002", global = true)]
+    api: String,
+    /// WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:10001/ws", global = true)]
+    ws: String,
+    /// Admin secret of the server.
+    #[arg(
+        long,
+        env = "IMFLOW_ADMIN_SECRET",
+        default_value = "imflow-admin-secret",
+        global = true
+    )]
+    admin_secret: String,
+    /// Server process id, to report its memory and CPU.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Write the JSON report (and an SVG plot beside it, same name).
+    #[arg(long, global = true)]
+    report: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Exit non-zero if anything was lost, duplicated or failed.
+    #[arg(long, global = true)]
+    strict: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Clone, Copy)]
+struct LoadArgs {
+    /// Messages per second (open loop).
+    #[arg(long, default_value_t = 2300.0)]
+    rate: f64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Seconds to wait after the last send for acks and deliveries.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Raise the rate step by step until p99 crosses --p99-bound-ms or
+    /// anything is lost; report the highest rate that held.
+    #[arg(long)]
+    find_max: bool,
+    /// First rate of --find-max (default: --rate).
+    #[arg(long)]
+    start_rate: Option<f64>,
+    /// Factor between --find-max steps.
+    #[arg(long, default_value_t = 1.25)]
+    step: f64,
+    #[arg(long, default_value_t = 100.0)]
+    p99_bound_ms: f64,
+    #[arg(long, default_value_t = 20)]
+    max_steps: u32,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Pairs of online users chatting (the seed's test 1: 10k online, 2300 msg/s).
+    Single {
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// One group, some members online and sending (the seed's test 2:
+    /// 10k members, 1k online, 500 msg/s).
+    Group {
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+        #[arg(long, default_value_t = 1_000)]
+        online: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Idle connections; reports the server's memory per connection.
+    Connections {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Seconds to hold them before measuring.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+    },
+}
+
+impl LoadArgs {
+    fn load(&self) -> Load {
+        Load {
+            rate: self.rate,
+            duration_secs: self.duration,
+            drain_secs: self.drain,
+        }
+    }
+    fn search(&self) -> Option<Search> {
+        self.find_max.then(|| Search {
+            start_rate: self.start_rate.unwrap_or(self.rate),
+            step: self.step.max(1.01),
+            p99_bound_ms: self.p99_bound_ms,
+            max_steps: self.max_steps.max(1),
+        })
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let target = Target {
+        api: cli.api.clone(),
+        ws: cli.ws.clone(),
+        admin_secret: cli.admin_secret.clone(),
+        server_pid: cli.server_pid,
+        progress: !cli.quiet,
+    };
+    let report = match cli.scenario {
+        Scenario::Single { clients, load } => {
+            scenario::single(&target, clients, load.load(), load.search()).await?
+        }
+        Scenario::Group {
+            members,
+            online,
+            load,
+        } => scenario::group(&target, members, online, load.load(), load.search()).await?,
+        Scenario::Connections { count, hold } => {
+            scenario::connections(&target, count, hold).await?
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = &cli.report {
+        report.write_json(path)?;
+        let plot = path.with_extension("svg");
+        report.write_plot(&plot)?;
+        eprintln!("report: {} (plot: {})", path.display(), plot.display());
+    }
+    let clean = report
+        .result
+        .as_ref()
+        .map(|s| s.lost == 0 && s.duplicates == 0 && s.failed == 0)
+        .unwrap_or(true)
+        && report.steps.iter().all(|s| s.duplicates == 0);
+    Ok(clean || !cli.strict)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imflow-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("imflow-bench: messages were lost, duplicated or failed");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("imflow-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The JSON report and the latency-over-time plot.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub min: f64,
+    pub avg: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStats {
+    pub rss_mib_before: f64,
+    pub rss_mib_after: f64,
+    /// Of one core: 200 means both cores of a 2-core machine.
+    pub cpu_percent: f64,
+}
+
+/// One run at one rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub rate_target: f64,
+    pub duration_s: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub achieved_rate: f64,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    /// From the scheduled send time to receipt on the recipient's socket.
+    pub latency_ms: Latency,
+    pub server: Option<ServerStats>,
+    pub bench_cpu_percent: Option<f64>,
+    /// (second of scheduled send, deliveries, p50 ms, p99 ms, max ms)
+    pub timeline: Vec<(usize, u64, f64, f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub params: serde_json::Value,
+    pub machine: Machine,
+    /// The run (or, for find-max, the last step that held).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Step>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rate_held: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnStats {
+    pub count: usize,
+    pub server_rss_mib_before: Option<f64>,
+    pub server_rss_mib_after: Option<f64>,
+    pub bytes_per_connection: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub memory_gib: f64,
+}
+
+impl Machine {
+    fn here() -> Machine {
+        let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0.0);
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        }
+    }
+}
+
+impl Report {
+    pub fn single(scenario: &str, params: serde_json::Value, step: Step) -> Report {
+        Report {
+            scenario: scenario.into(),
+            params,
+            machine: Machine::here(),
+            result: Some(step),
+            steps: Vec::new(),
+            max_rate_held: None,
+            connections: None,
+        }
+    }
+
+    pub fn search(
+        scenario: &str,
+        mut params: serde_json::Value,
+        steps: Vec<Step>,
+        best: Option<f64>,
+        p99_bound_ms: f64,
+    ) -> Report {
+        params["find_max_p99_bound_ms"] = p99_bound_ms.into();
+        let result = steps
+            .iter()
+            .rev()
+            .find(|s| Some(s.rate_target) == best)
+            .cloned();
+        Report {
+            scenario: format!("{scenario}-find-max"),
+            params,
+            machine: Machine::here(),
+            result,
+            steps,
+            max_rate_held: best,
+            connections: None,
+        }
+    }
+
+    pub fn connections(
+        count: usize,
+        rss0: Option<u64>,
+        rss1: Option<u64>,
+        per_conn: Option<f64>,
+    ) -> Report {
+        Report {
+            scenario: "connections".into(),
+            params: serde_json::json!({"count": count}),
+            machine: Machine::here(),
+            result: None,
+            steps: Vec::new(),
+            max_rate_held: None,
+            connections: Some(ConnStats {
+                count,
+                server_rss_mib_before: rss0.map(|k| k as f64 / 1024.0),
+                server_rss_mib_after: rss1.map(|k| k as f64 / 1024.0),
+                bytes_per_connection: per_conn,
+            }),
+        }
+    }
+
+    /// A one-paragraph summary for the terminal.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        if let Some(best) = self.max_rate_held {
+            out.push_str(&format!("highest rate that held: {best:.0} msg/s\n"));
+        }
+        if let Some(s) = &self.result {
+            out.push_str(&format!(
+                "{}: target {:.0} msg/s, achieved {:.0} msg/s; acked {}/{} (failed {}); deliveries {}/{}; lost {}; duplicates {}\n\
+                 latency ms: min {:.2} avg {:.2} p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}\n",
+                self.scenario, s.rate_target, s.achieved_rate, s.acked, s.sent, s.failed, s.delivered,
+                s.expected_deliveries, s.lost, s.duplicates, s.latency_ms.min, s.latency_ms.avg, s.latency_ms.p50,
+                s.latency_ms.p90, s.latency_ms.p99, s.latency_ms.p999, s.latency_ms.max
+            ));
+            if let Some(sv) = &s.server {
+                out.push_str(&format!(
+                    "server: RSS {:.0} -> {:.0} MiB, CPU {:.0}% of one core; load generator CPU {:.0}%\n",
+                    sv.rss_mib_before,
+                    sv.rss_mib_after,
+                    sv.cpu_percent,
+                    s.bench_cpu_percent.unwrap_or(0.0)
+                ));
+            }
+        } else if !self.steps.is_empty() {
+            out.push_str("no step held\n");
+        }
+        if let Some(c) = &self.connections {
+            out.push_str(&format!(
+                "{} idle connections: server RSS {:.1} -> {:.1} MiB, {:.0} bytes per connection\n",
+                c.count,
+                c.server_rss_mib_before.unwrap_or(0.0),
+                c.server_rss_mib_after.unwrap_or(0.0),
+                c.bytes_per_connection.unwrap_or(0.0)
+            ));
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+
+    /// Latency over time (p50, p99, max per second of send time), as SVG.
+    pub fn write_plot(&self, path: &Path) -> anyhow::Result<()> {
+        let step = self.result.as_ref().or(self.steps.last());
+        let Some(step) = step else { return Ok(()) };
+        let tl = &step.timeline;
+        if tl.is_empty() {
+            return Ok(());
+        }
+        let xmax = tl.iter().map(|t| t.0).max().unwrap_or(1) as f64 + 1.0;
+        let ymax = tl.iter().map(|t| t.4).fold(0.1_f64, f64::max) * 1.5;
+        let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let title = format!(
+            "{} at {:.0} msg/s: latency from scheduled send to receipt",
+            self.scenario, step.rate_target
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax, (0.01f64..ymax).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds into the run")
+            .y_desc("latency (ms, log scale)")
+            .draw()?;
+        for (label, idx, color) in [("p50", 2usize, BLUE), ("p99", 3, RED), ("max", 4, BLACK)] {
+            let pts: Vec<(f64, f64)> = tl
+                .iter()
+                .map(|t| {
+                    let v = match idx {
+                        2 => t.2,
+                        3 => t.3,
+                        _ => t.4,
+                    };
+                    (t.0 as f64, v.max(0.01))
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run a load test against a fresh standalone imflow server.
+#
+#   script/bench.sh SCENARIO [imflow-bench options]
+#
+# Builds imflow and imflow-bench in release mode, starts the server on
+# loopback with an empty data directory, runs the scenario (its progress on
+# stderr, a summary on stdout), and stops the server. The seed's two tests:
+#
+#   script/bench.sh single --clients 10000 --rate 2300 --duration 60 --report benches/results/seed-single.json
+#   script/bench.sh group --members 10000 --online 1000 --rate 500 --duration 60 --report benches/results/seed-group.json
+#
+# Scenarios: single, group, connections; `imflow-bench SCENARIO --help` lists
+# the options (--find-max among them). Environment:
+#   BENCH_GATEWAY  WebSocket listen address (default 127.0.0.1:10001)
+#   BENCH_API      REST listen address      (default 127.0.0.1:10002)
+#   BENCH_CONFIG   server config file       (default: config/standalone.yaml)
+#   BENCH_KEEP_DATA=1  keep the data directory and server log afterwards
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+gateway=${BENCH_GATEWAY:-127.0.0.1:10001}
+api=${BENCH_API:-127.0.0.1:10002}
+config=${BENCH_CONFIG:-config/standalone.yaml}
+secret=bench-admin-secret
+
+echo "== building (release)" >&2
+cargo build --release -q -p imflow -p imflow-bench
+
+data=$(mktemp -d /tmp/imflow-bench.XXXXXX)
+ulimit -n "$(ulimit -Hn)"
+IMFLOW_ADMIN_SECRET=$secret IMFLOW_LOG=${IMFLOW_LOG:-warn} ./target/release/imflow serve \
+  --config "$config" --data-dir "$data/data" --gateway-addr "$gateway" --api-addr "$api" \
+  >"$data/server.log" 2>&1 &
+pid=$!
+cleanup() {
+  kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  if [[ "${BENCH_KEEP_DATA:-0}" == 1 ]]; then
+    echo "kept $data (server.log inside)" >&2
+  else
+    rm -rf "$data"
+  fi
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+  if curl -sf "http://$api/healthz" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "server failed to start:" >&2; cat "$data/server.log" >&2; exit 1
+  fi
+  sleep 0.1
+done
+echo "== server pid $pid on ws://$gateway/ws and http://$api" >&2
+
+./target/release/imflow-bench --api "http://$api" --ws "ws://$gateway/ws" \
+  --admin-secret "$secret" --server-pid "$pid" "$@"
