@@ -40,12 +40,24 @@ pub struct Listen {
     pub api: SocketAddr,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// `full`: fsync every commit (survives power loss); `normal`: survives a
     /// process crash only, faster.
     pub durability: Durability,
+    /// How many of the most recent messages a resend is recognised against
+    /// (about 24 bytes of memory each).
+    pub dedup_remember: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: Durability::default(),
+            dedup_remember: imflow_stages::DEFAULT_DEDUP_REMEMBER,
+        }
+    }
 }
 
 impl Default for Listen {

@@ -87,7 +87,8 @@ impl Server {
             .await
             .with_context(|| format!("opening the data directory {}", cfg.data_dir.display()))?;
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
-        let services = Services::new(store.clone(), conns.clone());
+        let services =
+            Services::open(store.clone(), conns.clone(), cfg.store.dedup_remember).await?;
         let registry = kinds_for_checking(&services);
         let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
         tracing::info!(%pipeline, "pipeline compiled");

@@ -76,7 +76,7 @@ async fn check_pipeline(
     let tmp = std::env::temp_dir().join(format!("imflow-validate-{}", std::process::id()));
     let store = imflow_stages::store::Store::open(&tmp, Default::default()).await?;
     let conns = std::sync::Arc::new(imflow_gateways::connections::Connections::new(1));
-    let services = imflow_stages::Services::new(store.clone(), conns);
+    let services = imflow_stages::Services::new(store.clone(), conns, 0);
     let registry = kinds_for_checking(&services);
     let result = load_pipeline(file, true, &registry);
     store.close().await;

@@ -45,9 +45,28 @@ pub struct Services {
     pub ingest: IngestHandle,
 }
 
+/// How many recently stored messages the resend index remembers by default.
+pub const DEFAULT_DEDUP_REMEMBER: usize = 2_000_000;
+
 impl Services {
-    pub fn new(store: Arc<store::Store>, presence: Arc<dyn Presence>) -> Self {
-        let dedup = Arc::new(dedup::DedupIndex::new(Duration::from_secs(600)));
+    /// Services over `store`; the resend index starts with the keys of the
+    /// `remember` most recent stored messages.
+    pub async fn open(
+        store: Arc<store::Store>,
+        presence: Arc<dyn Presence>,
+        remember: usize,
+    ) -> Result<Self, Error> {
+        let s = Self::new(store, presence, remember);
+        let keys = s.store.recent_client_ids(remember).await?;
+        s.dedup
+            .remember(keys.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+        tracing::info!(remembered = keys.len(), "resend index loaded");
+        Ok(s)
+    }
+
+    /// Services with an empty resend index (for checking pipelines).
+    pub fn new(store: Arc<store::Store>, presence: Arc<dyn Presence>, remember: usize) -> Self {
+        let dedup = Arc::new(dedup::DedupIndex::new(Duration::from_secs(600), remember));
         Services {
             ingest: IngestHandle::new(store.clone(), dedup.clone()),
             hot: Arc::new(hot::HotCache::new(64)),

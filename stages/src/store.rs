@@ -473,6 +473,19 @@ impl Store {
         Ok(found)
     }
 
+    /// (sender, client_msg_id) of the `limit` most recent stored messages,
+    /// oldest first.
+    pub async fn recent_client_ids(&self, limit: usize) -> Result<Vec<(String, String)>> {
+        let mut rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT sender, client_msg_id FROM messages ORDER BY send_time DESC LIMIT ?",
+        )
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.reverse();
+        Ok(rows)
+    }
+
     /// Highest stored seq of each conversation (0 when it has none).
     pub async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
         let mut out: HashMap<Arc<str>, u64> =
@@ -608,7 +621,9 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = write_batch(&pool, &jobs).await.map_err(|e| e.to_string());
+        metrics::histogram!("imflow_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("imflow_store_commit_messages").record(total as f64);
         if let Err(e) = &result {
             tracing::error!(error = %e, messages = total, "message commit failed");

@@ -165,13 +165,15 @@ impl Partition {
                 claimed.push(env);
             }
         }
-        if claimed.is_empty() {
-            return claimed;
-        }
+        // Only keys the index may have seen stored are worth a history query.
         let keys: Vec<DedupKey> = claimed
             .iter()
             .map(|e| (e.item.sender.clone(), e.item.client_msg_id.clone()))
+            .filter(|k| self.dedup.maybe_stored(k))
             .collect();
+        if keys.is_empty() {
+            return claimed;
+        }
         let found = loop {
             match self.store.find_sent(&keys).await {
                 Ok(f) => break f,
