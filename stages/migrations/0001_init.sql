@@ -23,7 +23,9 @@ CREATE TABLE group_members (
 CREATE INDEX group_members_by_user ON group_members (user_id, group_id);
 
 -- The durable history. (conversation_id, seq) is unique, so replaying a
--- batch never stores a message twice.
+-- batch never stores a message twice. A conversation's max seq is the last
+-- key of its range (an index seek), so no counter table is kept: every
+-- extra table written per message costs a random page write per commit.
 CREATE TABLE messages (
     conversation_id TEXT NOT NULL,
     seq             INTEGER NOT NULL,
@@ -35,11 +37,6 @@ CREATE TABLE messages (
     PRIMARY KEY (conversation_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX messages_by_client_id ON messages (sender, client_msg_id);
-
-CREATE TABLE conversations (
-    conversation_id TEXT PRIMARY KEY,
-    max_seq         INTEGER NOT NULL
-) WITHOUT ROWID;
 
 -- Single chats a user takes part in, and read seqs of any conversation.
 CREATE TABLE user_conversations (

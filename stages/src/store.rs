@@ -119,7 +119,9 @@ impl Store {
                 Durability::Full => SqliteSynchronous::Full,
                 Durability::Normal => SqliteSynchronous::Normal,
             })
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Statement journals of multi-row inserts stay in memory.
+            .pragma("temp_store", "memory");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(base.clone())
@@ -490,21 +492,21 @@ impl Store {
     pub async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
         let mut out: HashMap<Arc<str>, u64> =
             conversations.iter().map(|c| (c.clone(), 0)).collect();
-        for chunk in conversations.chunks(ROWS_PER_STATEMENT * 4) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT conversation_id, max_seq FROM conversations WHERE conversation_id IN (",
-            );
-            let mut sep = q.separated(", ");
-            for c in chunk {
-                sep.push_bind(c.to_string());
-            }
-            q.push(")");
-            // Read through the writer's pool: the value must include the
-            // latest commit, which a reader snapshot might predate.
-            for r in q.build().fetch_all(&self.write).await? {
-                let c: String = r.try_get(0)?;
-                out.insert(Arc::from(c), r.try_get::<i64, _>(1)? as u64);
-            }
+        let list: Vec<&str> = conversations.iter().map(|c| &**c).collect();
+        let json = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into());
+        // Read through the writer's pool: the value must include the latest
+        // commit, which a reader's snapshot might predate.
+        let rows = sqlx::query(
+            "SELECT j.value, (SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = j.value) \
+               FROM json_each(?) j",
+        )
+        .bind(json)
+        .fetch_all(&self.write)
+        .await?;
+        for r in rows {
+            let c: String = r.try_get(0)?;
+            let max: Option<i64> = r.try_get(1)?;
+            out.insert(Arc::from(c), max.unwrap_or(0) as u64);
         }
         Ok(out)
     }
@@ -512,13 +514,16 @@ impl Store {
     /// Every conversation `user` is in, with its max and read seq.
     pub async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationState>> {
         let rows = sqlx::query(
-            "SELECT uc.conversation_id, COALESCE(c.max_seq, 0), uc.read_seq \
-               FROM user_conversations uc LEFT JOIN conversations c ON c.conversation_id = uc.conversation_id \
+            "SELECT uc.conversation_id, \
+                    COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = uc.conversation_id), 0), \
+                    uc.read_seq \
+               FROM user_conversations uc \
               WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
              UNION ALL \
-             SELECT 'sg_' || gm.group_id, COALESCE(c.max_seq, 0), COALESCE(uc.read_seq, 0) \
+             SELECT 'sg_' || gm.group_id, \
+                    COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = 'sg_' || gm.group_id), 0), \
+                    COALESCE(uc.read_seq, 0) \
                FROM group_members gm \
-               LEFT JOIN conversations c ON c.conversation_id = 'sg_' || gm.group_id \
                LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
               WHERE gm.user_id = ?1",
         )
@@ -541,7 +546,7 @@ impl Store {
     pub async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
         let v: i64 = sqlx::query_scalar(
             "INSERT INTO user_conversations (user_id, conversation_id, read_seq) \
-             VALUES (?1, ?2, MIN(?3, COALESCE((SELECT max_seq FROM conversations WHERE conversation_id = ?2), 0))) \
+             VALUES (?1, ?2, MIN(?3, COALESCE((SELECT MAX(seq) FROM messages WHERE conversation_id = ?2), 0))) \
              ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq) \
              RETURNING read_seq",
         )
@@ -653,36 +658,15 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
         q.push(" ON CONFLICT DO NOTHING");
         q.build().execute(&mut *tx).await?;
     }
-    let mut max: HashMap<&str, u64> = HashMap::new();
-    let mut new_pairs: Vec<(&str, &str)> = Vec::new();
+    let mut new_pairs: Vec<&str> = Vec::new();
     for m in &all {
-        let e = max.entry(&m.msg.conversation_id).or_insert(0);
-        *e = (*e).max(m.seq);
-        if m.seq == 1 {
-            if let Target::User(_) = &m.msg.target {
-                if let Some(Conversation::Single(_, _)) =
-                    Conversation::parse(&m.msg.conversation_id)
-                {
-                    new_pairs.push((&m.msg.conversation_id, &m.msg.sender));
-                }
-            }
+        if m.seq == 1 && matches!(m.msg.target, Target::User(_)) {
+            new_pairs.push(&m.msg.conversation_id);
         }
-    }
-    let max: Vec<(&str, u64)> = max.into_iter().collect();
-    for chunk in max.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO conversations (conversation_id, max_seq) ");
-        q.push_values(chunk, |mut b, (c, s)| {
-            b.push_bind(*c).push_bind(*s as i64);
-        });
-        q.push(
-            " ON CONFLICT (conversation_id) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
-        );
-        q.build().execute(&mut *tx).await?;
     }
     // A single chat appears in both users' conversation lists from its first
     // message on.
-    for (conv, _) in new_pairs {
+    for conv in new_pairs {
         if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
             sqlx::query("INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)")
                 .bind(&*a)
