@@ -36,7 +36,9 @@ CREATE TABLE messages (
     body            TEXT NOT NULL,
     PRIMARY KEY (conversation_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX messages_by_client_id ON messages (sender, client_msg_id);
+-- Time order, for loading the resend index at start. Appends only: new
+-- messages land on the last page, unlike an index on the resend key would.
+CREATE INDEX messages_by_time ON messages (send_time);
 
 -- Single chats a user takes part in, and read seqs of any conversation.
 CREATE TABLE user_conversations (

@@ -13,7 +13,6 @@ pub mod model;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use imflow_runtime::Registry;
 
@@ -46,7 +45,7 @@ pub struct Services {
 }
 
 /// How many recently stored messages the resend index remembers by default.
-pub const DEFAULT_DEDUP_REMEMBER: usize = 2_000_000;
+pub const DEFAULT_DEDUP_REMEMBER: usize = 1_000_000;
 
 impl Services {
     /// Services over `store`; the resend index starts with the keys of the
@@ -57,16 +56,15 @@ impl Services {
         remember: usize,
     ) -> Result<Self, Error> {
         let s = Self::new(store, presence, remember);
-        let keys = s.store.recent_client_ids(remember).await?;
-        s.dedup
-            .remember(keys.iter().map(|(a, b)| (a.as_str(), b.as_str())));
-        tracing::info!(remembered = keys.len(), "resend index loaded");
+        let rows = s.store.recent_sent(remember).await?;
+        s.dedup.remember_stored(rows);
+        tracing::info!(remembered = s.dedup.remembered(), "resend index loaded");
         Ok(s)
     }
 
     /// Services with an empty resend index (for checking pipelines).
     pub fn new(store: Arc<store::Store>, presence: Arc<dyn Presence>, remember: usize) -> Self {
-        let dedup = Arc::new(dedup::DedupIndex::new(Duration::from_secs(600), remember));
+        let dedup = Arc::new(dedup::DedupIndex::new(remember));
         Services {
             ingest: IngestHandle::new(store.clone(), dedup.clone()),
             hot: Arc::new(hot::HotCache::new(64)),

@@ -121,7 +121,9 @@ impl Store {
             })
             .busy_timeout(Duration::from_secs(10))
             // Statement journals of multi-row inserts stay in memory.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // The tails of thousands of active conversations stay cached.
+            .pragma("cache_size", "-65536");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(base.clone())
@@ -438,54 +440,32 @@ impl Store {
             .collect()
     }
 
-    /// Messages already stored for these (sender, client_msg_id) pairs.
-    pub async fn find_sent(
-        &self,
-        keys: &[(Arc<str>, Arc<str>)],
-    ) -> Result<HashMap<(Arc<str>, Arc<str>), AckInfo>> {
-        let mut found = HashMap::new();
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT sender, client_msg_id, server_msg_id, conversation_id, send_time FROM messages WHERE (sender, client_msg_id) IN (",
-            );
-            let mut sep = q.separated(", ");
-            for (s, c) in chunk {
-                sep.push("(");
-                sep.push_bind_unseparated(s.to_string());
-                sep.push_unseparated(", ");
-                sep.push_bind_unseparated(c.to_string());
-                sep.push_unseparated(")");
-            }
-            q.push(")");
-            for r in q.build().fetch_all(&self.read).await? {
-                let key = (
-                    Arc::from(r.try_get::<String, _>(0)?),
-                    Arc::from(r.try_get::<String, _>(1)?),
-                );
-                found.insert(
-                    key,
+    /// The `limit` most recent stored messages, oldest first, as
+    /// (sender, client_msg_id, ack info): what the resend index remembers.
+    pub async fn recent_sent(&self, limit: usize) -> Result<Vec<(String, String, AckInfo)>> {
+        let rows = sqlx::query(
+            "SELECT sender, client_msg_id, server_msg_id, conversation_id, send_time \
+               FROM messages ORDER BY send_time DESC LIMIT ?",
+        )
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = rows
+            .into_iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
                     AckInfo {
                         server_msg_id: r.try_get(2)?,
                         conversation_id: r.try_get(3)?,
                         send_time: r.try_get(4)?,
                     },
-                );
-            }
-        }
-        Ok(found)
-    }
-
-    /// (sender, client_msg_id) of the `limit` most recent stored messages,
-    /// oldest first.
-    pub async fn recent_client_ids(&self, limit: usize) -> Result<Vec<(String, String)>> {
-        let mut rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT sender, client_msg_id FROM messages ORDER BY send_time DESC LIMIT ?",
-        )
-        .bind(limit.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.read)
-        .await?;
-        rows.reverse();
-        Ok(rows)
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Highest stored seq of each conversation (0 when it has none).

@@ -106,10 +106,7 @@ async fn run(
                         // Shutting down and the store will not take them: the
                         // senders were never acked and are told to resend.
                         for env in batch.drain(..) {
-                            dedup.abandon(&(
-                                env.item.msg.sender.clone(),
-                                env.item.msg.client_msg_id.clone(),
-                            ));
+                            dedup.abandon(&env.item.msg);
                             env.ack.fail(format!("not stored: {e}"));
                             env.ack.release();
                         }
@@ -123,10 +120,7 @@ async fn run(
         }
         for env in batch.drain(..) {
             let Envelope { key, item, ack } = env;
-            dedup.mark_durable(
-                &(item.msg.sender.clone(), item.msg.client_msg_id.clone()),
-                None,
-            );
+            dedup.mark_durable(&item.msg);
             ack.release();
             if out
                 .send(Envelope::new(key, item, Ack::none()))

@@ -16,7 +16,7 @@ use imflow_runtime::{
 };
 use serde::Deserialize;
 
-use crate::dedup::{Claim, DedupIndex, DedupKey};
+use crate::dedup::{Claim, DedupIndex};
 use crate::model::{Sequenced, Stamped};
 use crate::store::Store;
 use crate::Services;
@@ -26,17 +26,11 @@ use crate::Services;
 struct Options {
     /// Most messages handled per batch.
     max_batch: usize,
-    /// How long a durable message stays in the in-memory resend index; older
-    /// resends are found in the history instead.
-    dedup_window_secs: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            max_batch: 512,
-            dedup_window_secs: 600,
-        }
+        Options { max_batch: 512 }
     }
 }
 
@@ -88,23 +82,6 @@ impl StageKind for SeqAssign {
             };
             tasks.push(Box::pin(task.run()));
         }
-        let dedup = self.dedup.clone();
-        let shutdown = cx.shutdown.clone();
-        let every = Duration::from_secs(opts.dedup_window_secs.clamp(1, 60));
-        tasks.push(Box::pin(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tick.tick() => {
-                        let n = dedup.sweep();
-                        if n > 0 {
-                            tracing::debug!(dropped = n, left = dedup.len(), "resend index swept");
-                        }
-                    }
-                }
-            }
-        }));
         Ok(tasks)
     }
 }
@@ -124,7 +101,7 @@ impl Partition {
     async fn run(mut self) -> imflow_runtime::registry::StageResult {
         let mut batch = Vec::with_capacity(self.max_batch);
         while self.input.recv_batch(&mut batch, self.max_batch).await {
-            let fresh = self.drop_repeats(&mut batch).await;
+            let fresh = self.drop_repeats(&mut batch);
             self.load_counters(&fresh).await;
             for env in fresh {
                 let seq = {
@@ -155,52 +132,13 @@ impl Partition {
         Ok(())
     }
 
-    /// Claim each message's (sender, client_msg_id); settle repeats of
-    /// recent messages from memory and of older ones from the history.
-    async fn drop_repeats(&mut self, batch: &mut Vec<Envelope<Stamped>>) -> Vec<Envelope<Stamped>> {
-        let mut claimed = Vec::with_capacity(batch.len());
+    /// Claim each message's (sender, client_msg_id); repeats are settled
+    /// by the index and dropped here.
+    fn drop_repeats(&mut self, batch: &mut Vec<Envelope<Stamped>>) -> Vec<Envelope<Stamped>> {
+        let mut fresh = Vec::with_capacity(batch.len());
         for mut env in batch.drain(..) {
-            let key: DedupKey = (env.item.sender.clone(), env.item.client_msg_id.clone());
-            if let Claim::New = self.dedup.claim(key, env.item.ack_info(), &mut env.ack) {
-                claimed.push(env);
-            }
-        }
-        // Only keys the index may have seen stored are worth a history query.
-        let keys: Vec<DedupKey> = claimed
-            .iter()
-            .map(|e| (e.item.sender.clone(), e.item.client_msg_id.clone()))
-            .filter(|k| self.dedup.maybe_stored(k))
-            .collect();
-        if keys.is_empty() {
-            return claimed;
-        }
-        let found = loop {
-            match self.store.find_sent(&keys).await {
-                Ok(f) => break f,
-                Err(e) => {
-                    self.errors.increment(1);
-                    tracing::error!(error = %e, "resend check failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
-        if found.is_empty() {
-            return claimed;
-        }
-        let mut fresh = Vec::with_capacity(claimed.len());
-        for env in claimed {
-            let key: DedupKey = (env.item.sender.clone(), env.item.client_msg_id.clone());
-            match found.get(&key) {
-                Some(first) => {
-                    // Stored long ago: answer this resend, and any that queued
-                    // behind it, with the stored message's ids.
-                    let mut ack = env.ack;
-                    let mut me = ack.take();
-                    self.dedup.mark_durable(&key, Some(first.clone()));
-                    self.dedup.claim(key, first.clone(), &mut me);
-                    ack.release();
-                }
-                None => fresh.push(env),
+            if let Claim::New = self.dedup.claim(&env.item, &mut env.ack) {
+                fresh.push(env);
             }
         }
         fresh
