@@ -22,20 +22,23 @@ CREATE TABLE group_members (
 ) WITHOUT ROWID;
 CREATE INDEX group_members_by_user ON group_members (user_id, group_id);
 
--- The durable history. (conversation_id, seq) is unique, so replaying a
--- batch never stores a message twice. A conversation's max seq is the last
--- key of its range (an index seek), so no counter table is kept: every
--- extra table written per message costs a random page write per commit.
+-- The durable history. Rows are appended in commit order (rowid), so a
+-- commit writes a few consecutive pages however many conversations it
+-- touches; the unique index on (conversation_id, seq) has small entries, and
+-- makes replaying a batch store nothing twice. A conversation's max seq is
+-- the last key of its index range (a seek), so no counter table is kept:
+-- every extra random page written per message costs commit throughput.
 CREATE TABLE messages (
+    id              INTEGER PRIMARY KEY,
     conversation_id TEXT NOT NULL,
     seq             INTEGER NOT NULL,
     server_msg_id   TEXT NOT NULL,
     client_msg_id   TEXT NOT NULL,
     sender          TEXT NOT NULL,
     send_time       INTEGER NOT NULL,
-    body            TEXT NOT NULL,
-    PRIMARY KEY (conversation_id, seq)
-) WITHOUT ROWID;
+    body            TEXT NOT NULL
+);
+CREATE UNIQUE INDEX messages_by_conversation ON messages (conversation_id, seq);
 -- Time order, for loading the resend index at start. Appends only: new
 -- messages land on the last page, unlike an index on the resend key would.
 CREATE INDEX messages_by_time ON messages (send_time);
