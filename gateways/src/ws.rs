@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -174,7 +174,9 @@ async fn accept(
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(settings.read_buffer_bytes.max(256))
-        .write_buffer_size(0)
+        // Frames are buffered until the connection's turn ends (see
+        // run_connection); a larger batch is written as soon as it fills.
+        .write_buffer_size(16 * 1024)
         .max_message_size(Some(HARD_FRAME_LIMIT))
         .max_frame_size(Some(HARD_FRAME_LIMIT));
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
@@ -304,73 +306,108 @@ pub async fn run_connection<S>(
             .allow_burst(NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN)),
     );
     let mut pending: FuturesUnordered<AckFuture> = FuturesUnordered::new();
-    let mut outbox: Vec<Outbound> = Vec::with_capacity(64);
+    let mut outbox: Vec<Outbound> = Vec::new();
     let mut strikes = 0u32;
     let close = &handle.close;
     loop {
-        tokio::select! {
+        // Frames are fed into the write buffer and flushed once per turn, so
+        // what became ready together leaves in one write.
+        let alive = tokio::select! {
             biased;
             _ = close.cancelled() => {
                 let frame = CloseFrame { code: CloseCode::Away, reason: "closing".into() };
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
-                break;
+                false
             }
-            n = rx.recv_many(&mut outbox, 64) => {
-                if n == 0 || !write_outbound(&mut ws, close, &mut outbox).await {
-                    break;
-                }
-            }
+            n = rx.recv_many(&mut outbox, 64) => n > 0 && write_outbound(&mut ws, close, &mut outbox).await,
             Some((rid, result)) = pending.next(), if !pending.is_empty() => {
-                let frame = match result {
-                    Ok(info) => ack_frame(rid.as_deref(), &info),
-                    Err(e) => error_frame(rid.as_deref(), &e),
-                };
-                if !write(&mut ws, close, frame).await {
-                    break;
-                }
+                feed(&mut ws, close, ack_or_error(rid, result)).await
             }
             incoming = ws.next(), if pending.len() < limits.max_pending_acks => {
-                let text = match incoming {
-                    None | Some(Err(_)) => break,
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(Message::Binary(_))) => {
-                        strikes += 1;
-                        let e = ImError::bad_request("frames must be UTF-8 JSON text");
-                        if !write(&mut ws, close, error_frame(None, &e)).await || strikes > MAX_STRIKES {
-                            break;
+                let reply = match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Text(t))) => {
+                        if rate.check().is_err() {
+                            Err(error_frame(None, &ImError::new(ErrorCode::RateLimited, "too many requests; slow down")))
+                        } else {
+                            handle_text(api, me, handle, t.as_str(), &mut pending).await
                         }
-                        continue;
                     }
-                    Some(Ok(_)) => continue,
+                    Some(Ok(Message::Binary(_))) => {
+                        Err(error_frame(None, &ImError::bad_request("frames must be UTF-8 JSON text")))
+                    }
+                    Some(Ok(_)) => Ok(None),
                 };
-                if rate.check().is_err() {
-                    strikes += 1;
-                    let e = ImError::new(ErrorCode::RateLimited, "too many requests; slow down");
-                    if !write(&mut ws, close, error_frame(None, &e)).await || strikes > MAX_STRIKES {
-                        break;
-                    }
-                    continue;
-                }
-                let reply = match handle_text(api, me, handle, text.as_str(), &mut pending).await {
-                    Ok(reply) => {
+                let frame = match reply {
+                    Ok(frame) => {
                         strikes = 0;
-                        reply
+                        frame
                     }
                     Err(frame) => {
                         strikes += 1;
                         Some(frame)
                     }
                 };
-                if let Some(frame) = reply {
-                    if !write(&mut ws, close, frame).await {
-                        break;
-                    }
-                }
-                if strikes > MAX_STRIKES {
-                    break;
+                match frame {
+                    Some(f) => feed(&mut ws, close, f).await && strikes <= MAX_STRIKES,
+                    None => true,
                 }
             }
+        };
+        if !alive || !feed_ready(&mut ws, close, &mut rx, &mut outbox, &mut pending).await {
+            break;
+        }
+        let flushed = tokio::select! {
+            r = ws.flush() => r.is_ok(),
+            _ = close.cancelled() => false,
+        };
+        if !flushed {
+            break;
+        }
+    }
+}
+
+fn ack_or_error(rid: Option<Box<RawValue>>, result: Result<AckInfo, ImError>) -> String {
+    match result {
+        Ok(info) => ack_frame(rid.as_deref(), &info),
+        Err(e) => error_frame(rid.as_deref(), &e),
+    }
+}
+
+/// Feed whatever else is ready right now (queued pushes, finished acks)
+/// without waiting for anything.
+async fn feed_ready<S>(
+    ws: &mut S,
+    close: &CancellationToken,
+    rx: &mut mpsc::Receiver<Outbound>,
+    outbox: &mut Vec<Outbound>,
+    pending: &mut FuturesUnordered<AckFuture>,
+) -> bool
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    loop {
+        let mut progressed = false;
+        while outbox.len() < 64 {
+            match rx.try_recv() {
+                Ok(o) => outbox.push(o),
+                Err(_) => break,
+            }
+        }
+        if !outbox.is_empty() {
+            progressed = true;
+            if !write_outbound(ws, close, outbox).await {
+                return false;
+            }
+        }
+        if let Some(Some((rid, result))) = pending.next().now_or_never() {
+            progressed = true;
+            if !feed(ws, close, ack_or_error(rid, result)).await {
+                return false;
+            }
+        }
+        if !progressed {
+            return true;
         }
     }
 }
@@ -443,18 +480,19 @@ async fn handle_text(
     }
 }
 
-/// Write one frame, giving up if the connection is told to close meanwhile.
-async fn write<S>(ws: &mut S, close: &CancellationToken, frame: String) -> bool
+/// Put one frame into the write buffer (it is written when the buffer fills
+/// or at the next flush), giving up if the connection is told to close.
+async fn feed<S>(ws: &mut S, close: &CancellationToken, frame: String) -> bool
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     tokio::select! {
-        r = ws.send(Message::text(frame)) => r.is_ok(),
+        r = ws.feed(Message::text(frame)) => r.is_ok(),
         _ = close.cancelled() => false,
     }
 }
 
-/// Write what is queued, merging consecutive pushes into one `push` frame.
+/// Feed what is queued, merging consecutive pushes into one `push` frame.
 /// Returns false when the connection must end (kicked, or write failed).
 async fn write_outbound<S>(
     ws: &mut S,
@@ -477,19 +515,19 @@ where
                 push.push_str(&p.body);
                 if !matches!(items.peek(), Some(Outbound::Push(_))) {
                     push.push_str("]}");
-                    if !write(ws, close, std::mem::take(&mut push)).await {
+                    if !feed(ws, close, std::mem::take(&mut push)).await {
                         return false;
                     }
                 }
             }
             Outbound::Frame(f) => {
-                if !write(ws, close, f.to_string()).await {
+                if !feed(ws, close, f.to_string()).await {
                     return false;
                 }
             }
             Outbound::Kick(reason) => {
                 let frame = reply("kick", None, json!({"reason": reason}));
-                let _ = write(ws, close, frame).await;
+                let _ = feed(ws, close, frame).await;
                 let cf = CloseFrame {
                     code: CloseCode::Policy,
                     reason: "kicked".into(),
@@ -502,4 +540,146 @@ where
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection handler over in-memory channels instead of a socket.
+
+    use std::sync::Arc;
+
+    use futures::channel::mpsc as fmpsc;
+    use futures::{SinkExt, StreamExt};
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    use super::{run_connection, Limits};
+    use crate::api::Api;
+    use crate::auth::{Auth, Identity};
+    use crate::connections::Connections;
+    use imflow_stages::store::{Durability, Store};
+    use imflow_stages::Services;
+
+    async fn api(dir: &std::path::Path) -> Arc<Api> {
+        let store = Store::open(dir, Durability::Normal).await.unwrap();
+        store
+            .register_users(&[("alice".into(), None)])
+            .await
+            .unwrap();
+        let conns = Arc::new(Connections::new(16));
+        let services = Services::new(store.clone(), conns.clone(), 0);
+        let auth = Auth::new(store, "a-long-admin-secret".into(), 60)
+            .await
+            .unwrap();
+        Arc::new(Api {
+            services,
+            auth,
+            conns,
+        })
+    }
+
+    #[tokio::test]
+    async fn answers_requests_and_survives_garbage_without_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        let me = Identity {
+            user_id: "alice".into(),
+            platform: 1,
+        };
+        let (handle, rx) = api.conns.register(&me.user_id, me.platform);
+        // Client -> server frames, and server -> client frames.
+        let (mut to_server, from_client) = fmpsc::unbounded::<Result<Message, WsError>>();
+        let (to_client, mut from_server) = fmpsc::unbounded::<Message>();
+        let sink = to_client.sink_map_err(|_| WsError::ConnectionClosed);
+        let ws = SplitIo {
+            stream: Box::pin(from_client),
+            sink: Box::pin(sink),
+        };
+        let limits = Limits {
+            rate_per_sec: 1000,
+            burst: 1000,
+            max_pending_acks: 8,
+        };
+        let server = {
+            let api = api.clone();
+            let handle = handle.clone();
+            tokio::spawn(async move { run_connection(ws, &api, &me, &handle, rx, &limits).await })
+        };
+        async fn next(rx: &mut fmpsc::UnboundedReceiver<Message>) -> Value {
+            match rx.next().await {
+                Some(Message::Text(t)) => serde_json::from_str::<Value>(t.as_str()).unwrap(),
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+        to_server
+            .send(Ok(Message::text(r#"{"op":"ping","rid":"p1"}"#)))
+            .await
+            .unwrap();
+        let pong = next(&mut from_server).await;
+        assert_eq!(
+            (pong["op"].as_str(), pong["rid"].as_str()),
+            (Some("pong"), Some("p1"))
+        );
+        to_server.send(Ok(Message::text("{oops"))).await.unwrap();
+        assert_eq!(next(&mut from_server).await["code"], "bad_request");
+        to_server
+            .send(Ok(Message::text(r#"{"op":"sync","rid":7}"#)))
+            .await
+            .unwrap();
+        let sync = next(&mut from_server).await;
+        assert_eq!(
+            (sync["op"].as_str(), sync["rid"].as_i64()),
+            (Some("sync"), Some(7))
+        );
+        assert_eq!(sync["conversations"], serde_json::json!([]));
+        handle.close.cancel();
+        server.await.unwrap();
+    }
+
+    /// A Stream + Sink pair standing in for a WebSocket.
+    struct SplitIo<St, Si> {
+        stream: std::pin::Pin<Box<St>>,
+        sink: std::pin::Pin<Box<Si>>,
+    }
+
+    impl<St, Si> futures::Stream for SplitIo<St, Si>
+    where
+        St: futures::Stream<Item = Result<Message, WsError>>,
+    {
+        type Item = Result<Message, WsError>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.stream.as_mut().poll_next(cx)
+        }
+    }
+
+    impl<St, Si> futures::Sink<Message> for SplitIo<St, Si>
+    where
+        Si: futures::Sink<Message, Error = WsError>,
+    {
+        type Error = WsError;
+        fn poll_ready(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            self.sink.as_mut().poll_ready(cx)
+        }
+        fn start_send(mut self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+            self.sink.as_mut().start_send(item)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            self.sink.as_mut().poll_flush(cx)
+        }
+        fn poll_close(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), WsError>> {
+            self.sink.as_mut().poll_close(cx)
+        }
+    }
 }
