@@ -67,6 +67,44 @@ fn source_for(server: SocketAddr, idx: usize) -> Option<SocketAddr> {
     }
 }
 
+/// A TCP connection to `server`. When the kernel runs out of ports for one
+/// source address (TIME_WAIT sockets of earlier runs count), try others.
+async fn connect_tcp(server: SocketAddr, idx: usize) -> anyhow::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for attempt in 0..8u8 {
+        let socket = TcpSocket::new_v4()?;
+        let src = match attempt {
+            0 => source_for(server, idx),
+            n if server.ip().is_loopback() => {
+                Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 2, n)), 0))
+            }
+            _ => None,
+        };
+        if let Some(src) = src {
+            if let Err(e) = socket.bind(src) {
+                last = Some(e);
+                continue;
+            }
+        }
+        match socket.connect(server).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                last = Some(e)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(anyhow::anyhow!(
+        "connection {idx}: no local address/port left: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
 /// Connect as `user` with `token`; `idx` spreads source addresses and
 /// histogram shards.
 pub async fn open(
@@ -77,11 +115,7 @@ pub async fn open(
     idx: usize,
     current: Current,
 ) -> anyhow::Result<Conn> {
-    let socket = TcpSocket::new_v4()?;
-    if let Some(src) = source_for(server, idx) {
-        socket.bind(src)?;
-    }
-    let tcp = socket.connect(server).await?;
+    let tcp = connect_tcp(server, idx).await?;
     tcp.set_nodelay(true)?;
     let config = WebSocketConfig::default()
         .read_buffer_size(8192)

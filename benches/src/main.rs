@@ -141,8 +141,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(path) = &cli.report {
         report.write_json(path)?;
         let plot = path.with_extension("svg");
-        report.write_plot(&plot)?;
-        eprintln!("report: {} (plot: {})", path.display(), plot.display());
+        if report.write_plot(&plot)? {
+            eprintln!("report: {} (plot: {})", path.display(), plot.display());
+        } else {
+            eprintln!("report: {}", path.display());
+        }
     }
     let clean = report
         .result

@@ -197,12 +197,13 @@ impl Report {
     }
 
     /// Latency over time (p50, p99, max per second of send time), as SVG.
-    pub fn write_plot(&self, path: &Path) -> anyhow::Result<()> {
+    /// Returns whether there was anything to plot.
+    pub fn write_plot(&self, path: &Path) -> anyhow::Result<bool> {
         let step = self.result.as_ref().or(self.steps.last());
-        let Some(step) = step else { return Ok(()) };
+        let Some(step) = step else { return Ok(false) };
         let tl = &step.timeline;
         if tl.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let xmax = tl.iter().map(|t| t.0).max().unwrap_or(1) as f64 + 1.0;
         let ymax = tl.iter().map(|t| t.4).fold(0.1_f64, f64::max) * 1.5;
@@ -248,6 +249,6 @@ impl Report {
             .background_style(WHITE)
             .draw()?;
         root.present()?;
-        Ok(())
+        Ok(true)
     }
 }

@@ -264,7 +264,7 @@ async fn run_plan(
     load: Load,
     search: Option<Search>,
     scenario: &str,
-    params: serde_json::Value,
+    mut params: serde_json::Value,
 ) -> Report {
     let Some(search) = search else {
         say(
@@ -277,6 +277,8 @@ async fn run_plan(
         let step = run_round(target, fleet, plan, 1, load).await;
         return Report::single(scenario, params, step);
     };
+    params["rate"] = search.start_rate.into();
+    params["step"] = search.step.into();
     let mut steps = Vec::new();
     let mut rate = search.start_rate;
     let mut best: Option<f64> = None;
