@@ -556,15 +556,7 @@ async fn rest_refuses_what_it_must() {
     let ta = s.token("alice", 1).await;
     let tb = s.token("bob", 1).await;
     let tc = s.token("carol", 1).await;
-    let (st, _) = s
-        .call(
-            "POST",
-            &ta,
-            "/groups",
-            Some(json!({"group_id": "g1", "name": "G", "members": ["bob", "carol"]})),
-        )
-        .await;
-    assert_eq!(st, 201);
+    assert_eq!(s.create_group(&ta, "g1", &["bob", "carol"]).await, 201);
     let (st, v) = s
         .call(
             "POST",

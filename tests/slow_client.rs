@@ -33,15 +33,10 @@ async fn a_client_that_never_reads_is_cut_off_and_others_get_everything() {
     let s = TestServer::start_with(|c| c.websocket.outgoing_queue = 64).await;
     s.register(&["sender", "reader", "sleeper"]).await;
     let t = s.token("sender", 2).await;
-    let (st, _) = s
-        .call(
-            "POST",
-            &t,
-            "/groups",
-            Some(json!({"group_id": "room", "name": "R", "members": ["reader", "sleeper"]})),
-        )
-        .await;
-    assert_eq!(st, 201);
+    assert_eq!(
+        s.create_group(&t, "room", &["reader", "sleeper"]).await,
+        201
+    );
 
     let sleeper = silent_client(&s, "sleeper").await;
     let mut sender = s.connect("sender", 1).await;

@@ -311,17 +311,9 @@ async fn messages(
     let from = number("from_seq", Some(from), 0u64)?;
     let to = number("to_seq", Some(to), 0u64)?;
     let bodies = s.api.pull(&me.user_id, &conversation_id, from, to).await?;
-    let mut out = String::with_capacity(64 + bodies.iter().map(|b| b.len() + 1).sum::<usize>());
-    out.push_str("{\"conversation_id\":");
+    let mut out = String::from("{\"conversation_id\":");
     imflow_stages::model::push_json_str(&mut out, &conversation_id);
-    out.push_str(",\"messages\":[");
-    for (i, b) in bodies.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(b);
-    }
-    out.push_str("]}");
+    imflow_stages::model::close_with_messages(&mut out, &bodies);
     let mut headers = HeaderMap::new();
     headers.insert(
         axum::http::header::CONTENT_TYPE,

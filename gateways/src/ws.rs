@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use imflow_stages::model::{push_json_str, AckInfo, ErrorCode, ImError, SendRequest};
+use imflow_stages::model::{
+    close_with_messages, push_json_str, AckInfo, ErrorCode, ImError, SendRequest,
+};
 
 use crate::api::Api;
 use crate::auth::{token_from, Identity};
@@ -270,15 +272,8 @@ fn ack_frame(rid: Option<&RawValue>, a: &AckInfo) -> String {
 
 fn messages_frame(rid: Option<&RawValue>, conversation_id: &str, bodies: &[Arc<str>]) -> String {
     let mut out = reply("messages", rid, json!({"conversation_id": conversation_id}));
-    out.pop();
-    out.push_str(",\"messages\":[");
-    for (i, b) in bodies.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(b);
-    }
-    out.push_str("]}");
+    out.pop(); // the closing brace; close_with_messages puts it back
+    close_with_messages(&mut out, bodies);
     out
 }
 

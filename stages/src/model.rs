@@ -250,6 +250,20 @@ pub fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
+/// Append `,"messages":[…]}`: already rendered message bodies as the
+/// closing field of a reply object (the bodies are spliced, not re-encoded).
+pub fn close_with_messages(out: &mut String, bodies: &[Arc<str>]) {
+    out.reserve(16 + bodies.iter().map(|b| b.len() + 1).sum::<usize>());
+    out.push_str(",\"messages\":[");
+    for (i, b) in bodies.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(b);
+    }
+    out.push_str("]}");
+}
+
 /// Check `content_type` and the shape of `content` (PROTOCOL.md).
 pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImError> {
     let text = content.get();

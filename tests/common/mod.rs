@@ -132,6 +132,12 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Create a group as the holder of `token`; returns the HTTP status.
+    pub async fn create_group(&self, token: &str, group_id: &str, members: &[&str]) -> u16 {
+        let body = json!({"group_id": group_id, "name": group_id, "members": members});
+        self.call("POST", token, "/groups", Some(body)).await.0
+    }
+
     pub async fn connect(&self, user: &str, platform: u8) -> Client {
         let token = self.token(user, platform).await;
         self.connect_token(&token)
