@@ -684,3 +684,40 @@ async fn rest_refuses_what_it_must() {
         .unwrap();
     assert!(metrics.contains("imflow_edge_queue_depth"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_client_over_its_rate_limit_is_told_so_and_recovers() {
+    let s = TestServer::start_with(|c| {
+        c.websocket.rate_limit_per_sec = 1;
+        c.websocket.rate_limit_burst = 3;
+    })
+    .await;
+    s.register(&["alice"]).await;
+    let mut a = s.connect("alice", 1).await;
+    for i in 0..6 {
+        a.send_json(&json!({"op": "ping", "rid": format!("p{i}")}))
+            .await;
+    }
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        let f = a.next_where(|f| f["rid"] == json!(format!("p{i}"))).await;
+        codes.push(
+            f["op"].as_str().unwrap_or("").to_string() + ":" + f["code"].as_str().unwrap_or(""),
+        );
+    }
+    assert_eq!(&codes[..3], ["pong:", "pong:", "pong:"]);
+    assert!(
+        codes[3..].iter().all(|c| c == "error:rate_limited"),
+        "{codes:?}"
+    );
+    // The bucket refills: the connection was kept.
+    let pong = loop {
+        let f = a.request(json!({"op": "ping"})).await;
+        if f["op"] == "pong" {
+            break f;
+        }
+        assert_eq!(code(&f), "rate_limited");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    assert_eq!(pong["op"], "pong");
+}

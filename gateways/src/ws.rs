@@ -215,7 +215,8 @@ impl From<&WsSettings> for Limits {
 
 #[derive(Deserialize)]
 struct Head {
-    op: String,
+    #[serde(default)]
+    op: Option<String>,
     #[serde(default)]
     rid: Option<Box<RawValue>>,
 }
@@ -322,11 +323,7 @@ pub async fn run_connection<S>(
                 let reply = match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                     Some(Ok(Message::Text(t))) => {
-                        if rate.check().is_err() {
-                            Err(error_frame(None, &ImError::new(ErrorCode::RateLimited, "too many requests; slow down")))
-                        } else {
-                            handle_text(api, me, handle, t.as_str(), &mut pending).await
-                        }
+                        handle_text(api, me, handle, &rate, t.as_str(), &mut pending).await
                     }
                     Some(Ok(Message::Binary(_))) => {
                         Err(error_frame(None, &ImError::bad_request("frames must be UTF-8 JSON text")))
@@ -414,9 +411,14 @@ async fn handle_text(
     api: &Api,
     me: &Identity,
     handle: &ConnHandle,
+    rate: &DefaultDirectRateLimiter,
     text: &str,
     pending: &mut FuturesUnordered<AckFuture>,
 ) -> Result<Option<String>, String> {
+    // The head is read first, so that even a refused frame's error carries
+    // its rid when the frame is JSON at all.
+    let head: Result<Head, _> = serde_json::from_str(text);
+    let rid = head.as_ref().ok().and_then(|h| h.rid.as_deref());
     if text.len() > MAX_CLIENT_FRAME {
         let e = ImError::new(
             ErrorCode::PayloadTooLarge,
@@ -425,13 +427,19 @@ async fn handle_text(
                 text.len()
             ),
         );
-        return Err(error_frame(None, &e));
+        return Err(error_frame(rid, &e));
     }
-    let head: Head = serde_json::from_str(text)
-        .map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
+    if rate.check().is_err() {
+        let e = ImError::new(ErrorCode::RateLimited, "too many requests; slow down");
+        return Err(error_frame(rid, &e));
+    }
+    let head = head.map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
     let rid = head.rid.as_deref();
     let fail = |e: ImError| error_frame(rid, &e);
-    match head.op.as_str() {
+    let Some(op) = head.op.as_deref() else {
+        return Err(fail(ImError::bad_request("the frame has no `op`")));
+    };
+    match op {
         "send" => {
             let req: SendRequest =
                 serde_json::from_str(text).map_err(|e| fail(bad_json("send", e)))?;
