@@ -9,7 +9,7 @@
 #
 # DIR defaults to $IMFLOW_INFRA_DIR or .infra/ in the project. Ports follow
 # the seed: Kafka 9092 (tansu), MongoDB 37017 (SecantusDB), MySQL 13306
-# (MariaDB), Redis 16379, etcd 2379. config/config.yaml points at them.
+# (MariaDB), Redis 16379, etcd 2379, the addresses of the seed's config.
 # Every server binds 127.0.0.1 only. See INFRA.md for why these servers.
 # The broker keeps topics in memory unless IMFLOW_KAFKA_STORAGE names another
 # tansu storage engine (the pip-installed tansu lacks sqlite://; a tansu built
@@ -21,7 +21,7 @@ cmd=${1:-}
 dir=${2:-${IMFLOW_INFRA_DIR:-$PWD/.infra}}
 KAFKA_TOPICS=("ws2ms_chat:8" "msg_to_mongo:8" "ms2ps_chat:10")
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 log() { printf '== %s\n' "$*" >&2; }
 
