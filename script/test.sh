@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): installs what the build needs on a
-# fresh Debian machine, then runs formatting, lint and every test.
+# fresh Debian machine, starts the real servers the cluster-mode tests use
+# (script/infra.sh, data in a temporary directory, stopped afterwards), then
+# runs formatting, lint and every test.
 #   script/test.sh            everything
 #   script/test.sh --quick    tests only (no fmt/clippy)
 set -euo pipefail
@@ -9,7 +11,7 @@ cd "$(dirname "$0")/.."
 quick=0
 case "${1:-}" in
   -h|--help)
-    sed -n '2,5p' "$0"; exit 0 ;;
+    sed -n '2,7p' "$0"; exit 0 ;;
   --quick) quick=1 ;;
   "") ;;
   *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
@@ -18,6 +20,9 @@ esac
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# rdkafka builds the bundled librdkafka with cmake.
+command -v cmake >/dev/null || need_apt+=(cmake)
+[[ -e /usr/include/x86_64-linux-gnu/curl/curl.h || -e /usr/include/curl/curl.h ]] || need_apt+=(libcurl4-openssl-dev)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -34,5 +39,11 @@ if ((quick == 0)); then
   echo "== cargo clippy"
   cargo clippy --workspace --all-targets -- -D warnings
 fi
+infra=$(mktemp -d /tmp/imflow-test-infra.XXXXXX)
+stop_infra() { script/infra.sh down "$infra" >/dev/null 2>&1 || true; rm -rf "$infra"; }
+trap stop_infra EXIT
+echo "== starting the test servers (script/infra.sh up $infra)"
+script/infra.sh up "$infra"
+
 echo "== cargo test"
 cargo test --workspace --all-targets

@@ -15,7 +15,11 @@ use std::sync::Arc;
 use metrics::Counter;
 use tokio::sync::mpsc;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::ack::Ack;
+use crate::kafka::KafkaOut;
 
 /// An item on an edge.
 #[derive(Debug)]
@@ -37,8 +41,15 @@ impl<T> Envelope<T> {
 #[error("the downstream stage is no longer running")]
 pub struct Closed;
 
-pub(crate) struct EdgeSenders<T> {
-    pub(crate) partitions: Vec<mpsc::Sender<Envelope<T>>>,
+/// Items an edge carries: in-memory, or serialised onto a Kafka topic.
+pub trait Payload: Clone + Send + Serialize + DeserializeOwned + 'static {}
+impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Payload for T {}
+
+pub(crate) enum EdgeSenders<T> {
+    Memory {
+        partitions: Vec<mpsc::Sender<Envelope<T>>>,
+    },
+    Kafka(KafkaOut),
 }
 
 /// Where a stage sends what it produces. Cloning is cheap; the edge closes
@@ -60,7 +71,7 @@ struct OutputInner<T> {
     sent: Counter,
 }
 
-impl<T: Clone + Send + 'static> Output<T> {
+impl<T: Payload> Output<T> {
     pub(crate) fn new(edges: Vec<EdgeSenders<T>>, sent: Counter) -> Self {
         Output {
             inner: Arc::new(OutputInner { edges, sent }),
@@ -91,9 +102,13 @@ impl<T: Clone + Send + 'static> Output<T> {
     }
 
     async fn send_to(edge: &EdgeSenders<T>, env: Envelope<T>) -> Result<(), Closed> {
-        let n = edge.partitions.len() as u64;
+        let partitions = match edge {
+            EdgeSenders::Memory { partitions } => partitions,
+            EdgeSenders::Kafka(k) => return k.send(env).await,
+        };
+        let n = partitions.len() as u64;
         let idx = (env.key % n.max(1)) as usize;
-        match edge.partitions[idx].send(env).await {
+        match partitions[idx].send(env).await {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(env)) => {
                 env.ack.fail("the downstream stage is no longer running");
@@ -183,7 +198,7 @@ mod tests {
             txs.push(tx);
             inputs.push(input);
         }
-        let out = Output::new(vec![EdgeSenders { partitions: txs }], counter());
+        let out = Output::new(vec![EdgeSenders::Memory { partitions: txs }], counter());
         for i in 0..8u32 {
             out.send(Envelope::new(7, i, Ack::none())).await.unwrap();
         }
@@ -202,7 +217,7 @@ mod tests {
     async fn bounded_queue_applies_backpressure() {
         let (tx, mut input, probe) = memory_partition::<u32>(2, "a->b", 0, counter());
         let out = Output::new(
-            vec![EdgeSenders {
+            vec![EdgeSenders::Memory {
                 partitions: vec![tx],
             }],
             counter(),
@@ -225,7 +240,7 @@ mod tests {
         let (tx, input, _) = memory_partition::<u32>(2, "a->b", 0, counter());
         drop(input);
         let out = Output::new(
-            vec![EdgeSenders {
+            vec![EdgeSenders::Memory {
                 partitions: vec![tx],
             }],
             counter(),

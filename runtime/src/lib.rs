@@ -11,14 +11,16 @@ pub mod compile;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod kafka;
 pub mod locate;
 pub mod registry;
 pub mod topology;
 
 pub use ack::{Ack, AckStatus};
 pub use compile::{compile, CompiledPipeline};
-pub use edge::{Envelope, Input, Output};
+pub use edge::{Envelope, Input, Output, Payload};
 pub use error::{BuildError, CompileErrors, Diagnostic};
+pub use kafka::KafkaSettings;
 pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
 pub use tokio_util::sync::CancellationToken;
 pub use topology::{QueueGauges, RunningTopology};

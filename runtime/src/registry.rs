@@ -16,8 +16,9 @@ use metrics::Counter;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::{memory_partition, EdgeSenders, Input, Output, QueueProbe};
+use crate::edge::{memory_partition, EdgeSenders, Input, Output, Payload, QueueProbe};
 use crate::error::BuildError;
+use crate::kafka::{self, KafkaSettings};
 
 /// The type of items on a port: a name for people and a Rust type for the
 /// runtime's own check.
@@ -115,6 +116,15 @@ pub(crate) struct OutEdge {
     pub(crate) partitions: u32,
     pub(crate) capacity: u32,
     pub(crate) consumer: String,
+    pub(crate) topic: Option<String>,
+}
+
+pub(crate) struct InEdge {
+    pub(crate) id: usize,
+    pub(crate) label: String,
+    pub(crate) partitions: u32,
+    pub(crate) capacity: u32,
+    pub(crate) topic: Option<String>,
 }
 
 /// What a kind gets while it is being built.
@@ -126,8 +136,12 @@ pub struct BuildContext<'a> {
     pub shutdown: CancellationToken,
     pub(crate) input_type: Option<PortType>,
     pub(crate) output_type: Option<PortType>,
-    pub(crate) in_edges: Vec<usize>,
+    pub(crate) in_edges: Vec<InEdge>,
     pub(crate) out_edges: Vec<OutEdge>,
+    /// Set in cluster mode: edges with a topic then go through Kafka.
+    pub(crate) kafka: Option<&'a KafkaSettings>,
+    /// Tasks the runtime runs for this stage (Kafka consumers).
+    pub(crate) aux: Vec<StageTask>,
     pub(crate) pending_inputs: &'a mut HashMap<usize, Box<dyn Any + Send>>,
     pub(crate) probes: &'a mut Vec<QueueProbe>,
     pub(crate) output_opened: bool,
@@ -162,7 +176,7 @@ impl BuildContext<'_> {
 
     /// Open this stage's output: one bounded queue per partition of every
     /// outgoing edge. Must be called once by every kind that has an output.
-    pub fn output<T: Clone + Send + 'static>(&mut self) -> Result<Output<T>, BuildError> {
+    pub fn output<T: Payload>(&mut self) -> Result<Output<T>, BuildError> {
         self.check::<T>(self.output_type, "output")?;
         if self.output_opened {
             return Err(BuildError::stage(self.name, "output opened twice"));
@@ -170,6 +184,16 @@ impl BuildContext<'_> {
         self.output_opened = true;
         let mut edges = Vec::new();
         for e in &self.out_edges {
+            if let (Some(topic), Some(kafka)) = (&e.topic, self.kafka) {
+                let out = kafka::producer(kafka, topic, e.partitions).map_err(|err| {
+                    BuildError::stage(
+                        self.name,
+                        format!("kafka producer for topic `{topic}`: {err}"),
+                    )
+                })?;
+                edges.push(EdgeSenders::Kafka(out));
+                continue;
+            }
             let received =
                 metrics::counter!("imflow_stage_in_total", "stage" => e.consumer.clone());
             let mut senders = Vec::new();
@@ -182,7 +206,7 @@ impl BuildContext<'_> {
                 self.probes.push(probe);
             }
             self.pending_inputs.insert(e.id, Box::new(inputs));
-            edges.push(EdgeSenders {
+            edges.push(EdgeSenders::Memory {
                 partitions: senders,
             });
         }
@@ -191,14 +215,43 @@ impl BuildContext<'_> {
     }
 
     /// Take every partition of every input edge of this stage.
-    pub fn inputs<T: Send + 'static>(&mut self) -> Result<Vec<Input<T>>, BuildError> {
+    pub fn inputs<T: Payload>(&mut self) -> Result<Vec<Input<T>>, BuildError> {
         self.check::<T>(self.input_type, "input")?;
         if self.inputs_opened {
             return Err(BuildError::stage(self.name, "inputs opened twice"));
         }
         self.inputs_opened = true;
         let mut all = Vec::new();
-        for id in &self.in_edges {
+        for e in &self.in_edges {
+            if let (Some(topic), Some(kafka)) = (&e.topic, self.kafka) {
+                let received =
+                    metrics::counter!("imflow_stage_in_total", "stage" => self.name.to_string());
+                let mut senders = Vec::new();
+                for p in 0..e.partitions {
+                    let (tx, input, probe) =
+                        memory_partition::<T>(e.capacity as usize, &e.label, p, received.clone());
+                    senders.push(tx);
+                    all.push(input);
+                    self.probes.push(probe);
+                }
+                let task = kafka::consumer_task::<T>(
+                    kafka,
+                    self.name,
+                    topic,
+                    senders,
+                    self.shutdown.clone(),
+                    self.error_counter(),
+                )
+                .map_err(|err| {
+                    BuildError::stage(
+                        self.name,
+                        format!("kafka consumer for topic `{topic}`: {err}"),
+                    )
+                })?;
+                self.aux.push(task);
+                continue;
+            }
+            let id = &e.id;
             let boxed = self.pending_inputs.remove(id).ok_or_else(|| {
                 BuildError::stage(self.name, "an upstream stage did not open its output")
             })?;

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::compile::CompiledPipeline;
 use crate::edge::QueueProbe;
 use crate::error::BuildError;
-use crate::registry::{BuildContext, OutEdge, Registry};
+use crate::kafka::KafkaSettings;
+use crate::registry::{BuildContext, InEdge, OutEdge, Registry};
 
 pub struct RunningTopology {
     tasks: JoinSet<(String, crate::registry::StageResult)>,
@@ -43,8 +44,19 @@ impl QueueGauges {
 }
 
 impl RunningTopology {
-    /// Build every stage and spawn its tasks on the current tokio runtime.
+    /// Build every stage and spawn its tasks on the current tokio runtime;
+    /// every edge is in memory (standalone mode).
     pub fn start(pipeline: &CompiledPipeline, registry: &Registry) -> Result<Self, BuildError> {
+        Self::start_with(pipeline, registry, None)
+    }
+
+    /// As `start`, but with `kafka` set every edge that names a topic is
+    /// carried by Kafka (cluster mode).
+    pub fn start_with(
+        pipeline: &CompiledPipeline,
+        registry: &Registry,
+        kafka: Option<&KafkaSettings>,
+    ) -> Result<Self, BuildError> {
         let shutdown = CancellationToken::new();
         let mut pending = HashMap::new();
         let mut probes = Vec::new();
@@ -55,9 +67,15 @@ impl RunningTopology {
             let kind = registry.get(&node.kind).ok_or_else(|| {
                 BuildError::stage(&node.name, format!("unknown kind `{}`", node.kind))
             })?;
-            let in_edges: Vec<usize> = g
+            let in_edges: Vec<InEdge> = g
                 .edges_directed(idx, Direction::Incoming)
-                .map(|e| e.id().index())
+                .map(|e| InEdge {
+                    id: e.id().index(),
+                    label: format!("{}->{}", g[e.source()].name, node.name),
+                    partitions: e.weight().partitions,
+                    capacity: e.weight().capacity,
+                    topic: e.weight().topic.clone(),
+                })
                 .collect();
             let out_edges: Vec<OutEdge> = g
                 .edges_directed(idx, Direction::Outgoing)
@@ -67,6 +85,7 @@ impl RunningTopology {
                     partitions: e.weight().partitions,
                     capacity: e.weight().capacity,
                     consumer: g[e.target()].name.clone(),
+                    topic: e.weight().topic.clone(),
                 })
                 .collect();
             let has_inputs = !in_edges.is_empty();
@@ -83,8 +102,11 @@ impl RunningTopology {
                 probes: &mut probes,
                 output_opened: false,
                 inputs_opened: false,
+                kafka,
+                aux: Vec::new(),
             };
-            let stage_tasks = kind.build(&mut cx)?;
+            let mut stage_tasks = kind.build(&mut cx)?;
+            stage_tasks.append(&mut cx.aux);
             if has_outputs && !cx.output_opened {
                 return Err(BuildError::stage(
                     &node.name,

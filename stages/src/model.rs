@@ -182,7 +182,7 @@ pub struct Sequenced {
 }
 
 /// A message after `fanout`: the users it goes to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
     pub conversation_id: Arc<str>,
     pub seq: u64,

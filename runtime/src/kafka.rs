@@ -1,0 +1,358 @@
+//! Kafka edges: an edge with a `topic` in pipeline.yaml, run in cluster mode.
+//!
+//! Producing side: every item is serialised (JSON) and produced to the
+//! partition its key picks, with `acks=all` and idempotence; the item's
+//! [`Ack`] is released when the broker confirms the write, so whoever waits
+//! on it (a client's "ack", an upstream consumer's offset) waits for
+//! durability in Kafka.
+//!
+//! Consuming side: one consumer per consuming stage (group `PREFIX.STAGE`)
+//! feeds the stage's partition queues. Each item carries an [`Ack`] that marks
+//! its offset done; offsets are committed only up to the first item not yet
+//! done, so a crash replays whatever was not finished downstream
+//! (at-least-once between stages). An item whose ack failed is never passed:
+//! it is replayed after a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use metrics::Counter;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{Ack, AckStatus};
+use crate::edge::{Closed, Envelope};
+use crate::registry::StageResult;
+
+/// Where the brokers are and how to talk to them.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `host:port,host:port`.
+    pub brokers: String,
+    /// Consumer groups are named `PREFIX.STAGE`.
+    pub group_prefix: String,
+    /// How long the producer waits to fill a batch.
+    pub linger_ms: u32,
+    /// How often consumers commit finished offsets.
+    pub commit_interval: Duration,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            group_prefix: "imflow".into(),
+            linger_ms: 2,
+            commit_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The producing end of one Kafka edge.
+pub(crate) struct KafkaOut {
+    producer: FutureProducer,
+    topic: String,
+    partitions: u32,
+    deliveries: mpsc::UnboundedSender<(DeliveryFuture, Ack)>,
+}
+
+pub(crate) fn producer(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: u32,
+) -> Result<KafkaOut, KafkaError> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(DeliveryFuture, Ack)>();
+    // Settles acks as the broker confirms writes. It ends once the edge is
+    // dropped and every write in flight is settled; until then it keeps the
+    // producer (and its delivery thread) alive.
+    let keep = producer.clone();
+    tokio::spawn(async move {
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some((fut, ack)) => inflight.push(async move { (fut.await, ack) }),
+                    None => break,
+                },
+                Some((res, ack)) = inflight.next(), if !inflight.is_empty() => settle(res, ack),
+            }
+        }
+        while let Some((res, ack)) = inflight.next().await {
+            settle(res, ack);
+        }
+        drop(keep);
+    });
+    Ok(KafkaOut {
+        producer,
+        topic: topic.to_string(),
+        partitions: partitions.max(1),
+        deliveries: tx,
+    })
+}
+
+type DeliveryOutcome = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
+
+fn settle(res: DeliveryOutcome, ack: Ack) {
+    match res {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => ack.fail(format!("kafka write failed: {e}")),
+        Err(_) => ack.fail("kafka producer went away before confirming the write"),
+    }
+    ack.release();
+}
+
+impl KafkaOut {
+    pub(crate) async fn send<T: Serialize>(&self, env: Envelope<T>) -> Result<(), Closed> {
+        let payload = match serde_json::to_vec(&env.item) {
+            Ok(p) => p,
+            Err(e) => {
+                env.ack.fail(format!("cannot serialise item: {e}"));
+                env.ack.release();
+                return Ok(());
+            }
+        };
+        let key = env.key.to_be_bytes();
+        let partition = (env.key % self.partitions as u64) as i32;
+        loop {
+            let record = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .key(&key[..])
+                .payload(&payload);
+            match self.producer.send_result(record) {
+                Ok(fut) => {
+                    return self.deliveries.send((fut, env.ack)).map_err(
+                        |mpsc::error::SendError((_, ack))| {
+                            ack.fail("kafka edge closed");
+                            ack.release();
+                            Closed
+                        },
+                    );
+                }
+                // The producer's queue is full: the broker is behind. Wait
+                // (backpressure) rather than drop.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => {
+                    env.ack.fail(format!("kafka produce failed: {e}"));
+                    env.ack.release();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Pending,
+    Done,
+    /// Failed downstream: never committed past, so it is replayed.
+    Failed,
+}
+
+/// Offsets handed to the stage and what became of each, per partition.
+#[derive(Default)]
+struct Offsets {
+    parts: HashMap<i32, VecDeque<(i64, State)>>,
+}
+
+impl Offsets {
+    fn track(&mut self, partition: i32, offset: i64) {
+        self.parts
+            .entry(partition)
+            .or_default()
+            .push_back((offset, State::Pending));
+    }
+
+    fn mark(&mut self, partition: i32, offset: i64, state: State) {
+        if let Some(q) = self.parts.get_mut(&partition) {
+            if let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) {
+                q[i].1 = state;
+            }
+        }
+    }
+
+    /// Drop the finished prefix of each partition; the offsets to commit
+    /// (one past the last finished item of the prefix).
+    fn committable(&mut self) -> Vec<(i32, i64)> {
+        let mut out = Vec::new();
+        for (p, q) in self.parts.iter_mut() {
+            let mut last = None;
+            while let Some((o, State::Done)) = q.front() {
+                last = Some(*o);
+                q.pop_front();
+            }
+            if let Some(o) = last {
+                out.push((*p, o + 1));
+            }
+        }
+        out
+    }
+
+    /// Items the stage still holds.
+    fn pending(&self) -> usize {
+        self.parts
+            .values()
+            .flat_map(|q| q.iter())
+            .filter(|(_, s)| *s == State::Pending)
+            .count()
+    }
+}
+
+fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
+    match o.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Consume `topic` for stage `stage` into `queues` (index = partition modulo
+/// their number) until `shutdown`; then wait (bounded by the topology's
+/// deadline) for the handed-out items to finish and commit them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
+    settings: &KafkaSettings,
+    stage: &str,
+    topic: &str,
+    queues: Vec<mpsc::Sender<Envelope<T>>>,
+    shutdown: CancellationToken,
+    errors: Counter,
+) -> Result<crate::registry::StageTask, KafkaError> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", format!("{}.{}", settings.group_prefix, stage))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let consumer = Arc::new(consumer);
+    let topic = topic.to_string();
+    let stage = stage.to_string();
+    let every = settings.commit_interval;
+    Ok(Box::pin(async move {
+        let offsets = Arc::new(Mutex::new(Offsets::default()));
+        let mut tick = tokio::time::interval(every);
+        let n = queues.len().max(1) as i32;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => commit(&consumer, &topic, &offsets, CommitMode::Async),
+                msg = consumer.recv() => {
+                    let msg = match msg {
+                        Ok(m) => m,
+                        Err(e) => {
+                            errors.increment(1);
+                            tracing::warn!(%stage, %topic, error = %e, "kafka consume error");
+                            continue;
+                        }
+                    };
+                    let (partition, offset) = (msg.partition(), msg.offset());
+                    lock(&offsets).track(partition, offset);
+                    let item: Option<T> = msg.payload().and_then(|p| match serde_json::from_slice(p) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            errors.increment(1);
+                            tracing::error!(%stage, %topic, partition, offset, error = %e, "undecodable item skipped");
+                            None
+                        }
+                    });
+                    let Some(item) = item else {
+                        lock(&offsets).mark(partition, offset, State::Done);
+                        continue;
+                    };
+                    let key = msg
+                        .key()
+                        .and_then(|k| <[u8; 8]>::try_from(k).ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(partition as u64);
+                    let marks = offsets.clone();
+                    let ack = Ack::new(move |status| match status {
+                        AckStatus::Failed(why) => {
+                            tracing::warn!(partition, offset, reason = %why, "item failed downstream; it will be replayed");
+                            lock(&marks).mark(partition, offset, State::Failed);
+                        }
+                        _ => lock(&marks).mark(partition, offset, State::Done),
+                    });
+                    let q = &queues[(partition.rem_euclid(n)) as usize];
+                    tokio::select! {
+                        sent = q.send(Envelope::new(key, item, ack)) => if sent.is_err() { break },
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        // Let the stage drain what it was given, then commit what finished.
+        drop(queues);
+        while lock(&offsets).pending() > 0 {
+            commit(&consumer, &topic, &offsets, CommitMode::Async);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        commit(&consumer, &topic, &offsets, CommitMode::Sync);
+        consumer.unsubscribe();
+        StageResult::Ok(())
+    }))
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, offsets: &Mutex<Offsets>, mode: CommitMode) {
+    let ready = lock(offsets).committable();
+    if ready.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in ready {
+        if let Err(e) = tpl.add_partition_offset(topic, p, Offset::Offset(o)) {
+            tracing::warn!(%topic, partition = p, error = %e, "cannot prepare offset commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(%topic, error = %e, "offset commit failed; will retry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Offsets, State};
+
+    #[test]
+    fn commits_only_the_finished_prefix_and_never_past_a_failure() {
+        let mut o = Offsets::default();
+        for off in 10..16 {
+            o.track(0, off);
+        }
+        o.mark(0, 11, State::Done);
+        assert!(o.committable().is_empty(), "10 is not finished yet");
+        o.mark(0, 10, State::Done);
+        assert_eq!(o.committable(), vec![(0, 12)]);
+        o.mark(0, 14, State::Done);
+        assert!(o.committable().is_empty());
+        o.mark(0, 12, State::Done);
+        o.mark(0, 13, State::Failed);
+        assert_eq!(o.committable(), vec![(0, 13)]);
+        o.mark(0, 15, State::Done);
+        assert!(o.committable().is_empty(), "13 failed: it must be replayed");
+        assert_eq!(o.pending(), 0);
+    }
+}
