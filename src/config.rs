@@ -29,6 +29,30 @@ pub struct Config {
     pub websocket: WsSettings,
     /// How long a graceful shutdown may take to drain the pipeline.
     pub shutdown_deadline_secs: u64,
+    /// When set, the pipeline's edges that name a topic are carried by Kafka
+    /// (the cluster data plane); otherwise every edge is in memory.
+    pub kafka: Option<KafkaConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, as in the seed's `kafka.*.addr`.
+    pub addr: Vec<String>,
+    /// Consumer groups are named `PREFIX.STAGE`.
+    pub group_prefix: String,
+    /// How long a producer waits to fill a batch (ms).
+    pub linger_ms: u32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            addr: vec!["127.0.0.1:9092".into()],
+            group_prefix: "imflow".into(),
+            linger_ms: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +104,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             websocket: WsSettings::default(),
             shutdown_deadline_secs: 10,
+            kafka: None,
         }
     }
 }
@@ -133,6 +158,15 @@ impl Config {
         }
         if self.websocket.max_connections == 0 {
             bail!("{file}: websocket.max_connections must be at least 1");
+        }
+        if let Some(k) = &self.kafka {
+            if k.addr.is_empty()
+                || k.addr
+                    .iter()
+                    .any(|a| a.trim().is_empty() || !a.contains(':'))
+            {
+                bail!("{file}: kafka.addr must list brokers as host:port, e.g. [127.0.0.1:9092]");
+            }
         }
         if self.websocket.outgoing_queue == 0 || self.websocket.max_pending_acks == 0 {
             bail!("{file}: websocket.outgoing_queue and websocket.max_pending_acks must be at least 1");

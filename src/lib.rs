@@ -109,7 +109,30 @@ impl Server {
         let gateway_addr = ws_listener.local_addr()?;
         let api_addr = api_listener.local_addr()?;
 
-        let mut topology = RunningTopology::start(&pipeline, &registry)?;
+        let kafka = cfg.kafka.as_ref().map(|k| imflow_runtime::KafkaSettings {
+            brokers: k.addr.join(","),
+            group_prefix: k.group_prefix.clone(),
+            linger_ms: k.linger_ms,
+            ..Default::default()
+        });
+        if let Some(k) = &kafka {
+            let created = tokio::time::timeout(
+                Duration::from_secs(15),
+                imflow_runtime::kafka::ensure_topics(k, &pipeline),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("kafka.addr: no answer from {} within 15 s", k.brokers))?
+            .with_context(|| {
+                format!(
+                    "kafka.addr: cannot create the pipeline's topics on {}",
+                    k.brokers
+                )
+            })?;
+            if !created.is_empty() {
+                tracing::info!(?created, "kafka topics created");
+            }
+        }
+        let mut topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
         let gauges = topology.queue_gauges();
         let draining = CancellationToken::new();
         let rest = router(RestState {

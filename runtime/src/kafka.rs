@@ -356,3 +356,42 @@ mod tests {
         assert_eq!(o.pending(), 0);
     }
 }
+
+/// Create the topics of `pipeline`'s Kafka edges that do not exist yet, with
+/// the partition counts pipeline.yaml gives (existing topics are left as
+/// they are). Brokers such as tansu do not create topics on first use.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    pipeline: &crate::CompiledPipeline,
+) -> Result<Vec<String>, KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let wanted: Vec<(String, i32)> = pipeline
+        .graph
+        .edge_weights()
+        .filter_map(|e| e.topic.clone().map(|t| (t, e.partitions as i32)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .create()?;
+    let topics: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut created = Vec::new();
+    for r in admin.create_topics(&topics, &opts).await? {
+        match r {
+            Ok(t) => created.push(t),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(topic = %t, "cannot create topic"))
+            }
+        }
+    }
+    Ok(created)
+}
