@@ -332,31 +332,6 @@ fn commit(consumer: &StreamConsumer, topic: &str, offsets: &Mutex<Offsets>, mode
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{Offsets, State};
-
-    #[test]
-    fn commits_only_the_finished_prefix_and_never_past_a_failure() {
-        let mut o = Offsets::default();
-        for off in 10..16 {
-            o.track(0, off);
-        }
-        o.mark(0, 11, State::Done);
-        assert!(o.committable().is_empty(), "10 is not finished yet");
-        o.mark(0, 10, State::Done);
-        assert_eq!(o.committable(), vec![(0, 12)]);
-        o.mark(0, 14, State::Done);
-        assert!(o.committable().is_empty());
-        o.mark(0, 12, State::Done);
-        o.mark(0, 13, State::Failed);
-        assert_eq!(o.committable(), vec![(0, 13)]);
-        o.mark(0, 15, State::Done);
-        assert!(o.committable().is_empty(), "13 failed: it must be replayed");
-        assert_eq!(o.pending(), 0);
-    }
-}
-
 /// Create the topics of `pipeline`'s Kafka edges that do not exist yet, with
 /// the partition counts pipeline.yaml gives (existing topics are left as
 /// they are). Brokers such as tansu do not create topics on first use.
@@ -388,10 +363,35 @@ pub async fn ensure_topics(
             Ok(t) => created.push(t),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
-                return Err(KafkaError::AdminOp(code))
-                    .inspect_err(|_| tracing::error!(topic = %t, "cannot create topic"))
+                tracing::error!(topic = %t, error = %code, "cannot create topic");
+                return Err(KafkaError::AdminOp(code));
             }
         }
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Offsets, State};
+
+    #[test]
+    fn commits_only_the_finished_prefix_and_never_past_a_failure() {
+        let mut o = Offsets::default();
+        for off in 10..16 {
+            o.track(0, off);
+        }
+        o.mark(0, 11, State::Done);
+        assert!(o.committable().is_empty(), "10 is not finished yet");
+        o.mark(0, 10, State::Done);
+        assert_eq!(o.committable(), vec![(0, 12)]);
+        o.mark(0, 14, State::Done);
+        assert!(o.committable().is_empty());
+        o.mark(0, 12, State::Done);
+        o.mark(0, 13, State::Failed);
+        assert_eq!(o.committable(), vec![(0, 13)]);
+        o.mark(0, 15, State::Done);
+        assert!(o.committable().is_empty(), "13 failed: it must be replayed");
+        assert_eq!(o.pending(), 0);
+    }
 }
