@@ -127,6 +127,31 @@ pub(crate) struct InEdge {
     pub(crate) topic: Option<String>,
 }
 
+/// The bounded queues of one edge's partitions, with their depth probes.
+/// Items taken from them count as `consumer`'s input.
+fn partition_queues<T: Send + 'static>(
+    probes: &mut Vec<QueueProbe>,
+    label: &str,
+    partitions: u32,
+    capacity: u32,
+    consumer: &str,
+) -> (
+    Vec<tokio::sync::mpsc::Sender<crate::Envelope<T>>>,
+    Vec<Input<T>>,
+) {
+    let received = metrics::counter!("imflow_stage_in_total", "stage" => consumer.to_string());
+    let mut senders = Vec::new();
+    let mut inputs = Vec::new();
+    for p in 0..partitions {
+        let (tx, input, probe) =
+            memory_partition::<T>(capacity as usize, label, p, received.clone());
+        senders.push(tx);
+        inputs.push(input);
+        probes.push(probe);
+    }
+    (senders, inputs)
+}
+
 /// What a kind gets while it is being built.
 pub struct BuildContext<'a> {
     pub name: &'a str,
@@ -194,17 +219,8 @@ impl BuildContext<'_> {
                 edges.push(EdgeSenders::Kafka(out));
                 continue;
             }
-            let received =
-                metrics::counter!("imflow_stage_in_total", "stage" => e.consumer.clone());
-            let mut senders = Vec::new();
-            let mut inputs = Vec::new();
-            for p in 0..e.partitions {
-                let (tx, input, probe) =
-                    memory_partition::<T>(e.capacity as usize, &e.label, p, received.clone());
-                senders.push(tx);
-                inputs.push(input);
-                self.probes.push(probe);
-            }
+            let (senders, inputs) =
+                partition_queues::<T>(self.probes, &e.label, e.partitions, e.capacity, &e.consumer);
             self.pending_inputs.insert(e.id, Box::new(inputs));
             edges.push(EdgeSenders::Memory {
                 partitions: senders,
@@ -224,16 +240,14 @@ impl BuildContext<'_> {
         let mut all = Vec::new();
         for e in &self.in_edges {
             if let (Some(topic), Some(kafka)) = (&e.topic, self.kafka) {
-                let received =
-                    metrics::counter!("imflow_stage_in_total", "stage" => self.name.to_string());
-                let mut senders = Vec::new();
-                for p in 0..e.partitions {
-                    let (tx, input, probe) =
-                        memory_partition::<T>(e.capacity as usize, &e.label, p, received.clone());
-                    senders.push(tx);
-                    all.push(input);
-                    self.probes.push(probe);
-                }
+                let (senders, inputs) = partition_queues::<T>(
+                    self.probes,
+                    &e.label,
+                    e.partitions,
+                    e.capacity,
+                    self.name,
+                );
+                all.extend(inputs);
                 let task = kafka::consumer_task::<T>(
                     kafka,
                     self.name,
