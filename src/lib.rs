@@ -117,11 +117,11 @@ impl Server {
         });
         if let Some(k) = &kafka {
             let created = tokio::time::timeout(
-                Duration::from_secs(15),
+                Duration::from_secs(10),
                 imflow_runtime::kafka::ensure_topics(k, &pipeline),
             )
             .await
-            .map_err(|_| anyhow::anyhow!("kafka.addr: no answer from {} within 15 s", k.brokers))?
+            .map_err(|_| anyhow::anyhow!("kafka.addr: no answer from {} within 10 s", k.brokers))?
             .with_context(|| {
                 format!(
                     "kafka.addr: cannot create the pipeline's topics on {}",

@@ -74,3 +74,22 @@ fn a_bad_config_fails_fast_naming_file_and_field() {
     assert_eq!(code, 1);
     assert!(err.contains("c.yaml:3:") && err.contains("apii"), "{err}");
 }
+
+#[test]
+fn an_unreachable_kafka_fails_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    let data = dir.path().join("data");
+    // Port 1 on loopback: nothing listens there.
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir: {}\nlisten:\n  gateway: 127.0.0.1:0\n  api: 127.0.0.1:0\nkafka:\n  addr: [127.0.0.1:1]\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (code, _out, err) = imflow(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("kafka.addr"), "{err}");
+}
