@@ -133,6 +133,14 @@ impl Server {
             }
         }
         let mut topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
+        if kafka.is_some() {
+            // Not ready before the consumers consume: a message sent now
+            // would wait in Kafka for the group to settle.
+            let wait = Duration::from_secs(30);
+            if tokio::time::timeout(wait, topology.ready()).await.is_err() {
+                tracing::warn!("some kafka consumers have no partitions after 30 s; serving anyway (more consumers than partitions?)");
+            }
+        }
         let gauges = topology.queue_gauges();
         let draining = CancellationToken::new();
         let rest = router(RestState {

@@ -172,6 +172,39 @@ enum State {
     Failed,
 }
 
+/// Counts consumers that have not received their partitions yet. A process
+/// consuming Kafka is not ready to serve before they have (joining a group
+/// takes seconds on some brokers; messages produced meanwhile would wait).
+#[derive(Default)]
+pub struct Readiness {
+    waiting: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Readiness {
+    fn one_more(&self) {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn one_done(&self) {
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once every consumer has partitions.
+    pub async fn wait(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Offsets handed to the stage and what became of each, per partition.
 #[derive(Default)]
 struct Offsets {
@@ -239,6 +272,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
     queues: Vec<mpsc::Sender<Envelope<T>>>,
     shutdown: CancellationToken,
     errors: Counter,
+    ready: Arc<Readiness>,
 ) -> Result<crate::registry::StageTask, KafkaError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
@@ -255,11 +289,20 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
     Ok(Box::pin(async move {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let mut tick = tokio::time::interval(every);
+        let mut assigned = false;
+        ready.one_more();
         let n = queues.len().max(1) as i32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => commit(&consumer, &topic, &offsets, CommitMode::Async),
+                _ = tick.tick() => {
+                    commit(&consumer, &topic, &offsets, CommitMode::Async);
+                    if !assigned && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+                        assigned = true;
+                        tracing::info!(%stage, %topic, "kafka consumer has its partitions");
+                        ready.one_done();
+                    }
+                }
                 msg = consumer.recv() => {
                     let msg = match msg {
                         Ok(m) => m,

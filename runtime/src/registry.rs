@@ -167,6 +167,7 @@ pub struct BuildContext<'a> {
     pub(crate) kafka: Option<&'a KafkaSettings>,
     /// Tasks the runtime runs for this stage (Kafka consumers).
     pub(crate) aux: Vec<StageTask>,
+    pub(crate) readiness: Arc<kafka::Readiness>,
     pub(crate) pending_inputs: &'a mut HashMap<usize, Box<dyn Any + Send>>,
     pub(crate) probes: &'a mut Vec<QueueProbe>,
     pub(crate) output_opened: bool,
@@ -255,6 +256,7 @@ impl BuildContext<'_> {
                     senders,
                     self.shutdown.clone(),
                     self.error_counter(),
+                    self.readiness.clone(),
                 )
                 .map_err(|err| {
                     BuildError::stage(

@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use crate::compile::CompiledPipeline;
 use crate::edge::QueueProbe;
 use crate::error::BuildError;
-use crate::kafka::KafkaSettings;
+use crate::kafka::{KafkaSettings, Readiness};
 use crate::registry::{BuildContext, InEdge, OutEdge, Registry};
 
 pub struct RunningTopology {
     tasks: JoinSet<(String, crate::registry::StageResult)>,
     shutdown: CancellationToken,
     gauges: QueueGauges,
+    readiness: Arc<Readiness>,
 }
 
 /// Publishes the depth of every queue of a running pipeline as the gauge
@@ -61,6 +62,7 @@ impl RunningTopology {
         let mut pending = HashMap::new();
         let mut probes = Vec::new();
         let mut tasks = JoinSet::new();
+        let readiness = Arc::new(Readiness::default());
         let g = &pipeline.graph;
         for &idx in &pipeline.order {
             let node = &g[idx];
@@ -104,6 +106,7 @@ impl RunningTopology {
                 inputs_opened: false,
                 kafka,
                 aux: Vec::new(),
+                readiness: readiness.clone(),
             };
             let mut stage_tasks = kind.build(&mut cx)?;
             stage_tasks.append(&mut cx.aux);
@@ -129,7 +132,14 @@ impl RunningTopology {
             tasks,
             shutdown,
             gauges: QueueGauges(Arc::new(probes)),
+            readiness,
         })
+    }
+
+    /// Resolves once every Kafka consumer of this topology has its
+    /// partitions (at once without Kafka edges).
+    pub async fn ready(&self) {
+        self.readiness.wait().await
     }
 
     pub fn queue_gauges(&self) -> QueueGauges {
