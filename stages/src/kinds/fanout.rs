@@ -34,10 +34,10 @@ impl StageKind for Fanout {
         "fanout"
     }
     fn input(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn output(&self) -> Option<PortType> {
-        Some(PortType::of::<Delivery>(super::DELIVERY))
+        super::delivery()
     }
     fn check_options(
         &self,

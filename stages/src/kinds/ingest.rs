@@ -44,7 +44,7 @@ impl StageKind for Ingest {
         None
     }
     fn output(&self) -> Option<PortType> {
-        Some(PortType::of::<Stamped>(super::STAMPED))
+        super::stamped()
     }
     fn check_options(
         &self,

@@ -52,10 +52,10 @@ impl StageKind for PersistMongo {
         "persist-mongo"
     }
     fn input(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn output(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn check_options(
         &self,
@@ -64,8 +64,7 @@ impl StageKind for PersistMongo {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
-        let opts: Options = imflow_runtime::registry::decode_options(cx.options)
-            .map_err(|e| BuildError::stage(cx.name, e.message))?;
+        let opts: Options = super::options(cx)?;
         let out = cx.output::<Sequenced>()?;
         let errors = cx.error_counter();
         let mut tasks: Vec<StageTask> = Vec::new();

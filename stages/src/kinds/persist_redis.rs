@@ -35,10 +35,10 @@ impl StageKind for PersistRedis {
         "persist-redis"
     }
     fn input(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn output(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn check_options(
         &self,

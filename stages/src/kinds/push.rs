@@ -31,7 +31,7 @@ impl StageKind for Push {
         "push"
     }
     fn input(&self) -> Option<PortType> {
-        Some(PortType::of::<Delivery>(super::DELIVERY))
+        super::delivery()
     }
     fn output(&self) -> Option<PortType> {
         None

@@ -53,10 +53,10 @@ impl StageKind for SeqAssign {
         "seq-assign"
     }
     fn input(&self) -> Option<PortType> {
-        Some(PortType::of::<Stamped>(super::STAMPED))
+        super::stamped()
     }
     fn output(&self) -> Option<PortType> {
-        Some(PortType::of::<Sequenced>(super::SEQUENCED))
+        super::sequenced()
     }
     fn check_options(
         &self,
@@ -65,8 +65,7 @@ impl StageKind for SeqAssign {
         super::check::<Options>(options)
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
-        let opts: Options = imflow_runtime::registry::decode_options(cx.options)
-            .map_err(|e| BuildError::stage(cx.name, e.message))?;
+        let opts: Options = super::options(cx)?;
         let out = cx.output::<Sequenced>()?;
         let errors = cx.error_counter();
         let mut tasks: Vec<StageTask> = Vec::new();
