@@ -1,13 +1,20 @@
-//! `config/standalone.yaml`: where imflow listens, where it keeps its data,
-//! and the knobs of its doors. Every field has a default; environment
-//! variables override the two that differ per machine.
+//! The config file: where imflow listens, where it keeps its data, and the
+//! knobs of its doors. `config/standalone.yaml` uses the embedded store;
+//! `config/config.yaml` names the cluster's servers in the seed's shape
+//! (`kafka`, `etcd`, `mysql.dbMysqlAddress`, `mongo.dbAddress`,
+//! `redis.dbAddress`). Every field has a default; environment variables
+//! override the two that differ per machine.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use imflow_gateways::ws::WsSettings;
+use imflow_stages::store::mongo::MongoSettings;
+use imflow_stages::store::mysql::MysqlSettings;
+use imflow_stages::store::redis::RedisSettings;
 use imflow_stages::store::Durability;
+use imflow_stages::ClusterSettings;
 use serde::Deserialize;
 
 /// Shipped so a first run works out of the box; the log warns while it is used.
@@ -32,6 +39,119 @@ pub struct Config {
     /// When set, the pipeline's edges that name a topic are carried by Kafka
     /// (the cluster data plane); otherwise every edge is in memory.
     pub kafka: Option<KafkaConfig>,
+    /// Service discovery (the operators' cluster); checked, used by process
+    /// groups.
+    pub etcd: Option<EtcdConfig>,
+    /// With `mysql`, `mongo` and `redis` the stores are the cluster's
+    /// servers; without them, the embedded store in `data_dir`.
+    pub mysql: Option<MysqlConfig>,
+    pub mongo: Option<MongoConfig>,
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct EtcdConfig {
+    pub etcd_schema: String,
+    pub etcd_addr: Vec<String>,
+    pub user_name: String,
+    pub password: String,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            etcd_schema: "imflow".into(),
+            etcd_addr: vec!["127.0.0.1:2379".into()],
+            user_name: String::new(),
+            password: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MysqlConfig {
+    /// The master first, then replicas (reads that may lag go there).
+    pub db_mysql_address: Vec<String>,
+    pub db_mysql_user_name: String,
+    pub db_mysql_password: String,
+    pub db_mysql_database_name: String,
+    pub db_max_open_conns: u32,
+}
+
+impl Default for MysqlConfig {
+    fn default() -> Self {
+        let d = MysqlSettings::default();
+        MysqlConfig {
+            db_mysql_address: d.addrs,
+            db_mysql_user_name: d.username,
+            db_mysql_password: d.password,
+            db_mysql_database_name: d.database,
+            db_max_open_conns: d.max_connections,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MongoConfig {
+    /// A full `mongodb://` URI; overrides the fields below when set.
+    pub db_uri: String,
+    /// Servers (mongos when sharded).
+    pub db_address: Vec<String>,
+    pub db_database: String,
+    /// The authentication database.
+    pub db_source: String,
+    pub db_user_name: String,
+    pub db_password: String,
+    pub db_max_pool_size: u32,
+}
+
+impl Default for MongoConfig {
+    fn default() -> Self {
+        let d = MongoSettings::default();
+        MongoConfig {
+            db_uri: d.uri,
+            db_address: d.addrs,
+            db_database: d.database,
+            db_source: d.auth_source,
+            db_user_name: String::new(),
+            db_password: String::new(),
+            db_max_pool_size: d.max_pool_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisConfig {
+    /// One server, or the nodes of a Redis Cluster (`enableCluster: true`).
+    pub db_address: Vec<String>,
+    pub db_user_name: String,
+    pub db_pass_word: String,
+    pub enable_cluster: bool,
+    /// Namespace of every key imflow writes.
+    pub key_prefix: String,
+    /// Recent messages cached per conversation.
+    pub hot_messages: usize,
+    /// How long a resend is recognised (s).
+    pub resend_ttl_secs: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        let d = RedisSettings::default();
+        RedisConfig {
+            db_address: d.addrs,
+            db_user_name: String::new(),
+            db_pass_word: String::new(),
+            enable_cluster: d.cluster,
+            key_prefix: d.prefix,
+            hot_messages: d.hot_keep,
+            resend_ttl_secs: d.resend_ttl.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +225,10 @@ impl Default for Config {
             websocket: WsSettings::default(),
             shutdown_deadline_secs: 10,
             kafka: None,
+            etcd: None,
+            mysql: None,
+            mongo: None,
+            redis: None,
         }
     }
 }
@@ -134,7 +258,7 @@ impl Config {
                 .location()
                 .map(|l| format!(":{}:{}", l.line(), l.column()))
                 .unwrap_or_default();
-            anyhow::anyhow!("{file}{at}: {e}; see config/standalone.yaml in the imflow sources for every field and its default")
+            anyhow::anyhow!("{file}{at}: {e}; see config/standalone.yaml and config/config.yaml in the imflow sources for every field and its default")
         })
     }
 
@@ -168,10 +292,117 @@ impl Config {
                 bail!("{file}: kafka.addr must list brokers as host:port, e.g. [127.0.0.1:9092]");
             }
         }
+        let cluster = [
+            ("mysql", self.mysql.is_some()),
+            ("mongo", self.mongo.is_some()),
+            ("redis", self.redis.is_some()),
+        ];
+        if cluster.iter().any(|(_, set)| *set) {
+            if let Some((missing, _)) = cluster.iter().find(|(_, set)| !*set) {
+                bail!("{file}: `{missing}` is missing: cluster stores need all of mysql, mongo and redis (see config/config.yaml), or none of them for the embedded store");
+            }
+        }
+        fn addrs(file: &str, field: &str, list: &[String], example: &str) -> anyhow::Result<()> {
+            if list.is_empty() || list.iter().any(|a| a.trim().is_empty() || !a.contains(':')) {
+                bail!("{file}: {field} must list servers as host:port, e.g. [{example}]");
+            }
+            Ok(())
+        }
+        if let Some(m) = &self.mysql {
+            addrs(
+                file,
+                "mysql.dbMysqlAddress",
+                &m.db_mysql_address,
+                "127.0.0.1:13306",
+            )?;
+            if m.db_mysql_user_name.is_empty() {
+                bail!("{file}: mysql.dbMysqlUserName must be set, e.g. root");
+            }
+        }
+        if let Some(m) = &self.mongo {
+            if m.db_uri.is_empty() {
+                addrs(file, "mongo.dbAddress", &m.db_address, "127.0.0.1:37017")?;
+            } else if !m.db_uri.starts_with("mongodb://") && !m.db_uri.starts_with("mongodb+srv://")
+            {
+                bail!("{file}: mongo.dbUri must start with mongodb:// (or leave it empty and set mongo.dbAddress)");
+            }
+            if m.db_database.is_empty() {
+                bail!("{file}: mongo.dbDatabase must be set, e.g. imflow");
+            }
+        }
+        if let Some(r) = &self.redis {
+            addrs(file, "redis.dbAddress", &r.db_address, "127.0.0.1:16379")?;
+            if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
+                bail!("{file}: redis.keyPrefix must be non-empty without braces or spaces, e.g. imflow");
+            }
+            if r.resend_ttl_secs == 0 {
+                bail!("{file}: redis.resendTtlSecs must be at least 1, e.g. 86400");
+            }
+        }
+        if let Some(e) = &self.etcd {
+            addrs(file, "etcd.etcdAddr", &e.etcd_addr, "127.0.0.1:2379")?;
+        }
         if self.websocket.outgoing_queue == 0 || self.websocket.max_pending_acks == 0 {
             bail!("{file}: websocket.outgoing_queue and websocket.max_pending_acks must be at least 1");
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster's servers, when the config names them.
+    pub fn cluster_settings(&self) -> Option<ClusterSettings> {
+        let (m, g, r) = (
+            self.mysql.as_ref()?,
+            self.mongo.as_ref()?,
+            self.redis.as_ref()?,
+        );
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Some(ClusterSettings {
+            mysql: MysqlSettings {
+                addrs: m.db_mysql_address.clone(),
+                username: m.db_mysql_user_name.clone(),
+                password: m.db_mysql_password.clone(),
+                database: m.db_mysql_database_name.clone(),
+                max_connections: m.db_max_open_conns.max(1),
+            },
+            mongo: MongoSettings {
+                uri: g.db_uri.clone(),
+                addrs: g.db_address.clone(),
+                database: g.db_database.clone(),
+                username: some(&g.db_user_name),
+                password: some(&g.db_password),
+                auth_source: g.db_source.clone(),
+                max_pool_size: g.db_max_pool_size.max(1),
+            },
+            redis: RedisSettings {
+                addrs: r.db_address.clone(),
+                cluster: r.enable_cluster,
+                username: some(&r.db_user_name),
+                password: some(&r.db_pass_word),
+                prefix: r.key_prefix.clone(),
+                hot_keep: r.hot_messages,
+                resend_ttl: std::time::Duration::from_secs(r.resend_ttl_secs),
+                ..RedisSettings::default()
+            },
+        })
+    }
+
+    /// Where the data lives, for the start-up log.
+    pub fn stores_description(&self) -> String {
+        match (&self.mysql, &self.mongo, &self.redis) {
+            (Some(m), Some(g), Some(r)) => format!(
+                "mysql {} / mongo {} / redis {}",
+                m.db_mysql_address.join(","),
+                if g.db_uri.is_empty() {
+                    g.db_address.join(",")
+                } else {
+                    "(dbUri)".into()
+                },
+                r.db_address.join(",")
+            ),
+            _ => format!("embedded in {}", self.data_dir.display()),
+        }
     }
 }
 
@@ -186,6 +417,35 @@ mod tests {
             .to_string();
         assert!(err.starts_with("c.yaml:2:"), "{err}");
         assert!(err.contains("gatway"), "{err}");
+    }
+
+    #[test]
+    fn cluster_stores_need_all_three_sections() {
+        let c = Config::parse("c.yaml", "mysql: {}\nredis: {}\n").unwrap();
+        let err = c.check("c.yaml").unwrap_err().to_string();
+        assert!(err.contains("`mongo` is missing"), "{err}");
+        let c = Config::parse(
+            "c.yaml",
+            "mysql: {}\nmongo: {}\nredis: {dbAddress: [nowhere]}\n",
+        )
+        .unwrap();
+        let err = c.check("c.yaml").unwrap_err().to_string();
+        assert!(
+            err.contains("redis.dbAddress must list servers as host:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_cluster_config_points_at_the_seed_ports() {
+        let text = include_str!("../config/config.yaml");
+        let c = Config::parse("config/config.yaml", text).unwrap();
+        c.check("config/config.yaml").unwrap();
+        let s = c.cluster_settings().expect("cluster stores");
+        assert_eq!(s.mysql.addrs, ["127.0.0.1:13306"]);
+        assert_eq!(s.mongo.addrs, ["127.0.0.1:37017"]);
+        assert_eq!(s.redis.addrs, ["127.0.0.1:16379"]);
+        assert_eq!(c.kafka.unwrap().addr, ["127.0.0.1:9092"]);
     }
 
     #[test]

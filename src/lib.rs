@@ -15,8 +15,8 @@ use imflow_gateways::auth::Auth;
 use imflow_gateways::connections::Connections;
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
-use imflow_stages::store::Store;
-use imflow_stages::{register_all, Services};
+use imflow_stages::store::SqliteStore;
+use imflow_stages::{register_all, Backends, Services};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -83,17 +83,29 @@ impl Server {
         // Install the recorder first: metric handles created before it exists
         // would record nowhere.
         let prom = prometheus();
-        let store = Store::open(&cfg.data_dir, cfg.store.durability)
-            .await
-            .with_context(|| format!("opening the data directory {}", cfg.data_dir.display()))?;
+        let backends = match cfg.cluster_settings() {
+            Some(settings) => Backends::cluster(&settings).await?,
+            None => {
+                let store = SqliteStore::open(&cfg.data_dir, cfg.store.durability)
+                    .await
+                    .with_context(|| {
+                        format!("opening the data directory {}", cfg.data_dir.display())
+                    })?;
+                Backends::embedded(store, cfg.store.dedup_remember)
+            }
+        };
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
-        let services =
-            Services::open(store.clone(), conns.clone(), cfg.store.dedup_remember).await?;
+        let services = Services::open(backends.clone(), conns.clone()).await?;
         let registry = kinds_for_checking(&services);
         let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
         tracing::info!(%pipeline, "pipeline compiled");
 
-        let auth = Auth::new(store.clone(), cfg.admin_secret.clone(), cfg.token_ttl_secs).await?;
+        let auth = Auth::new(
+            services.directory.clone(),
+            cfg.admin_secret.clone(),
+            cfg.token_ttl_secs,
+        )
+        .await?;
         let api = Arc::new(Api {
             services: services.clone(),
             auth,
@@ -168,7 +180,7 @@ impl Server {
                 .with_graceful_shutdown(async move { rest_stop.cancelled().await })
                 .await
         });
-        tracing::info!(gateway = %gateway_addr, api = %api_addr, data_dir = %cfg.data_dir.display(), "imflow serving");
+        tracing::info!(gateway = %gateway_addr, api = %api_addr, stores = cfg.stores_description(), "imflow serving");
 
         let deadline = Duration::from_secs(cfg.shutdown_deadline_secs);
         let stop_signal = stop.clone();
@@ -192,7 +204,7 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
             let _ = ws_task.await;
             let _ = tokio::time::timeout(Duration::from_secs(2), rest_task).await;
-            store.close().await;
+            backends.close().await;
             tracing::info!(drained, "imflow stopped");
             match failure {
                 Some(f) => Err(anyhow::anyhow!(f)),

@@ -74,12 +74,13 @@ async fn check_pipeline(
     file: &std::path::Path,
 ) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
     let tmp = std::env::temp_dir().join(format!("imflow-validate-{}", std::process::id()));
-    let store = imflow_stages::store::Store::open(&tmp, Default::default()).await?;
+    let store = imflow_stages::store::SqliteStore::open(&tmp, Default::default()).await?;
+    let backends = imflow_stages::Backends::embedded(store, 0);
     let conns = std::sync::Arc::new(imflow_gateways::connections::Connections::new(1));
-    let services = imflow_stages::Services::new(store.clone(), conns, 0);
+    let services = imflow_stages::Services::new(backends.clone(), conns);
     let registry = kinds_for_checking(&services);
     let result = load_pipeline(file, true, &registry);
-    store.close().await;
+    backends.close().await;
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }

@@ -14,7 +14,7 @@ use imflow_stages::dedup::{Claim, DedupIndex};
 use imflow_stages::model::{
     check_content, new_server_msg_id, SendRequest, Sequenced, Stamped, Target,
 };
-use imflow_stages::store::{Durability, Store};
+use imflow_stages::store::{Durability, History, SqliteStore};
 use imflow_stages::{Presence, PushItem};
 
 const SEND: &str = r#"{"op":"send","rid":"r17","client_msg_id":"c-000017","recv_id":"bob","content_type":101,"content":{"text":"hello, how are you doing today?"}}"#;
@@ -118,7 +118,7 @@ fn store(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = rt
-        .block_on(Store::open(dir.path(), Durability::Normal))
+        .block_on(SqliteStore::open(dir.path(), Durability::Normal))
         .unwrap();
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(100));
@@ -139,7 +139,7 @@ fn store(c: &mut Criterion) {
                     })
                     .collect::<Vec<_>>()
             },
-            |batch| rt.block_on(store.commit_messages(batch)).unwrap(),
+            |batch| rt.block_on(store.commit(batch)).unwrap(),
             BatchSize::SmallInput,
         )
     });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use imflow_stages::model::{
     check_id, valid_platform, Conversation, ErrorCode, ImError, SendRequest, MAX_PULL_SPAN,
 };
-use imflow_stages::store::{ConversationState, GroupState, Role};
+use imflow_stages::store::{self, ConversationState, GroupState, Role};
 use imflow_stages::{PendingAck, Services};
 
 use crate::auth::Auth;
@@ -28,7 +28,19 @@ impl Api {
     }
 
     pub async fn sync(&self, user: &str) -> Result<Vec<ConversationState>, ImError> {
-        Ok(self.services.store.conversations_of(user).await?)
+        let rows = self.services.directory.conversations_of(user).await?;
+        let ids: Vec<Arc<str>> = rows.iter().map(|(c, _)| Arc::from(c.as_str())).collect();
+        let max =
+            store::visible_max_seqs(&*self.services.hot, &*self.services.history, &ids).await?;
+        Ok(rows
+            .into_iter()
+            .zip(ids)
+            .map(|((conversation_id, read_seq), id)| ConversationState {
+                conversation_id,
+                max_seq: max.get(&id).copied().unwrap_or(0),
+                read_seq,
+            })
+            .collect())
     }
 
     /// Authorise and parse a conversation id for `user`.
@@ -41,11 +53,11 @@ impl Api {
             ImError::bad_request(format!("`{conversation_id}` is not a conversation id"))
         })?;
         if let Conversation::Group(g) = &conv {
-            if self.services.store.group(g).await?.is_none() {
+            if self.services.directory.group(g).await?.is_none() {
                 return Err(ImError::not_found(format!("no group {g}")));
             }
         }
-        if !self.services.store.is_participant(user, &conv).await? {
+        if !store::is_participant(&*self.services.directory, user, &conv).await? {
             return Err(ImError::forbidden(format!(
                 "{user} does not take part in {conversation_id}"
             )));
@@ -76,13 +88,13 @@ impl Api {
         if from > to {
             return Ok(Vec::new());
         }
-        if let Some(hit) = self.services.hot.range(conversation_id, from, to) {
+        if let Some(hit) = self.services.hot.range(conversation_id, from, to).await {
             return Ok(hit.into_iter().map(|(_, b)| b).collect());
         }
         Ok(self
             .services
-            .store
-            .messages(conversation_id, from, to)
+            .history
+            .range(conversation_id, from, to)
             .await?
             .into_iter()
             .map(|(_, b)| b)
@@ -98,9 +110,18 @@ impl Api {
         from_conn: Option<u64>,
     ) -> Result<u64, ImError> {
         self.participant(user, conversation_id).await?;
+        // Never past the last message.
+        let id: Arc<str> = Arc::from(conversation_id);
+        let max = store::visible_max_seqs(
+            &*self.services.hot,
+            &*self.services.history,
+            std::slice::from_ref(&id),
+        )
+        .await?;
+        let seq = seq.min(max.get(&id).copied().unwrap_or(0));
         let read_seq = self
             .services
-            .store
+            .directory
             .set_read(user, conversation_id, seq)
             .await?;
         let frame =
@@ -121,18 +142,18 @@ impl Api {
         for (id, _) in &users {
             check_id("user_id", id)?;
         }
-        Ok(self.services.store.register_users(&users).await?)
+        Ok(self.services.directory.register_users(&users).await?)
     }
 
-    pub fn token(&self, user_id: &str, platform: i64) -> Result<(String, i64), ImError> {
+    pub async fn token(&self, user_id: &str, platform: i64) -> Result<(String, i64), ImError> {
         check_id("user_id", user_id)?;
         if !valid_platform(platform) {
             return Err(ImError::bad_request("platform must be 1 to 9"));
         }
-        if !self.services.store.user_exists(user_id) {
+        if !self.services.directory.user_exists(user_id).await? {
             return Err(ImError::not_found(format!("no user {user_id}")));
         }
-        self.auth.issue(user_id, platform as u8)
+        self.auth.issue(user_id, platform as u8).await
     }
 
     pub async fn logout(&self, user_id: &str, platform: Option<i64>) -> Result<(), ImError> {
@@ -142,11 +163,11 @@ impl Api {
             Some(_) => return Err(ImError::bad_request("platform must be 1 to 9")),
             None => (1..=9).collect(),
         };
-        if !self.services.store.user_exists(user_id) {
+        if !self.services.directory.user_exists(user_id).await? {
             return Err(ImError::not_found(format!("no user {user_id}")));
         }
         self.services
-            .store
+            .directory
             .bump_generation(user_id, &platforms)
             .await?;
         for p in &platforms {
@@ -160,7 +181,7 @@ impl Api {
     async fn group(&self, group_id: &str) -> Result<Arc<GroupState>, ImError> {
         check_id("group_id", group_id)?;
         self.services
-            .store
+            .directory
             .group(group_id)
             .await?
             .ok_or_else(|| ImError::not_found(format!("no group {group_id}")))
@@ -187,7 +208,7 @@ impl Api {
             return Err(ImError::bad_request("name may be at most 256 characters"));
         }
         self.services
-            .store
+            .directory
             .create_group(&group_id, &name, owner, &members)
             .await?;
         Ok(group_id)
@@ -211,7 +232,11 @@ impl Api {
         for u in &users {
             check_id("user_ids", u)?;
         }
-        Ok(self.services.store.add_members(group_id, &users).await?)
+        Ok(self
+            .services
+            .directory
+            .add_members(group_id, &users)
+            .await?)
     }
 
     pub async fn remove_member(
@@ -254,7 +279,10 @@ impl Api {
                 }
             }
         }
-        self.services.store.remove_member(group_id, user).await?;
+        self.services
+            .directory
+            .remove_member(group_id, user)
+            .await?;
         Ok(())
     }
 
@@ -284,7 +312,11 @@ impl Api {
                 "{user} is not a member of group {group_id}"
             ))),
             Some(Role::Owner) => Err(ImError::conflict("the owner's role cannot be changed")),
-            Some(_) => Ok(self.services.store.set_role(group_id, user, role).await?),
+            Some(_) => Ok(self
+                .services
+                .directory
+                .set_role(group_id, user, role)
+                .await?),
         }
     }
 
@@ -301,11 +333,13 @@ impl Api {
                 "{caller} is not a member of group {group_id}"
             )));
         }
-        Ok(self
-            .services
-            .store
-            .members_page(group_id, offset, limit.clamp(1, 1000))
-            .await?)
+        Ok(store::members_page(
+            &*self.services.directory,
+            group_id,
+            offset,
+            limit.clamp(1, 1000),
+        )
+        .await?)
     }
 }
 

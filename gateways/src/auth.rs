@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use imflow_stages::model::{now_ms, ImError};
-use imflow_stages::store::Store;
+use imflow_stages::store::Directory;
 
 use crate::error::Error;
 
@@ -37,21 +37,23 @@ pub struct Auth {
     validation: Validation,
     ttl_secs: i64,
     admin_secret: String,
-    store: Arc<Store>,
+    directory: Arc<dyn Directory>,
 }
 
 impl Auth {
     /// `signing_key` signs tokens; it is kept in the store so tokens survive
     /// restarts (created at random on first run).
     pub async fn new(
-        store: Arc<Store>,
+        directory: Arc<dyn Directory>,
         admin_secret: String,
         ttl_secs: i64,
     ) -> Result<Self, Error> {
         let mut fresh = [0u8; 32];
         getrandom::fill(&mut fresh).map_err(|e| Error::Random(e.to_string()))?;
         let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
-        let key = store.setting_or_insert("token_signing_key", &hex).await?;
+        let key = directory
+            .setting_or_insert("token_signing_key", &hex)
+            .await?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -61,7 +63,7 @@ impl Auth {
             validation,
             ttl_secs,
             admin_secret,
-            store,
+            directory,
         })
     }
 
@@ -78,12 +80,12 @@ impl Auth {
     }
 
     /// Issue a token; returns it and its expiry (ms since the epoch).
-    pub fn issue(&self, user_id: &str, platform: u8) -> Result<(String, i64), ImError> {
+    pub async fn issue(&self, user_id: &str, platform: u8) -> Result<(String, i64), ImError> {
         let now = now_ms() / 1000;
         let claims = Claims {
             sub: user_id.to_string(),
             plt: platform,
-            gen: self.store.token_generation(user_id, platform),
+            gen: self.directory.token_generation(user_id, platform).await?,
             iat: now,
             exp: now + self.ttl_secs,
         };
@@ -93,7 +95,7 @@ impl Auth {
     }
 
     /// Check a token: signature, expiry, revocation, and that the user exists.
-    pub fn verify(&self, token: &str) -> Result<Identity, ImError> {
+    pub async fn verify(&self, token: &str) -> Result<Identity, ImError> {
         let unauthorized = |m: &str| ImError::new(imflow_stages::model::ErrorCode::Unauthorized, m);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
@@ -101,10 +103,10 @@ impl Auth {
                 _ => unauthorized("invalid token"),
             })?;
         let c = data.claims;
-        if c.gen < self.store.token_generation(&c.sub, c.plt) {
+        if c.gen < self.directory.token_generation(&c.sub, c.plt).await? {
             return Err(unauthorized("token revoked"));
         }
-        if !self.store.user_exists(&c.sub) {
+        if !self.directory.user_exists(&c.sub).await? {
             return Err(unauthorized("unknown user"));
         }
         Ok(Identity {

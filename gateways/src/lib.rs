@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod connections;
 pub mod error;
+pub mod handshake;
 pub mod rest;
 pub mod ws;
 

@@ -67,7 +67,7 @@ impl FromRequestParts<RestState> for Caller {
             .and_then(|v| v.to_str().ok());
         let token = token_from(auth, None)
             .ok_or_else(|| ImError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-        Ok(Caller(state.api.auth.verify(&token)?))
+        Ok(Caller(state.api.auth.verify(&token).await?))
     }
 }
 
@@ -156,7 +156,7 @@ struct TokenBody {
 
 async fn token(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
     let b: TokenBody = body(&bytes)?;
-    let (token, expires_at) = s.api.token(&b.user_id, b.platform)?;
+    let (token, expires_at) = s.api.token(&b.user_id, b.platform).await?;
     Ok(Json(json!({"token": token, "expires_at": expires_at})))
 }
 

@@ -33,6 +33,7 @@ use imflow_stages::model::{
 use crate::api::Api;
 use crate::auth::{token_from, Identity};
 use crate::connections::{ConnHandle, Outbound};
+use crate::handshake::{read_head, Replay};
 
 /// Largest frame a client may send (PROTOCOL.md).
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
@@ -141,37 +142,46 @@ async fn accept(
     );
     let has_slot = api.conns.try_reserve(settings.max_connections);
     let _slot = has_slot.then(|| Slot(&api.conns));
+    let mut stream = stream;
+    let (head, bytes) =
+        match tokio::time::timeout(Duration::from_secs(10), read_head(&mut stream)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(_)) | Err(_) => return Ok(()),
+        };
+    // Decided here, where lookups may wait; the handshake callback only
+    // hands the verdict to tungstenite.
+    let verdict: Result<Identity, (u16, ErrorCode, String)> = if head.path != "/ws" {
+        Err((
+            404,
+            ErrorCode::NotFound,
+            "the WebSocket endpoint is /ws".into(),
+        ))
+    } else if !has_slot {
+        Err((
+            503,
+            ErrorCode::Unavailable,
+            "this gateway is at its connection limit".into(),
+        ))
+    } else {
+        match token_from(head.authorization.as_deref(), head.query.as_deref()) {
+            None => Err((401, ErrorCode::Unauthorized, "missing token".into())),
+            Some(token) => api
+                .auth
+                .verify(&token)
+                .await
+                .map_err(|e| (401, ErrorCode::Unauthorized, e.message)),
+        }
+    };
     let mut identity: Option<Identity> = None;
     // The handshake callback's error type is fixed by tungstenite.
     #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() != "/ws" {
-            return Err(refuse(
-                404,
-                ErrorCode::NotFound,
-                "the WebSocket endpoint is /ws",
-            ));
-        }
-        if !has_slot {
-            return Err(refuse(
-                503,
-                ErrorCode::Unavailable,
-                "this gateway is at its connection limit",
-            ));
-        }
-        let auth = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let Some(token) = token_from(auth, req.uri().query()) else {
-            return Err(refuse(401, ErrorCode::Unauthorized, "missing token"));
-        };
-        match api.auth.verify(&token) {
+    let callback = |_: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        match verdict {
             Ok(id) => {
                 identity = Some(id);
                 Ok(resp)
             }
-            Err(e) => Err(refuse(401, ErrorCode::Unauthorized, &e.message)),
+            Err((status, code, message)) => Err(refuse(status, code, &message)),
         }
     };
     let config = WebSocketConfig::default()
@@ -181,7 +191,11 @@ async fn accept(
         .write_buffer_size(16 * 1024)
         .max_message_size(Some(HARD_FRAME_LIMIT))
         .max_frame_size(Some(HARD_FRAME_LIMIT));
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        Replay::new(bytes, stream),
+        callback,
+        Some(config),
+    );
     let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(r) => r?,
         Err(_) => return Ok(()),
@@ -560,17 +574,17 @@ mod tests {
     use crate::api::Api;
     use crate::auth::{Auth, Identity};
     use crate::connections::Connections;
-    use imflow_stages::store::{Durability, Store};
-    use imflow_stages::Services;
+    use imflow_stages::store::{Directory, Durability, SqliteStore};
+    use imflow_stages::{Backends, Services};
 
     async fn api(dir: &std::path::Path) -> Arc<Api> {
-        let store = Store::open(dir, Durability::Normal).await.unwrap();
+        let store = SqliteStore::open(dir, Durability::Normal).await.unwrap();
         store
             .register_users(&[("alice".into(), None)])
             .await
             .unwrap();
         let conns = Arc::new(Connections::new(16));
-        let services = Services::new(store.clone(), conns.clone(), 0);
+        let services = Services::new(Backends::embedded(store.clone(), 0), conns.clone());
         let auth = Auth::new(store, "a-long-admin-secret".into(), 60)
             .await
             .unwrap();

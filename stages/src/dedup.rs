@@ -224,6 +224,11 @@ impl DedupIndex {
         self.lock().in_flight.len()
     }
 
+    /// How many stored messages it remembers at most.
+    pub fn capacity(&self) -> usize {
+        self.lock().cap
+    }
+
     pub fn remembered(&self) -> usize {
         self.lock().remembered.len()
     }

@@ -3,8 +3,12 @@ use crate::model::ImError;
 /// Errors of the stage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("embedded store: {0}")]
+    #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    /// A cluster backend (MySQL, MongoDB, Redis) failed or is misconfigured;
+    /// the message names the setting.
+    #[error("{0}")]
+    Backend(String),
     #[error("embedded store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("embedded store at {path}: {source}")]

@@ -2,10 +2,14 @@
 //! recent messages of each conversation, so catching up after a short
 //! disconnect does not touch the disk.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use dashmap::DashMap;
+
+use crate::model::Sequenced;
+use crate::store::Hot;
 
 pub struct HotCache {
     keep: usize,
@@ -53,6 +57,31 @@ impl HotCache {
 
     pub fn conversations(&self) -> usize {
         self.recent.len()
+    }
+}
+
+#[async_trait]
+impl Hot for HotCache {
+    async fn insert(&self, messages: &[&Sequenced]) -> crate::error::Result<()> {
+        for m in messages {
+            HotCache::insert(self, &m.msg.conversation_id, m.seq, &m.body);
+        }
+        Ok(())
+    }
+
+    async fn range(&self, conversation: &str, from: u64, to: u64) -> Option<Vec<(u64, Arc<str>)>> {
+        HotCache::range(self, conversation, from, to)
+    }
+
+    async fn max_seqs(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, u64> {
+        conversations
+            .iter()
+            .filter_map(|c| {
+                let q = self.recent.get(c)?;
+                let (last, _) = q.back()?;
+                Some((c.clone(), *last))
+            })
+            .collect()
     }
 }
 

@@ -1,9 +1,10 @@
 //! imflow's stage kinds and the stores behind them.
 //!
 //! Each kind is one file under [`kinds`] and one line in [`register_all`].
-//! Stages reach the outside world only through [`Services`]: the store, the
-//! hot cache, the dedup index, and the [`Presence`] a gateway implements so
-//! `push` can reach connections without this crate knowing about sockets.
+//! Stages reach the outside world only through [`Services`]: the store roles
+//! of [`store`] (embedded or cluster, chosen by [`Backends`]), the resend
+//! keys, and the [`Presence`] a gateway implements so `push` can reach
+//! connections without this crate knowing about sockets.
 
 pub mod dedup;
 pub mod error;
@@ -18,6 +19,10 @@ use imflow_runtime::Registry;
 
 pub use error::Error;
 pub use kinds::ingest::{IngestHandle, PendingAck};
+use store::mongo::{MongoHistory, MongoSettings};
+use store::mysql::{MysqlDirectory, MysqlSettings};
+use store::redis::{Redis, RedisHot, RedisSequencer, RedisSettings};
+use store::{Directory, History, Hot, LocalSequencer, Sequencer, SqliteStore};
 
 /// A message on its way to one user's connections.
 #[derive(Debug, Clone)]
@@ -34,42 +39,107 @@ pub trait Presence: Send + Sync + 'static {
     fn deliver(&self, user: &str, item: &PushItem);
 }
 
-/// What the stages share with each other and with the doors.
+/// Where resends are recognised.
 #[derive(Clone)]
-pub struct Services {
-    pub store: Arc<store::Store>,
-    pub hot: Arc<hot::HotCache>,
-    pub dedup: Arc<dedup::DedupIndex>,
-    pub presence: Arc<dyn Presence>,
-    pub ingest: IngestHandle,
+pub enum Resends {
+    /// In this process (standalone): `seq-assign` claims each key and
+    /// `persist-mongo` settles it after the commit.
+    Local(Arc<dedup::DedupIndex>),
+    /// In Redis (cluster): `ingest` claims each key before the message
+    /// enters the pipeline, so with Kafka edges (where the client's ack comes
+    /// before the seq) a resend in flight still gets the first's ids.
+    Redis(Arc<Redis>),
+}
+
+/// One set of store roles: embedded or cluster.
+#[derive(Clone)]
+pub struct Backends {
+    pub directory: Arc<dyn Directory>,
+    pub history: Arc<dyn History>,
+    pub hot: Arc<dyn Hot>,
+    pub sequencer: Arc<dyn Sequencer>,
+    pub resends: Resends,
+}
+
+/// Where the cluster's servers are.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSettings {
+    pub mysql: MysqlSettings,
+    pub mongo: MongoSettings,
+    pub redis: RedisSettings,
 }
 
 /// How many recently stored messages the resend index remembers by default.
 pub const DEFAULT_DEDUP_REMEMBER: usize = 1_000_000;
 
+impl Backends {
+    /// Standalone: everything in one SQLite file and this process's memory.
+    pub fn embedded(store: Arc<SqliteStore>, remember: usize) -> Backends {
+        let history: Arc<dyn History> = store.clone();
+        Backends {
+            directory: store,
+            sequencer: Arc::new(LocalSequencer::new(history.clone())),
+            history,
+            hot: Arc::new(hot::HotCache::new(64)),
+            resends: Resends::Local(Arc::new(dedup::DedupIndex::new(remember))),
+        }
+    }
+
+    /// Cluster: MySQL, MongoDB and Redis. Fails within seconds, naming the
+    /// setting, when a server does not answer or refuses the credentials.
+    pub async fn cluster(settings: &ClusterSettings) -> Result<Backends, Error> {
+        let redis = Redis::connect(settings.redis.clone()).await?;
+        let history: Arc<dyn History> = MongoHistory::connect(&settings.mongo).await?;
+        let directory = MysqlDirectory::connect(&settings.mysql, Some(redis.clone())).await?;
+        Ok(Backends {
+            directory,
+            sequencer: Arc::new(RedisSequencer::new(redis.clone(), history.clone())),
+            history,
+            hot: Arc::new(RedisHot::new(redis.clone())),
+            resends: Resends::Redis(redis),
+        })
+    }
+
+    pub async fn close(&self) {
+        self.directory.close().await;
+        self.history.close().await;
+    }
+}
+
+/// What the stages share with each other and with the doors.
+#[derive(Clone)]
+pub struct Services {
+    pub directory: Arc<dyn Directory>,
+    pub history: Arc<dyn History>,
+    pub hot: Arc<dyn Hot>,
+    pub sequencer: Arc<dyn Sequencer>,
+    pub resends: Resends,
+    pub presence: Arc<dyn Presence>,
+    pub ingest: IngestHandle,
+}
+
 impl Services {
-    /// Services over `store`; the resend index starts with the keys of the
-    /// `remember` most recent stored messages.
-    pub async fn open(
-        store: Arc<store::Store>,
-        presence: Arc<dyn Presence>,
-        remember: usize,
-    ) -> Result<Self, Error> {
-        let s = Self::new(store, presence, remember);
-        let rows = s.store.recent_sent(remember).await?;
-        s.dedup.remember_stored(rows);
-        tracing::info!(remembered = s.dedup.remembered(), "resend index loaded");
+    /// Services over `backends`; an in-process resend index starts with the
+    /// keys of the most recent stored messages.
+    pub async fn open(backends: Backends, presence: Arc<dyn Presence>) -> Result<Self, Error> {
+        let s = Self::new(backends, presence);
+        if let Resends::Local(index) = &s.resends {
+            let rows = s.history.recent_sent(index.capacity()).await?;
+            index.remember_stored(rows);
+            tracing::info!(remembered = index.remembered(), "resend index loaded");
+        }
         Ok(s)
     }
 
-    /// Services with an empty resend index (for checking pipelines).
-    pub fn new(store: Arc<store::Store>, presence: Arc<dyn Presence>, remember: usize) -> Self {
-        let dedup = Arc::new(dedup::DedupIndex::new(remember));
+    /// Services with nothing loaded (for checking pipelines).
+    pub fn new(backends: Backends, presence: Arc<dyn Presence>) -> Self {
         Services {
-            ingest: IngestHandle::new(store.clone(), dedup.clone()),
-            hot: Arc::new(hot::HotCache::new(64)),
-            store,
-            dedup,
+            ingest: IngestHandle::new(backends.directory.clone(), backends.resends.clone()),
+            directory: backends.directory,
+            history: backends.history,
+            hot: backends.hot,
+            sequencer: backends.sequencer,
+            resends: backends.resends,
             presence,
         }
     }

@@ -10,7 +10,7 @@ use imflow_runtime::{
 use serde::Deserialize;
 
 use crate::model::{Delivery, Sequenced, Target};
-use crate::store::Store;
+use crate::store::Directory;
 use crate::Services;
 
 #[derive(Deserialize, Default)]
@@ -18,13 +18,13 @@ use crate::Services;
 struct Options {}
 
 pub struct Fanout {
-    store: Arc<Store>,
+    directory: Arc<dyn Directory>,
 }
 
 impl Fanout {
     pub fn new(services: &Services) -> Self {
         Fanout {
-            store: services.store.clone(),
+            directory: services.directory.clone(),
         }
     }
 }
@@ -53,7 +53,7 @@ impl StageKind for Fanout {
             tasks.push(Box::pin(run(
                 input,
                 out.clone(),
-                self.store.clone(),
+                self.directory.clone(),
                 errors.clone(),
             )));
         }
@@ -64,7 +64,7 @@ impl StageKind for Fanout {
 async fn run(
     mut input: Input<Sequenced>,
     out: Output<Delivery>,
-    store: Arc<Store>,
+    directory: Arc<dyn Directory>,
     errors: metrics::Counter,
 ) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
@@ -74,7 +74,7 @@ async fn run(
             let recipients: Arc<[Arc<str>]> = match &item.msg.target {
                 Target::User(r) if *r == item.msg.sender => Arc::from(vec![r.clone()]),
                 Target::User(r) => Arc::from(vec![item.msg.sender.clone(), r.clone()]),
-                Target::Group(g) => match store.group(g).await {
+                Target::Group(g) => match directory.group(g).await {
                     Ok(Some(group)) => group.members.clone(),
                     Ok(None) => Arc::from(Vec::new()),
                     Err(e) => {

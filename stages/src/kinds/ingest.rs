@@ -5,6 +5,7 @@
 //! once the message is durable, or to the first message's ids for a resend.
 
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use imflow_runtime::{
     Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, StageKind, StageTask,
@@ -12,13 +13,13 @@ use imflow_runtime::{
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::dedup::DedupIndex;
 use crate::model::{
     check_content, check_id, new_server_msg_id, now_ms, partition_key, valid_client_msg_id,
     AckInfo, Conversation, ImError, SendRequest, Stamped, Target,
 };
-use crate::store::Store;
-use crate::Services;
+use crate::store::redis::{Redis, ResendClaim};
+use crate::store::Directory;
+use crate::{Resends, Services};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -74,8 +75,8 @@ pub struct IngestHandle {
 
 struct Inner {
     output: RwLock<Option<Output<Stamped>>>,
-    store: Arc<Store>,
-    dedup: Arc<DedupIndex>,
+    directory: Arc<dyn Directory>,
+    resends: Resends,
 }
 
 /// The answer to a send, once there is one.
@@ -111,12 +112,12 @@ fn answer(info: AckInfo, status: AckStatus) -> Result<AckInfo, ImError> {
 }
 
 impl IngestHandle {
-    pub fn new(store: Arc<Store>, dedup: Arc<DedupIndex>) -> Self {
+    pub fn new(directory: Arc<dyn Directory>, resends: Resends) -> Self {
         IngestHandle {
             inner: Arc::new(Inner {
                 output: RwLock::new(None),
-                store,
-                dedup,
+                directory,
+                resends,
             }),
         }
     }
@@ -137,20 +138,31 @@ impl IngestHandle {
     /// Check, stamp and submit a message from `sender`. Waits only while the
     /// pipeline is full (backpressure); the durable ack comes later.
     pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
-        let msg = self.stamp(sender, req).await?;
-        if let Some(first) = self.inner.dedup.durable(sender, &msg.client_msg_id) {
-            return Ok(PendingAck::Ready(Ok(first)));
-        }
+        let mut msg = self.stamp(sender, req).await?;
         let output = match self.inner.output.read() {
             Ok(o) => o.clone(),
             Err(_) => None,
         }
         .ok_or_else(|| ImError::unavailable("the server is shutting down"))?;
         let (tx, rx) = oneshot::channel();
-        let info = msg.ack_info();
-        let ack = Ack::new(move |status| {
-            let _ = tx.send(answer(info, status));
-        });
+        let ack = match &self.inner.resends {
+            Resends::Local(index) => {
+                if let Some(first) = index.durable(sender, &msg.client_msg_id) {
+                    return Ok(PendingAck::Ready(Ok(first)));
+                }
+                let info = msg.ack_info();
+                Ack::new(move |status| {
+                    let _ = tx.send(answer(info, status));
+                })
+            }
+            Resends::Redis(redis) => {
+                let token = match claim(redis, &mut msg).await? {
+                    Ok(token) => token,
+                    Err(first) => return Ok(PendingAck::Ready(Ok(first))),
+                };
+                settle_in_redis(redis.clone(), &msg, token, tx)
+            }
+        };
         let key = partition_key(&msg.conversation_id);
         output
             .send(Envelope::new(key, msg, ack))
@@ -169,7 +181,13 @@ impl IngestHandle {
         let (target, conversation) = match (req.recv_id, req.group_id) {
             (Some(r), None) => {
                 check_id("recv_id", &r)?;
-                if !self.inner.store.user_exists(&r) {
+                if !self
+                    .inner
+                    .directory
+                    .user_exists(&r)
+                    .await
+                    .map_err(|e| e.to_client())?
+                {
                     return Err(ImError::not_found(format!("no user {r}")));
                 }
                 let conv = Conversation::single(sender, &r);
@@ -179,7 +197,7 @@ impl IngestHandle {
                 check_id("group_id", &g)?;
                 let group = self
                     .inner
-                    .store
+                    .directory
                     .group(&g)
                     .await
                     .map_err(|e| e.to_client())?
@@ -211,4 +229,68 @@ impl IngestHandle {
             send_time: now_ms(),
         })
     }
+}
+
+/// Claim the resend key of `msg` in Redis: `Ok(token)` to go on (with the
+/// first's ids when taking over a dead sender's claim), `Err(first)` when
+/// the first message is durable. While the first is on its way, asks again
+/// until it is durable, or its claim is released or taken over.
+async fn claim(redis: &Redis, msg: &mut Stamped) -> Result<Result<String, AckInfo>, ImError> {
+    let started = Instant::now();
+    let give_up = redis.settings().resend_takeover + Duration::from_secs(10);
+    loop {
+        match redis.claim_resend(msg).await.map_err(|e| e.to_client())? {
+            ResendClaim::New { token } => return Ok(Ok(token)),
+            ResendClaim::TakeOver { first, token } => {
+                // The same ids: if the first did reach the pipeline,
+                // seq-assign recognises this one as its replay.
+                msg.server_msg_id = first.server_msg_id.into();
+                msg.send_time = first.send_time;
+                return Ok(Ok(token));
+            }
+            ResendClaim::Durable(first) => return Ok(Err(first)),
+            ResendClaim::Pending if started.elapsed() < give_up => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ResendClaim::Pending => {
+                return Err(ImError::unavailable(
+                    "the first copy of this message is still being stored; send it again",
+                ))
+            }
+        }
+    }
+}
+
+/// The ack of a message claimed in Redis: once durable, the claim says so
+/// (later resends get the ids at once); if it fails, the claim is released
+/// so a resend can try again.
+fn settle_in_redis(
+    redis: Arc<Redis>,
+    msg: &Stamped,
+    token: String,
+    tx: oneshot::Sender<Result<AckInfo, ImError>>,
+) -> Ack {
+    let info = msg.ack_info();
+    let sender = msg.sender.clone();
+    let client_msg_id = msg.client_msg_id.clone();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return Ack::new(move |status| {
+            let _ = tx.send(answer(info, status));
+        });
+    };
+    Ack::new(move |status| {
+        rt.spawn(async move {
+            let done = match &status {
+                AckStatus::Delivered => redis.resend_durable(&sender, &client_msg_id, &info).await,
+                AckStatus::Failed(_) => redis.resend_release(&sender, &client_msg_id, &token).await,
+                AckStatus::Duplicate(_) => Ok(()),
+            };
+            if let Err(e) = done {
+                // Durable but not marked: a resend waits for the takeover and
+                // is then recognised by seq-assign as a replay.
+                tracing::warn!(error = %e, "resend key not updated");
+            }
+            let _ = tx.send(answer(info, status));
+        });
+    })
 }

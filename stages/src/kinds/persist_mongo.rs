@@ -1,6 +1,9 @@
 //! `persist-mongo`: writes the durable history in batches, idempotently, and
-//! only then releases each message's ack (the client's "ack" frame). In
-//! standalone mode the history is the embedded store.
+//! only then releases each message's ack (the client's "ack" frame, or with
+//! Kafka edges the offset commit of its input). The history is MongoDB in
+//! cluster mode and the embedded store in standalone mode. A single chat's
+//! first message also makes the chat appear in both users' conversation
+//! lists, before the ack.
 //!
 //! A failed commit is retried, never skipped: skipping would leave a hole in
 //! the conversation's seqs. While it retries, backpressure stops the senders.
@@ -14,10 +17,9 @@ use imflow_runtime::{
 };
 use serde::Deserialize;
 
-use crate::dedup::DedupIndex;
-use crate::model::Sequenced;
-use crate::store::Store;
-use crate::Services;
+use crate::model::{Sequenced, Target};
+use crate::store::{Directory, History};
+use crate::{Resends, Services};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,15 +36,24 @@ impl Default for Options {
 }
 
 pub struct PersistMongo {
-    store: Arc<Store>,
-    dedup: Arc<DedupIndex>,
+    stores: Stores,
+}
+
+#[derive(Clone)]
+struct Stores {
+    history: Arc<dyn History>,
+    directory: Arc<dyn Directory>,
+    resends: Resends,
 }
 
 impl PersistMongo {
     pub fn new(services: &Services) -> Self {
         PersistMongo {
-            store: services.store.clone(),
-            dedup: services.dedup.clone(),
+            stores: Stores {
+                history: services.history.clone(),
+                directory: services.directory.clone(),
+                resends: services.resends.clone(),
+            },
         }
     }
 }
@@ -72,8 +83,7 @@ impl StageKind for PersistMongo {
             tasks.push(Box::pin(run(
                 input,
                 out.clone(),
-                self.store.clone(),
-                self.dedup.clone(),
+                self.stores.clone(),
                 opts.max_batch.max(1),
                 errors.clone(),
                 cx.shutdown.clone(),
@@ -86,8 +96,7 @@ impl StageKind for PersistMongo {
 async fn run(
     mut input: Input<Sequenced>,
     out: Output<Sequenced>,
-    store: Arc<Store>,
-    dedup: Arc<DedupIndex>,
+    stores: Stores,
     max_batch: usize,
     errors: metrics::Counter,
     shutdown: CancellationToken,
@@ -95,9 +104,23 @@ async fn run(
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(max_batch);
     while input.recv_batch(&mut batch, max_batch).await {
         let items: Vec<Sequenced> = batch.iter().map(|e| e.item.clone()).collect();
+        let opened: Vec<Arc<str>> = items
+            .iter()
+            .filter(|m| m.seq == 1 && matches!(m.msg.target, Target::User(_)))
+            .map(|m| m.msg.conversation_id.clone())
+            .collect();
         let mut backoff = Duration::from_millis(50);
         loop {
-            match store.commit_messages(items.clone()).await {
+            let result = match stores.history.commit(items.clone()).await {
+                Ok(()) if opened.is_empty() => Ok(()),
+                Ok(()) => stores
+                    .directory
+                    .open_single_chats(&opened)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => break,
                 Err(e) => {
                     errors.increment(1);
@@ -105,7 +128,9 @@ async fn run(
                         // Shutting down and the store will not take them: the
                         // senders were never acked and are told to resend.
                         for env in batch.drain(..) {
-                            dedup.abandon(&env.item.msg);
+                            if let Resends::Local(index) = &stores.resends {
+                                index.abandon(&env.item.msg);
+                            }
                             env.ack.fail(format!("not stored: {e}"));
                             env.ack.release();
                         }
@@ -119,7 +144,9 @@ async fn run(
         }
         for env in batch.drain(..) {
             let Envelope { key, item, ack } = env;
-            dedup.mark_durable(&item.msg);
+            if let Resends::Local(index) = &stores.resends {
+                index.mark_durable(&item.msg);
+            }
             ack.release();
             if out
                 .send(Envelope::new(key, item, Ack::none()))

@@ -1,17 +1,20 @@
 //! `persist-redis`: keeps the recent messages of each conversation hot, so
-//! `pull` after a short absence is served from memory. It sits after the
-//! durable history, so the cache never shows a message that could still be
-//! lost. (In standalone mode the hot state is in process memory.)
+//! `pull` after a short absence and `sync` are served without the history.
+//! It sits after the durable history, so the cache never shows a message
+//! that could still be lost. (In standalone mode the hot state is in process
+//! memory.) A failed write is retried before the messages go on: a cache
+//! that missed a message would report a stale max seq to `sync`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use imflow_runtime::{
     BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
 };
 use serde::Deserialize;
 
-use crate::hot::HotCache;
 use crate::model::Sequenced;
+use crate::store::Hot;
 use crate::Services;
 
 #[derive(Deserialize, Default)]
@@ -19,7 +22,7 @@ use crate::Services;
 struct Options {}
 
 pub struct PersistRedis {
-    hot: Arc<HotCache>,
+    hot: Arc<dyn Hot>,
 }
 
 impl PersistRedis {
@@ -50,7 +53,12 @@ impl StageKind for PersistRedis {
         let out = cx.output::<Sequenced>()?;
         let mut tasks: Vec<StageTask> = Vec::new();
         for input in cx.inputs::<Sequenced>()? {
-            tasks.push(Box::pin(run(input, out.clone(), self.hot.clone())));
+            tasks.push(Box::pin(run(
+                input,
+                out.clone(),
+                self.hot.clone(),
+                cx.error_counter(),
+            )));
         }
         Ok(tasks)
     }
@@ -59,12 +67,21 @@ impl StageKind for PersistRedis {
 async fn run(
     mut input: Input<Sequenced>,
     out: Output<Sequenced>,
-    hot: Arc<HotCache>,
+    hot: Arc<dyn Hot>,
+    errors: metrics::Counter,
 ) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
+        let items: Vec<&Sequenced> = batch.iter().map(|e| &e.item).collect();
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = hot.insert(&items).await {
+            errors.increment(1);
+            tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "hot cache write failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        drop(items);
         for env in batch.drain(..) {
-            hot.insert(&env.item.msg.conversation_id, env.item.seq, &env.item.body);
             if out.send(env).await.is_err() {
                 return Err("downstream of persist-redis stopped".into());
             }

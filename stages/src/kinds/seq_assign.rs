@@ -16,10 +16,10 @@ use imflow_runtime::{
 };
 use serde::Deserialize;
 
-use crate::dedup::{Claim, DedupIndex};
+use crate::dedup::Claim;
 use crate::model::{Sequenced, Stamped};
-use crate::store::Store;
-use crate::Services;
+use crate::store::Sequencer;
+use crate::{Resends, Services};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -35,15 +35,15 @@ impl Default for Options {
 }
 
 pub struct SeqAssign {
-    store: Arc<Store>,
-    dedup: Arc<DedupIndex>,
+    sequencer: Arc<dyn Sequencer>,
+    resends: Resends,
 }
 
 impl SeqAssign {
     pub fn new(services: &Services) -> Self {
         SeqAssign {
-            store: services.store.clone(),
-            dedup: services.dedup.clone(),
+            sequencer: services.sequencer.clone(),
+            resends: services.resends.clone(),
         }
     }
 }
@@ -73,9 +73,9 @@ impl StageKind for SeqAssign {
             let task = Partition {
                 input,
                 out: out.clone(),
-                store: self.store.clone(),
-                dedup: self.dedup.clone(),
-                next: HashMap::new(),
+                sequencer: self.sequencer.clone(),
+                resends: self.resends.clone(),
+                last: HashMap::new(),
                 max_batch: opts.max_batch.max(1),
                 errors: errors.clone(),
             };
@@ -88,10 +88,10 @@ impl StageKind for SeqAssign {
 struct Partition {
     input: Input<Stamped>,
     out: Output<Sequenced>,
-    store: Arc<Store>,
-    dedup: Arc<DedupIndex>,
-    /// Last seq given out per conversation.
-    next: HashMap<Arc<str>, u64>,
+    sequencer: Arc<dyn Sequencer>,
+    resends: Resends,
+    /// Last seq this task gave out per conversation.
+    last: HashMap<Arc<str>, u64>,
     max_batch: usize,
     errors: metrics::Counter,
 }
@@ -101,16 +101,8 @@ impl Partition {
         let mut batch = Vec::with_capacity(self.max_batch);
         while self.input.recv_batch(&mut batch, self.max_batch).await {
             let fresh = self.drop_repeats(&mut batch);
-            self.load_counters(&fresh).await;
-            for env in fresh {
-                let seq = {
-                    let c = self
-                        .next
-                        .entry(env.item.conversation_id.clone())
-                        .or_insert(0);
-                    *c += 1;
-                    *c
-                };
+            let seqs = self.assign(&fresh).await;
+            for (env, seq) in fresh.into_iter().zip(seqs) {
                 let body: Arc<str> = env.item.render(seq).into();
                 let key = env.key;
                 let item = Sequenced {
@@ -131,39 +123,43 @@ impl Partition {
         Ok(())
     }
 
-    /// Claim each message's (sender, client_msg_id); repeats are settled
-    /// by the index and dropped here.
+    /// With an in-process resend index, claim each message's (sender,
+    /// client_msg_id); repeats are settled by the index and dropped here.
+    /// (With Redis, ingest claimed them before they entered the pipeline.)
     fn drop_repeats(&mut self, batch: &mut Vec<Envelope<Stamped>>) -> Vec<Envelope<Stamped>> {
+        let Resends::Local(index) = &self.resends else {
+            return std::mem::take(batch);
+        };
         let mut fresh = Vec::with_capacity(batch.len());
         for mut env in batch.drain(..) {
-            if let Claim::New = self.dedup.claim(&env.item, &mut env.ack) {
+            if let Claim::New = index.claim(&env.item, &mut env.ack) {
                 fresh.push(env);
             }
         }
         fresh
     }
 
-    async fn load_counters(&mut self, batch: &[Envelope<Stamped>]) {
-        let mut unknown: Vec<Arc<str>> = batch
-            .iter()
-            .map(|e| e.item.conversation_id.clone())
-            .filter(|c| !self.next.contains_key(c))
-            .collect();
-        if unknown.is_empty() {
-            return;
+    /// Seqs for the batch; a failing sequencer is retried, never skipped
+    /// (no seq may be given twice or left out).
+    async fn assign(&mut self, batch: &[Envelope<Stamped>]) -> Vec<u64> {
+        if batch.is_empty() {
+            return Vec::new();
         }
-        unknown.sort();
-        unknown.dedup();
-        let max = loop {
-            match self.store.max_seqs(&unknown).await {
-                Ok(m) => break m,
+        let ids: Vec<(Arc<str>, Arc<str>)> = batch
+            .iter()
+            .map(|e| (e.item.conversation_id.clone(), e.item.server_msg_id.clone()))
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.sequencer.assign(&mut self.last, &ids).await {
+                Ok(seqs) => return seqs,
                 Err(e) => {
                     self.errors.increment(1);
-                    tracing::error!(error = %e, "reading max seqs failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "assigning seqs failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
-        };
-        self.next.extend(max);
+        }
     }
 }

@@ -20,75 +20,17 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::error::{Error, Result};
-use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced, Target};
+use async_trait::async_trait;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Owner = 1,
-    Admin = 2,
-    Member = 3,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Owner => "owner",
-            Role::Admin => "admin",
-            Role::Member => "member",
-        }
-    }
-    fn from_i64(v: i64) -> Role {
-        match v {
-            1 => Role::Owner,
-            2 => Role::Admin,
-            _ => Role::Member,
-        }
-    }
-}
-
-/// A group as the hot path sees it: a snapshot replaced on every change, so
-/// readers never lock.
-#[derive(Debug)]
-pub struct GroupState {
-    pub group_id: Arc<str>,
-    pub name: String,
-    pub owner: Arc<str>,
-    pub roles: HashMap<Arc<str>, Role>,
-    /// Members in join order; shared by every delivery of a group message.
-    pub members: Arc<[Arc<str>]>,
-}
-
-impl GroupState {
-    pub fn role_of(&self, user: &str) -> Option<Role> {
-        self.roles.get(user).copied()
-    }
-}
-
-/// How hard a commit is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync on every commit: an acknowledged message survives power loss.
-    #[default]
-    Full,
-    /// fsync at checkpoints: survives a crash of the process, not of the machine.
-    Normal,
-}
-
-/// One conversation a user takes part in, for `sync`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ConversationState {
-    pub conversation_id: String,
-    pub max_seq: u64,
-    pub read_seq: u64,
-}
+use super::{Directory, Durability, GroupState, History, Role};
+use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced};
 
 struct WriteJob {
     messages: Vec<Sequenced>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
-pub struct Store {
+pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     writer: mpsc::Sender<WriteJob>,
@@ -104,8 +46,8 @@ const ROWS_PER_STATEMENT: usize = 128;
 /// Most messages one group commit takes.
 const MAX_COMMIT: usize = 4096;
 
-impl Store {
-    pub async fn open(dir: &Path, durability: Durability) -> Result<Arc<Store>> {
+impl SqliteStore {
+    pub async fn open(dir: &Path, durability: Durability) -> Result<Arc<SqliteStore>> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Open {
             path: dir.display().to_string(),
             source,
@@ -155,7 +97,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(message_writer(write.clone(), rx));
         tracing::info!(path = %file.display(), users = users.len(), ?durability, "embedded store open");
-        Ok(Arc::new(Store {
+        Ok(Arc::new(SqliteStore {
             write,
             read,
             writer: tx,
@@ -166,110 +108,12 @@ impl Store {
         }))
     }
 
-    pub async fn close(&self) {
-        self.read.close().await;
-        self.write.close().await;
-    }
-
-    // ---- settings ----
-
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
             .bind(key)
             .fetch_optional(&self.write)
             .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
-    }
-
-    /// Store `value` unless the key already has one; returns the value in force.
-    pub async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
-        sqlx::query("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)")
-            .bind(key)
-            .bind(value)
-            .execute(&self.write)
-            .await?;
-        Ok(self
-            .setting(key)
-            .await?
-            .unwrap_or_else(|| value.to_string()))
-    }
-
-    // ---- users ----
-
-    pub fn user_exists(&self, user_id: &str) -> bool {
-        self.users.contains_key(user_id)
-    }
-
-    /// Register users; an existing user keeps everything but a new nickname.
-    pub async fn register_users(&self, users: &[(String, Option<String>)]) -> Result<usize> {
-        let now = now_ms();
-        let mut tx = self.write.begin().await?;
-        for (id, nick) in users {
-            sqlx::query(
-                "INSERT INTO users (user_id, nickname, created_at) VALUES (?, ?, ?) \
-                 ON CONFLICT (user_id) DO UPDATE SET nickname = COALESCE(?, nickname)",
-            )
-            .bind(id)
-            .bind(nick.as_deref().unwrap_or(""))
-            .bind(now)
-            .bind(nick.as_deref())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        for (id, _) in users {
-            self.users.insert(Arc::from(id.as_str()), ());
-        }
-        Ok(users.len())
-    }
-
-    // ---- tokens ----
-
-    /// The generation tokens of `user` on `platform` must carry. Every
-    /// generation is held in memory (only users who logged out have one), so
-    /// the check before a WebSocket upgrade never waits on the disk.
-    pub fn token_generation(&self, user: &str, platform: u8) -> u64 {
-        self.generations
-            .get(&(Arc::from(user), platform))
-            .map(|g| *g)
-            .unwrap_or(0)
-    }
-
-    /// Revoke every token issued so far for `user` on `platforms`.
-    pub async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        let mut new = Vec::new();
-        for &p in platforms {
-            let g: i64 = sqlx::query_scalar(
-                "INSERT INTO token_generations (user_id, platform, generation) VALUES (?, ?, 1) \
-                 ON CONFLICT (user_id, platform) DO UPDATE SET generation = generation + 1 \
-                 RETURNING generation",
-            )
-            .bind(user)
-            .bind(p as i64)
-            .fetch_one(&mut *tx)
-            .await?;
-            new.push((p, g as u64));
-        }
-        tx.commit().await?;
-        for (p, g) in new {
-            self.generations.insert((Arc::from(user), p), g);
-        }
-        Ok(())
-    }
-
-    // ---- groups ----
-
-    pub async fn group(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
-        if let Some(g) = self.groups.get(group_id) {
-            return Ok(Some(g.clone()));
-        }
-        let Some(state) = self.load_group(group_id).await? else {
-            return Ok(None);
-        };
-        let state = Arc::new(state);
-        self.groups.insert(state.group_id.clone(), state.clone());
-        Ok(Some(state))
     }
 
     async fn load_group(&self, group_id: &str) -> Result<Option<GroupState>> {
@@ -317,7 +161,7 @@ impl Store {
     fn check_users_exist(&self, users: &[String]) -> Result<(), ImError> {
         let unknown: Vec<&str> = users
             .iter()
-            .filter(|u| !self.user_exists(u))
+            .filter(|u| !self.users.contains_key(u.as_str()))
             .map(String::as_str)
             .collect();
         if unknown.is_empty() {
@@ -329,8 +173,97 @@ impl Store {
             )))
         }
     }
+}
 
-    pub async fn create_group(
+#[async_trait]
+impl Directory for SqliteStore {
+    /// Store `value` unless the key already has one; returns the value in force.
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.write)
+            .await?;
+        Ok(self
+            .setting(key)
+            .await?
+            .unwrap_or_else(|| value.to_string()))
+    }
+
+    async fn user_exists(&self, user_id: &str) -> Result<bool> {
+        Ok(self.users.contains_key(user_id))
+    }
+
+    /// Register users; an existing user keeps everything but a new nickname.
+    async fn register_users(&self, users: &[(String, Option<String>)]) -> Result<usize> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        for (id, nick) in users {
+            sqlx::query(
+                "INSERT INTO users (user_id, nickname, created_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (user_id) DO UPDATE SET nickname = COALESCE(?, nickname)",
+            )
+            .bind(id)
+            .bind(nick.as_deref().unwrap_or(""))
+            .bind(now)
+            .bind(nick.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for (id, _) in users {
+            self.users.insert(Arc::from(id.as_str()), ());
+        }
+        Ok(users.len())
+    }
+
+    /// The generation tokens of `user` on `platform` must carry. Every
+    /// generation is held in memory (only users who logged out have one), so
+    /// the check before a WebSocket upgrade never waits on the disk.
+    async fn token_generation(&self, user: &str, platform: u8) -> Result<u64> {
+        Ok(self
+            .generations
+            .get(&(Arc::from(user), platform))
+            .map(|g| *g)
+            .unwrap_or(0))
+    }
+
+    /// Revoke every token issued so far for `user` on `platforms`.
+    async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let mut new = Vec::new();
+        for &p in platforms {
+            let g: i64 = sqlx::query_scalar(
+                "INSERT INTO token_generations (user_id, platform, generation) VALUES (?, ?, 1) \
+                 ON CONFLICT (user_id, platform) DO UPDATE SET generation = generation + 1 \
+                 RETURNING generation",
+            )
+            .bind(user)
+            .bind(p as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+            new.push((p, g as u64));
+        }
+        tx.commit().await?;
+        for (p, g) in new {
+            self.generations.insert((Arc::from(user), p), g);
+        }
+        Ok(())
+    }
+
+    async fn group(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
+        if let Some(g) = self.groups.get(group_id) {
+            return Ok(Some(g.clone()));
+        }
+        let Some(state) = self.load_group(group_id).await? else {
+            return Ok(None);
+        };
+        let state = Arc::new(state);
+        self.groups.insert(state.group_id.clone(), state.clone());
+        Ok(Some(state))
+    }
+
+    async fn create_group(
         &self,
         group_id: &str,
         name: &str,
@@ -369,7 +302,7 @@ impl Store {
     }
 
     /// Add members; returns how many were not members before.
-    pub async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
+    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
         self.check_users_exist(users)?;
         let _guard = self.group_writes.lock().await;
         let mut tx = self.write.begin().await?;
@@ -379,7 +312,7 @@ impl Store {
         Ok(added)
     }
 
-    pub async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
+    async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
         let _guard = self.group_writes.lock().await;
         let n = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
             .bind(group_id)
@@ -391,7 +324,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
+    async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
         let _guard = self.group_writes.lock().await;
         sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
             .bind(role as i64)
@@ -402,12 +335,69 @@ impl Store {
         self.refresh_group(group_id).await
     }
 
-    // ---- messages ----
+    async fn conversations_of(&self, user: &str) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT uc.conversation_id, uc.read_seq \
+               FROM user_conversations uc \
+              WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
+             UNION ALL \
+             SELECT 'sg_' || gm.group_id, COALESCE(uc.read_seq, 0) \
+               FROM group_members gm \
+               LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
+              WHERE gm.user_id = ?1",
+        )
+        .bind(user)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect()
+    }
 
+    async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for conv in conversations {
+            if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
+                sqlx::query("INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)")
+                    .bind(&*a)
+                    .bind(&**conv)
+                    .bind(&*b)
+                    .bind(&**conv)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar(
+            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) \
+             VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq) \
+             RETURNING read_seq",
+        )
+        .bind(user)
+        .bind(conversation)
+        .bind(seq.min(i64::MAX as u64) as i64)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(v as u64)
+    }
+
+    async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+#[async_trait]
+impl History for SqliteStore {
     /// Commit a batch of messages durably (shared with every other batch
     /// waiting at the same time). Idempotent: a message already stored with
     /// the same (conversation, seq) is left as it is.
-    pub async fn commit_messages(&self, messages: Vec<Sequenced>) -> Result<(), String> {
+    async fn commit(&self, messages: Vec<Sequenced>) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
         self.writer
             .send(WriteJob { messages, done })
@@ -418,12 +408,7 @@ impl Store {
 
     /// Bodies of the stored messages of `conversation` with seq in
     /// `from..=to`, ascending.
-    pub async fn messages(
-        &self,
-        conversation: &str,
-        from: u64,
-        to: u64,
-    ) -> Result<Vec<(u64, Arc<str>)>> {
+    async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
         let rows = sqlx::query("SELECT seq, body FROM messages WHERE conversation_id = ? AND seq BETWEEN ? AND ? ORDER BY seq")
             .bind(conversation)
             .bind(from as i64)
@@ -442,7 +427,7 @@ impl Store {
 
     /// The `limit` most recent stored messages, oldest first, as
     /// (sender, client_msg_id, ack info): what the resend index remembers.
-    pub async fn recent_sent(&self, limit: usize) -> Result<Vec<(String, String, AckInfo)>> {
+    async fn recent_sent(&self, limit: usize) -> Result<Vec<(String, String, AckInfo)>> {
         let rows = sqlx::query(
             "SELECT sender, client_msg_id, server_msg_id, conversation_id, send_time \
                FROM messages ORDER BY send_time DESC LIMIT ?",
@@ -469,7 +454,7 @@ impl Store {
     }
 
     /// Highest stored seq of each conversation (0 when it has none).
-    pub async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
+    async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
         let mut out: HashMap<Arc<str>, u64> =
             conversations.iter().map(|c| (c.clone(), 0)).collect();
         let list: Vec<&str> = conversations.iter().map(|c| &**c).collect();
@@ -489,84 +474,6 @@ impl Store {
             out.insert(Arc::from(c), max.unwrap_or(0) as u64);
         }
         Ok(out)
-    }
-
-    /// Every conversation `user` is in, with its max and read seq.
-    pub async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationState>> {
-        let rows = sqlx::query(
-            "SELECT uc.conversation_id, \
-                    COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = uc.conversation_id), 0), \
-                    uc.read_seq \
-               FROM user_conversations uc \
-              WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
-             UNION ALL \
-             SELECT 'sg_' || gm.group_id, \
-                    COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation_id = 'sg_' || gm.group_id), 0), \
-                    COALESCE(uc.read_seq, 0) \
-               FROM group_members gm \
-               LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
-              WHERE gm.user_id = ?1",
-        )
-        .bind(user)
-        .fetch_all(&self.read)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(ConversationState {
-                    conversation_id: r.try_get(0)?,
-                    max_seq: r.try_get::<i64, _>(1)? as u64,
-                    read_seq: r.try_get::<i64, _>(2)? as u64,
-                })
-            })
-            .collect()
-    }
-
-    /// Mark `conversation` read up to `seq` (never backwards, never past the
-    /// last message). Returns the read seq in force.
-    pub async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
-        let v: i64 = sqlx::query_scalar(
-            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) \
-             VALUES (?1, ?2, MIN(?3, COALESCE((SELECT MAX(seq) FROM messages WHERE conversation_id = ?2), 0))) \
-             ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq) \
-             RETURNING read_seq",
-        )
-        .bind(user)
-        .bind(conversation)
-        .bind(seq.min(i64::MAX as u64) as i64)
-        .fetch_one(&self.write)
-        .await?;
-        Ok(v as u64)
-    }
-
-    /// Whether `user` may read `conversation`: one of the pair, or a member.
-    pub async fn is_participant(&self, user: &str, conversation: &Conversation) -> Result<bool> {
-        Ok(match conversation {
-            Conversation::Single(a, b) => &**a == user || &**b == user,
-            Conversation::Group(g) => self
-                .group(g)
-                .await?
-                .is_some_and(|g| g.role_of(user).is_some()),
-        })
-    }
-
-    /// Page of members with their roles, in join order, and the total.
-    pub async fn members_page(
-        &self,
-        group_id: &str,
-        offset: usize,
-        limit: usize,
-    ) -> Result<(Vec<(Arc<str>, Role)>, usize)> {
-        let Some(g) = self.group(group_id).await? else {
-            return Err(ImError::not_found(format!("no group {group_id}")).into());
-        };
-        let page = g
-            .members
-            .iter()
-            .skip(offset)
-            .take(limit)
-            .map(|u| (u.clone(), g.role_of(u).unwrap_or(Role::Member)))
-            .collect();
-        Ok((page, g.members.len()))
     }
 }
 
@@ -637,25 +544,6 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
         });
         q.push(" ON CONFLICT DO NOTHING");
         q.build().execute(&mut *tx).await?;
-    }
-    let mut new_pairs: Vec<&str> = Vec::new();
-    for m in &all {
-        if m.seq == 1 && matches!(m.msg.target, Target::User(_)) {
-            new_pairs.push(&m.msg.conversation_id);
-        }
-    }
-    // A single chat appears in both users' conversation lists from its first
-    // message on.
-    for conv in new_pairs {
-        if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
-            sqlx::query("INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)")
-                .bind(&*a)
-                .bind(conv)
-                .bind(&*b)
-                .bind(conv)
-                .execute(&mut *tx)
-                .await?;
-        }
     }
     tx.commit().await?;
     Ok(())

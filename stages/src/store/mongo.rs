@@ -1,0 +1,241 @@
+//! The message history in MongoDB (cluster mode).
+//!
+//! One document per message, `{conversation_id, seq, server_msg_id,
+//! client_msg_id, sender, send_time, body}`, with a unique index on
+//! `(conversation_id, seq)`. OpenIM packs 5,000 messages of a user into one
+//! document; that makes every write a read-modify-write of a growing array
+//! (`$push` with upsert), which cannot be retried blindly and serialises
+//! every writer of a block. Independent documents make a batch one unordered
+//! `insert_many`: a replayed batch only meets duplicate-key errors, which
+//! mean "already stored" and are ignored, so the write is idempotent, and a
+//! range read is one index scan sorted by seq.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, FindOneOptions, FindOptions, IndexOptions, WriteConcern,
+};
+use mongodb::{Client, Collection, IndexModel};
+
+use super::History;
+use crate::error::{Error, Result};
+use crate::model::Sequenced;
+
+/// Where MongoDB is.
+#[derive(Debug, Clone)]
+pub struct MongoSettings {
+    /// A full `mongodb://` URI; when empty one is built from the rest.
+    pub uri: String,
+    pub addrs: Vec<String>,
+    pub database: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The authentication database.
+    pub auth_source: String,
+    pub max_pool_size: u32,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        MongoSettings {
+            uri: String::new(),
+            addrs: vec!["127.0.0.1:37017".into()],
+            database: "imflow".into(),
+            username: None,
+            password: None,
+            auth_source: "admin".into(),
+            max_pool_size: 100,
+        }
+    }
+}
+
+impl MongoSettings {
+    fn uri(&self) -> String {
+        if !self.uri.is_empty() {
+            return self.uri.clone();
+        }
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => format!("{}:{}@", urlenc(u), urlenc(p)),
+            _ => String::new(),
+        };
+        let source = if auth.is_empty() {
+            String::new()
+        } else {
+            format!("&authSource={}", self.auth_source)
+        };
+        format!(
+            "mongodb://{auth}{}/?maxPoolSize={}{source}",
+            self.addrs.join(","),
+            self.max_pool_size
+        )
+    }
+}
+
+fn urlenc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub struct MongoHistory {
+    messages: Collection<Document>,
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+impl MongoHistory {
+    /// Connect, check the server answers (within 10 s), create the index.
+    /// Errors name the setting to fix.
+    pub async fn connect(settings: &MongoSettings) -> Result<Arc<MongoHistory>> {
+        let what = if settings.uri.is_empty() {
+            format!("mongo.dbAddress ({})", settings.addrs.join(", "))
+        } else {
+            "mongo.dbUri".to_string()
+        };
+        let fail = |e: String| Error::Backend(format!("{what}: {e}"));
+        let mut opts = ClientOptions::parse(settings.uri())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        opts.server_selection_timeout = Some(Duration::from_secs(5));
+        opts.connect_timeout = Some(Duration::from_secs(5));
+        opts.app_name = Some("imflow".into());
+        // A message counts as stored once a majority has it on disk: the
+        // client's ack (and the consumer's offset) come after this.
+        opts.write_concern = Some(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
+        let client = Client::with_options(opts).map_err(|e| fail(e.to_string()))?;
+        let db = client.database(&settings.database);
+        tokio::time::timeout(Duration::from_secs(10), db.run_command(doc! {"ping": 1}))
+            .await
+            .map_err(|_| fail("no answer within 10 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let messages = db.collection::<Document>("messages");
+        messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"conversation_id": 1, "seq": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .name("by_conversation_seq".to_string())
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await
+            .map_err(|e| fail(format!("creating the index on messages: {e}")))?;
+        tracing::info!(database = %settings.database, "mongodb connected");
+        Ok(Arc::new(MongoHistory { messages }))
+    }
+}
+
+fn only_duplicates(e: &mongodb::error::Error) -> bool {
+    match &*e.kind {
+        ErrorKind::InsertMany(m) => {
+            m.write_concern_error.is_none()
+                && m.write_errors
+                    .as_ref()
+                    .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl History for MongoHistory {
+    async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<(), String> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<Document> = messages
+            .iter()
+            .map(|m| {
+                doc! {
+                    "conversation_id": &*m.msg.conversation_id,
+                    "seq": m.seq as i64,
+                    "server_msg_id": &*m.msg.server_msg_id,
+                    "client_msg_id": &*m.msg.client_msg_id,
+                    "sender": &*m.msg.sender,
+                    "send_time": m.msg.send_time,
+                    "body": &*m.body,
+                }
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let result = self.messages.insert_many(docs).ordered(false).await;
+        metrics::histogram!("imflow_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("imflow_store_commit_messages").record(messages.len() as f64);
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(format!("mongodb insert: {e}")),
+        }
+    }
+
+    async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
+        let cursor = self
+            .messages
+            .find(doc! {"conversation_id": conversation, "seq": {"$gte": from as i64, "$lte": to as i64}})
+            .with_options(
+                FindOptions::builder()
+                    .sort(doc! {"seq": 1})
+                    .projection(doc! {"_id": 0, "seq": 1, "body": 1})
+                    .build(),
+            )
+            .await
+            .map_err(mongo_err)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        docs.into_iter()
+            .map(|d| {
+                let seq = d
+                    .get_i64("seq")
+                    .map_err(|e| Error::Backend(e.to_string()))?;
+                let body = d
+                    .get_str("body")
+                    .map_err(|e| Error::Backend(e.to_string()))?;
+                Ok((seq as u64, Arc::from(body)))
+            })
+            .collect()
+    }
+
+    async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
+        let found = join_all(conversations.iter().map(|c| async move {
+            let top = self
+                .messages
+                .find_one(doc! {"conversation_id": &**c})
+                .with_options(
+                    FindOneOptions::builder()
+                        .sort(doc! {"seq": -1})
+                        .projection(doc! {"_id": 0, "seq": 1})
+                        .build(),
+                )
+                .await
+                .map_err(mongo_err)?;
+            let seq = top.and_then(|d| d.get_i64("seq").ok()).unwrap_or(0);
+            Ok::<_, Error>((c.clone(), seq as u64))
+        }))
+        .await;
+        found.into_iter().collect()
+    }
+}
+
+fn mongo_err(e: mongodb::error::Error) -> Error {
+    Error::Backend(format!("mongodb: {e}"))
+}

@@ -1,0 +1,451 @@
+//! The directory in MySQL (cluster mode): users, groups and members,
+//! conversations and read seqs, token revocations, settings. Writes and
+//! reads that must see them go to the master; `sync`'s conversation list may
+//! come from a replica.
+//!
+//! Caches in this process: known users (users are never deleted, so a
+//! positive answer stays true), group snapshots (replaced after every change
+//! made through this process), token generations (through Redis when there
+//! is one, so every process sees a logout at once).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::Mutex;
+
+use super::redis::Redis;
+use super::{Directory, GroupState, Role};
+use crate::error::{Error, Result};
+use crate::model::{now_ms, Conversation, ImError};
+
+/// Where MySQL is.
+#[derive(Debug, Clone)]
+pub struct MysqlSettings {
+    /// `host:port`; the first is the master, the others replicas.
+    pub addrs: Vec<String>,
+    pub username: String,
+    pub password: String,
+    pub database: String,
+    pub max_connections: u32,
+}
+
+impl Default for MysqlSettings {
+    fn default() -> Self {
+        MysqlSettings {
+            addrs: vec!["127.0.0.1:13306".into()],
+            username: "root".into(),
+            password: String::new(),
+            database: "imflow".into(),
+            max_connections: 32,
+        }
+    }
+}
+
+pub struct MysqlDirectory {
+    master: MySqlPool,
+    replica: MySqlPool,
+    redis: Option<Arc<Redis>>,
+    users: DashMap<Arc<str>, ()>,
+    groups: DashMap<Arc<str>, Arc<GroupState>>,
+    group_writes: Mutex<()>,
+}
+
+fn options(settings: &MysqlSettings, addr: &str) -> Result<MySqlConnectOptions> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
+        Error::Backend(format!(
+            "mysql.dbMysqlAddress: `{addr}` is not host:port, e.g. 127.0.0.1:13306"
+        ))
+    })?;
+    let port: u16 = port.parse().map_err(|_| {
+        Error::Backend(format!(
+            "mysql.dbMysqlAddress: `{addr}` has no valid port, e.g. 127.0.0.1:13306"
+        ))
+    })?;
+    Ok(MySqlConnectOptions::new()
+        .host(host)
+        .port(port)
+        .username(&settings.username)
+        .password(&settings.password)
+        .charset("utf8mb4")
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPool> {
+    let fail = |e: String| {
+        Error::Backend(format!(
+            "mysql.dbMysqlAddress ({addr}) as user `{}` (mysql.dbMysqlUserName / dbMysqlPassword): {e}",
+            settings.username
+        ))
+    };
+    let opts = options(settings, addr)?;
+    // The database is created when missing, as OpenIM does on first start.
+    let mut bare = tokio::time::timeout(Duration::from_secs(10), opts.connect())
+        .await
+        .map_err(|_| fail("no answer within 10 s".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let db = &settings.database;
+    if db.is_empty() || !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(Error::Backend(format!(
+            "mysql.dbMysqlDatabaseName: `{db}` must be letters, digits and _"
+        )));
+    }
+    sqlx::query(&format!(
+        "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"
+    ))
+    .execute(&mut bare)
+    .await
+    .map_err(|e| fail(format!("creating database {db}: {e}")))?;
+    drop(bare);
+    MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts.database(db))
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+impl MysqlDirectory {
+    pub async fn connect(settings: &MysqlSettings, redis: Option<Arc<Redis>>) -> Result<Arc<Self>> {
+        let master_addr = settings.addrs.first().ok_or_else(|| {
+            Error::Backend(
+                "mysql.dbMysqlAddress: give at least the master, e.g. [127.0.0.1:13306]".into(),
+            )
+        })?;
+        let master = pool(settings, master_addr, settings.max_connections).await?;
+        sqlx::migrate!("./migrations-mysql")
+            .run(&master)
+            .await
+            .map_err(|e| Error::Backend(format!("mysql migrations: {e}")))?;
+        let replica = match settings.addrs.get(1) {
+            Some(addr) => pool(settings, addr, settings.max_connections).await?,
+            None => master.clone(),
+        };
+        tracing::info!(master = %master_addr, replicas = settings.addrs.len() - 1, database = %settings.database, "mysql connected");
+        Ok(Arc::new(MysqlDirectory {
+            master,
+            replica,
+            redis,
+            users: DashMap::new(),
+            groups: DashMap::new(),
+            group_writes: Mutex::new(()),
+        }))
+    }
+
+    async fn load_group(&self, group_id: &str) -> Result<Option<GroupState>> {
+        let Some(row) = sqlx::query("SELECT name, owner FROM `groups` WHERE group_id = ?")
+            .bind(group_id)
+            .fetch_optional(&self.master)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(
+            "SELECT user_id, role FROM group_members WHERE group_id = ? ORDER BY joined",
+        )
+        .bind(group_id)
+        .fetch_all(&self.master)
+        .await?;
+        let members = rows
+            .into_iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i8, _>(1)? as i64)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(GroupState::from_rows(
+            group_id,
+            row.try_get(0)?,
+            row.try_get(1)?,
+            members,
+        )))
+    }
+
+    async fn refresh_group(&self, group_id: &str) -> Result<()> {
+        match self.load_group(group_id).await? {
+            Some(s) => {
+                self.groups.insert(s.group_id.clone(), Arc::new(s));
+            }
+            None => {
+                self.groups.remove(group_id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_users_exist(&self, users: &[String]) -> Result<()> {
+        let mut unknown = Vec::new();
+        for u in users {
+            if !self.user_exists(u).await? {
+                unknown.push(u.as_str());
+            }
+        }
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(ImError::not_found(format!("unknown users: {}", unknown.join(", "))).into())
+        }
+    }
+
+    async fn insert_members(
+        tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+        group_id: &str,
+        users: &[String],
+    ) -> Result<u64> {
+        let mut added = 0;
+        for u in users {
+            added += sqlx::query(
+                "INSERT IGNORE INTO group_members (group_id, user_id, role) VALUES (?, ?, ?)",
+            )
+            .bind(group_id)
+            .bind(u)
+            .bind(Role::Member as i8)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        }
+        Ok(added)
+    }
+}
+
+#[async_trait]
+impl Directory for MysqlDirectory {
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT IGNORE INTO settings (name, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.master)
+            .await?;
+        let v: Option<String> = sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+            .bind(key)
+            .fetch_optional(&self.master)
+            .await?;
+        Ok(v.unwrap_or_else(|| value.to_string()))
+    }
+
+    async fn user_exists(&self, user: &str) -> Result<bool> {
+        if self.users.contains_key(user) {
+            return Ok(true);
+        }
+        let found: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM users WHERE user_id = ?")
+                .bind(user)
+                .fetch_optional(&self.master)
+                .await?;
+        if found.is_some() {
+            self.users.insert(Arc::from(user), ());
+        }
+        Ok(found.is_some())
+    }
+
+    async fn register_users(&self, users: &[(String, Option<String>)]) -> Result<usize> {
+        let now = now_ms();
+        let mut tx = self.master.begin().await?;
+        for (id, nick) in users {
+            sqlx::query(
+                "INSERT INTO users (user_id, nickname, created_at) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE nickname = COALESCE(?, nickname)",
+            )
+            .bind(id)
+            .bind(nick.as_deref().unwrap_or(""))
+            .bind(now)
+            .bind(nick.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for (id, _) in users {
+            self.users.insert(Arc::from(id.as_str()), ());
+        }
+        Ok(users.len())
+    }
+
+    async fn token_generation(&self, user: &str, platform: u8) -> Result<u64> {
+        if let Some(r) = &self.redis {
+            match r.cached_generation(user, platform).await {
+                Ok(Some(g)) => return Ok(g),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "token cache unavailable; asking mysql"),
+            }
+        }
+        let g: Option<u64> = sqlx::query_scalar(
+            "SELECT generation FROM token_generations WHERE user_id = ? AND platform = ?",
+        )
+        .bind(user)
+        .bind(platform)
+        .fetch_optional(&self.master)
+        .await?;
+        let g = g.unwrap_or(0);
+        if let Some(r) = &self.redis {
+            if let Err(e) = r.cache_generation(user, platform, g).await {
+                tracing::warn!(error = %e, "token cache not updated");
+            }
+        }
+        Ok(g)
+    }
+
+    async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()> {
+        let mut tx = self.master.begin().await?;
+        for &p in platforms {
+            sqlx::query(
+                "INSERT INTO token_generations (user_id, platform, generation) VALUES (?, ?, 1) \
+                 ON DUPLICATE KEY UPDATE generation = generation + 1",
+            )
+            .bind(user)
+            .bind(p)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        if let Some(r) = &self.redis {
+            for &p in platforms {
+                // A stale cached generation would keep revoked tokens valid:
+                // this must succeed, or the logout fails and is retried.
+                r.forget_generation(user, p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn group(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
+        if let Some(g) = self.groups.get(group_id) {
+            return Ok(Some(g.clone()));
+        }
+        let Some(state) = self.load_group(group_id).await? else {
+            return Ok(None);
+        };
+        let state = Arc::new(state);
+        self.groups.insert(state.group_id.clone(), state.clone());
+        Ok(Some(state))
+    }
+
+    async fn create_group(
+        &self,
+        group_id: &str,
+        name: &str,
+        owner: &str,
+        members: &[String],
+    ) -> Result<()> {
+        self.check_users_exist(members).await?;
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.master.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT IGNORE INTO `groups` (group_id, name, owner, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(group_id)
+        .bind(name)
+        .bind(owner)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(ImError::conflict(format!("group {group_id} already exists")).into());
+        }
+        sqlx::query("INSERT INTO group_members (group_id, user_id, role) VALUES (?, ?, ?)")
+            .bind(group_id)
+            .bind(owner)
+            .bind(Role::Owner as i8)
+            .execute(&mut *tx)
+            .await?;
+        Self::insert_members(&mut tx, group_id, members).await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
+        self.check_users_exist(users).await?;
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.master.begin().await?;
+        let added = Self::insert_members(&mut tx, group_id, users).await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await?;
+        Ok(added)
+    }
+
+    async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
+        let _guard = self.group_writes.lock().await;
+        let n = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
+            .bind(group_id)
+            .bind(user)
+            .execute(&self.master)
+            .await?
+            .rows_affected();
+        self.refresh_group(group_id).await?;
+        Ok(n > 0)
+    }
+
+    async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
+            .bind(role as i8)
+            .bind(group_id)
+            .bind(user)
+            .execute(&self.master)
+            .await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT uc.conversation_id, uc.read_seq \
+               FROM user_conversations uc \
+              WHERE uc.user_id = ? AND uc.conversation_id LIKE 'si\\_%' \
+             UNION ALL \
+             SELECT CONCAT('sg_', gm.group_id), COALESCE(uc.read_seq, 0) \
+               FROM group_members gm \
+               LEFT JOIN user_conversations uc \
+                 ON uc.user_id = gm.user_id AND uc.conversation_id = CONCAT('sg_', gm.group_id) \
+              WHERE gm.user_id = ?",
+        )
+        .bind(user)
+        .bind(user)
+        .fetch_all(&self.replica)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<u64, _>(1)?)))
+            .collect()
+    }
+
+    async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
+        for conv in conversations {
+            if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
+                sqlx::query(
+                    "INSERT IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)",
+                )
+                .bind(&*a)
+                .bind(&**conv)
+                .bind(&*b)
+                .bind(&**conv)
+                .execute(&self.master)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
+        sqlx::query(
+            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) VALUES (?, ?, ?) \
+             ON DUPLICATE KEY UPDATE read_seq = GREATEST(read_seq, VALUES(read_seq))",
+        )
+        .bind(user)
+        .bind(conversation)
+        .bind(seq)
+        .execute(&self.master)
+        .await?;
+        let v: u64 = sqlx::query_scalar(
+            "SELECT read_seq FROM user_conversations WHERE user_id = ? AND conversation_id = ?",
+        )
+        .bind(user)
+        .bind(conversation)
+        .fetch_one(&self.master)
+        .await?;
+        Ok(v)
+    }
+
+    async fn close(&self) {
+        self.replica.close().await;
+        self.master.close().await;
+    }
+}

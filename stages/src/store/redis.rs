@@ -1,0 +1,590 @@
+//! Redis in cluster mode: seq counters, the hot message cache, resend keys
+//! and the token-revocation cache, on one server or a Redis Cluster.
+//!
+//! Keys are `PREFIX:kind:…`. Everything of one conversation carries the
+//! conversation id as a hash tag (`{si_a_b}`), so a conversation's counter,
+//! its replay marks and its cache live in one slot and one Lua script can
+//! touch them atomically, on a Redis Cluster too.
+//!
+//! Nothing here is the only copy of anything: counters are rebuilt from the
+//! history, the cache is refilled by new messages and falls back to the
+//! history, resend keys bound how long a resend is recognised.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+
+use super::{History, Hot, Sequencer};
+use crate::error::{Error, Result};
+use crate::model::{now_ms, AckInfo, Sequenced, Stamped};
+
+/// Where Redis is and how long its keys live.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `host:port` of one server, or of Redis Cluster nodes.
+    pub addrs: Vec<String>,
+    pub cluster: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Namespace of every key, so several deployments can share a server.
+    pub prefix: String,
+    /// Messages kept per conversation in the hot cache.
+    pub hot_keep: usize,
+    /// A conversation's cache is dropped after this long without a message.
+    pub hot_ttl: Duration,
+    /// How long a (sender, client_msg_id) is recognised as a resend.
+    pub resend_ttl: Duration,
+    /// How long a replayed message is recognised by its server_msg_id.
+    pub replay_ttl: Duration,
+    /// A resend claim still pending after this long is taken over (its
+    /// first sender died before the message was durable).
+    pub resend_takeover: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            addrs: vec!["127.0.0.1:16379".into()],
+            cluster: false,
+            username: None,
+            password: None,
+            prefix: "imflow".into(),
+            hot_keep: 64,
+            hot_ttl: Duration::from_secs(3 * 24 * 3600),
+            resend_ttl: Duration::from_secs(24 * 3600),
+            replay_ttl: Duration::from_secs(24 * 3600),
+            resend_takeover: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One connection to a server or a cluster; both multiplex, so clones share
+/// the socket(s) and concurrent requests are pipelined.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct Redis {
+    conn: Conn,
+    settings: RedisSettings,
+    seq_script: Script,
+    claim_script: Script,
+    release_script: Script,
+}
+
+const SEQ_LUA: &str = r#"
+-- KEYS[1]: the conversation's counter; KEYS[2..]: one replay mark per message.
+-- ARGV[1]: floor (no seq at or below it may be given); ARGV[2]: '1' if the
+-- floor includes the history's max; ARGV[3]: replay mark TTL (s).
+local cur = redis.call('GET', KEYS[1])
+local floor = tonumber(ARGV[1])
+if not cur then
+  if ARGV[2] ~= '1' then return {-1} end
+  cur = floor
+else
+  cur = tonumber(cur)
+  if cur < floor then cur = floor end
+end
+local out = {}
+for i = 2, #KEYS do
+  local had = redis.call('GET', KEYS[i])
+  if had then
+    out[#out + 1] = tonumber(had)
+  else
+    cur = cur + 1
+    redis.call('SET', KEYS[i], cur, 'EX', ARGV[3])
+    out[#out + 1] = cur
+  end
+end
+redis.call('SET', KEYS[1], cur)
+return out
+"#;
+
+const CLAIM_LUA: &str = r#"
+-- KEYS[1]: the resend key. ARGV[1]: pending value 'p:<ms>:<json>';
+-- ARGV[2]: TTL (s); ARGV[3]: now (ms); ARGV[4]: takeover after (ms).
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return {'new', ARGV[1]}
+end
+if string.sub(v, 1, 1) == 'p' then
+  local at = tonumber(string.match(v, '^p:(%d+):'))
+  if at and tonumber(ARGV[3]) - at > tonumber(ARGV[4]) then
+    local json = string.match(v, '^p:%d+:(.*)$')
+    local nv = 'p:' .. ARGV[3] .. ':' .. json
+    redis.call('SET', KEYS[1], nv, 'EX', ARGV[2])
+    return {'takeover', nv}
+  end
+end
+return {'held', v}
+"#;
+
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// What a resend claim found.
+pub enum ResendClaim {
+    /// First sight: the message may go on; `token` releases the claim.
+    New { token: String },
+    /// A claim of a sender that gave up: go on with the first's ids.
+    TakeOver { first: AckInfo, token: String },
+    /// The first message is durable: answer with its ids.
+    Durable(AckInfo),
+    /// The first message is on its way: ask again shortly.
+    Pending,
+}
+
+impl Redis {
+    /// Connect and check the server answers, within 10 s; errors name the
+    /// setting to fix.
+    pub async fn connect(settings: RedisSettings) -> Result<Arc<Redis>> {
+        let urls: Vec<String> = settings
+            .addrs
+            .iter()
+            .map(|a| {
+                let auth = match (&settings.username, &settings.password) {
+                    (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+                    (None, Some(p)) => format!(":{}@", enc(p)),
+                    _ => String::new(),
+                };
+                format!("redis://{auth}{a}")
+            })
+            .collect();
+        let what = settings.addrs.join(", ");
+        let fail = |e: String| Error::Backend(format!("redis.dbAddress ({what}): {e}"));
+        let timeout = Duration::from_secs(10);
+        let conn = if settings.cluster {
+            let client = redis::cluster::ClusterClient::builder(urls)
+                .connection_timeout(Duration::from_secs(5))
+                .response_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| fail(e.to_string()))?;
+            let c = tokio::time::timeout(timeout, client.get_async_connection())
+                .await
+                .map_err(|_| fail("no answer within 10 s".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+            Conn::Cluster(c)
+        } else {
+            let url = urls
+                .first()
+                .ok_or_else(|| fail("no address given".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(|e| fail(e.to_string()))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            let c =
+                tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+                    .await
+                    .map_err(|_| fail("no answer within 10 s".into()))?
+                    .map_err(|e| fail(e.to_string()))?;
+            Conn::Single(c)
+        };
+        let mut probe = conn.clone();
+        let pong: String =
+            tokio::time::timeout(timeout, redis::cmd("PING").query_async(&mut probe))
+                .await
+                .map_err(|_| fail("no answer to PING within 10 s".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(addrs = %what, cluster = settings.cluster, %pong, "redis connected");
+        Ok(Arc::new(Redis {
+            conn,
+            settings,
+            seq_script: Script::new(SEQ_LUA),
+            claim_script: Script::new(CLAIM_LUA),
+            release_script: Script::new(RELEASE_LUA),
+        }))
+    }
+
+    pub fn settings(&self) -> &RedisSettings {
+        &self.settings
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    fn key(&self, kind: &str, conversation: &str) -> String {
+        format!("{}:{kind}:{{{conversation}}}", self.settings.prefix)
+    }
+
+    fn resend_key(&self, sender: &str, client_msg_id: &str) -> String {
+        format!("{}:resend:{sender}:{client_msg_id}", self.settings.prefix)
+    }
+
+    fn generation_key(&self, user: &str, platform: u8) -> String {
+        format!("{}:tokgen:{user}:{platform}", self.settings.prefix)
+    }
+
+    /// Claim the resend key of `msg` before it enters the pipeline.
+    pub async fn claim_resend(&self, msg: &Stamped) -> Result<ResendClaim> {
+        let info = msg.ack_info();
+        let json = serde_json::to_string(&info).map_err(|e| Error::Backend(e.to_string()))?;
+        let now = now_ms();
+        let pending = format!("p:{now}:{json}");
+        let (state, value): (String, String) = self
+            .claim_script
+            .key(self.resend_key(&msg.sender, &msg.client_msg_id))
+            .arg(&pending)
+            .arg(self.settings.resend_ttl.as_secs().max(1))
+            .arg(now)
+            .arg(self.settings.resend_takeover.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let parsed = |v: &str| -> Result<AckInfo> {
+            let json = v.splitn(3, ':').nth(2).unwrap_or_default();
+            serde_json::from_str(json).map_err(|e| Error::Backend(format!("resend key: {e}")))
+        };
+        Ok(match state.as_str() {
+            "new" => ResendClaim::New { token: value },
+            "takeover" => ResendClaim::TakeOver {
+                first: parsed(&value)?,
+                token: value,
+            },
+            _ if value.starts_with("d:") => ResendClaim::Durable(parsed(&value)?),
+            _ => ResendClaim::Pending,
+        })
+    }
+
+    /// The message of a claim is durable: resends now get its ids at once.
+    pub async fn resend_durable(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+        info: &AckInfo,
+    ) -> Result<()> {
+        let json = serde_json::to_string(info).map_err(|e| Error::Backend(e.to_string()))?;
+        let _: () = redis::cmd("SET")
+            .arg(self.resend_key(sender, client_msg_id))
+            .arg(format!("d:{}:{json}", now_ms()))
+            .arg("EX")
+            .arg(self.settings.resend_ttl.as_secs().max(1))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The message of a claim will not be stored: a resend may try again.
+    pub async fn resend_release(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+        token: &str,
+    ) -> Result<()> {
+        let _: i64 = self
+            .release_script
+            .key(self.resend_key(sender, client_msg_id))
+            .arg(token)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Cached token generation, if any.
+    pub async fn cached_generation(&self, user: &str, platform: u8) -> Result<Option<u64>> {
+        Ok(redis::cmd("GET")
+            .arg(self.generation_key(user, platform))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    pub async fn cache_generation(&self, user: &str, platform: u8, generation: u64) -> Result<()> {
+        let _: () = redis::cmd("SET")
+            .arg(self.generation_key(user, platform))
+            .arg(generation)
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn forget_generation(&self, user: &str, platform: u8) -> Result<()> {
+        let _: () = redis::cmd("DEL")
+            .arg(self.generation_key(user, platform))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Run one seq script for a conversation; `None` when its counter is
+    /// missing and `floor` does not include the history.
+    async fn assign_one(
+        &self,
+        conversation: &str,
+        ids: &[&str],
+        floor: u64,
+        authoritative: bool,
+    ) -> Result<Option<Vec<u64>>> {
+        let mut inv = self.seq_script.key(self.key("seq", conversation));
+        for id in ids {
+            inv.key(format!("{}:{id}", self.key("seqof", conversation)));
+        }
+        inv.arg(floor)
+            .arg(if authoritative { "1" } else { "0" })
+            .arg(self.settings.replay_ttl.as_secs().max(1));
+        let out: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
+        if out.first() == Some(&-1) {
+            return Ok(None);
+        }
+        Ok(Some(out.into_iter().map(|s| s.max(0) as u64).collect()))
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Backend(format!("redis: {e}"))
+    }
+}
+
+/// Seq counters in Redis, one Lua script per conversation per batch: the
+/// allocation is atomic in Redis, and a message replayed from Kafka (same
+/// server_msg_id) gets the seq it got before. A counter found missing (new
+/// conversation, flushed or evicted Redis) is rebuilt from the history's
+/// max, raised to what this task itself gave last, before any seq is given.
+pub struct RedisSequencer {
+    redis: Arc<Redis>,
+    history: Arc<dyn History>,
+}
+
+impl RedisSequencer {
+    pub fn new(redis: Arc<Redis>, history: Arc<dyn History>) -> Self {
+        RedisSequencer { redis, history }
+    }
+}
+
+#[async_trait]
+impl Sequencer for RedisSequencer {
+    async fn assign(
+        &self,
+        last: &mut HashMap<Arc<str>, u64>,
+        messages: &[(Arc<str>, Arc<str>)],
+    ) -> Result<Vec<u64>> {
+        // Group by conversation, keeping each one's order.
+        let mut groups: Vec<(Arc<str>, Vec<usize>)> = Vec::new();
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (i, (c, _)) in messages.iter().enumerate() {
+            let g = *at.entry(c).or_insert_with(|| {
+                groups.push((c.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+        }
+        let run = |floors: Vec<(usize, u64, bool)>| {
+            let groups = &groups;
+            join_all(floors.into_iter().map(move |(g, floor, auth)| {
+                let (conv, idx) = &groups[g];
+                let ids: Vec<&str> = idx.iter().map(|&i| &*messages[i].1).collect();
+                async move { (g, self.redis.assign_one(conv, &ids, floor, auth).await) }
+            }))
+        };
+        let first = run(groups
+            .iter()
+            .enumerate()
+            .map(|(g, (c, _))| (g, last.get(c).copied().unwrap_or(0), false))
+            .collect())
+        .await;
+        let mut seqs = vec![0u64; messages.len()];
+        let mut rebuild = Vec::new();
+        for (g, r) in first {
+            match r? {
+                Some(s) => put(&mut seqs, &groups[g].1, &s),
+                None => rebuild.push(g),
+            }
+        }
+        if !rebuild.is_empty() {
+            let convs: Vec<Arc<str>> = rebuild.iter().map(|&g| groups[g].0.clone()).collect();
+            let max = self.history.max_seqs(&convs).await?;
+            tracing::debug!(
+                conversations = convs.len(),
+                "seq counters rebuilt from the history"
+            );
+            let second = run(rebuild
+                .iter()
+                .map(|&g| {
+                    let c = &groups[g].0;
+                    let floor = max
+                        .get(c)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(last.get(c).copied().unwrap_or(0));
+                    (g, floor, true)
+                })
+                .collect())
+            .await;
+            for (g, r) in second {
+                match r? {
+                    Some(s) => put(&mut seqs, &groups[g].1, &s),
+                    None => {
+                        return Err(Error::Backend(
+                            "redis: seq script refused an authoritative floor".into(),
+                        ))
+                    }
+                }
+            }
+        }
+        for (c, idx) in &groups {
+            if let Some(top) = idx.iter().map(|&i| seqs[i]).max() {
+                let e = last.entry(c.clone()).or_insert(0);
+                *e = (*e).max(top);
+            }
+        }
+        Ok(seqs)
+    }
+}
+
+fn put(seqs: &mut [u64], idx: &[usize], got: &[u64]) {
+    for (&i, &s) in idx.iter().zip(got) {
+        seqs[i] = s;
+    }
+}
+
+/// The hot cache in Redis: a sorted set per conversation (score = seq),
+/// trimmed to the newest `hot_keep`, expiring when the conversation is
+/// quiet. Its highest score is the conversation's visible max seq.
+pub struct RedisHot {
+    redis: Arc<Redis>,
+}
+
+impl RedisHot {
+    pub fn new(redis: Arc<Redis>) -> Self {
+        RedisHot { redis }
+    }
+}
+
+#[async_trait]
+impl Hot for RedisHot {
+    async fn insert(&self, messages: &[&Sequenced]) -> Result<()> {
+        let mut by_conv: HashMap<&str, Vec<&Sequenced>> = HashMap::new();
+        for m in messages {
+            by_conv.entry(&m.msg.conversation_id).or_default().push(m);
+        }
+        let keep = self.redis.settings.hot_keep.max(1) as i64;
+        let ttl = self.redis.settings.hot_ttl.as_secs().max(1);
+        let results = join_all(by_conv.into_iter().map(|(conv, ms)| {
+            let key = self.redis.key("hot", conv);
+            let mut p = redis::pipe();
+            p.atomic();
+            for m in ms {
+                p.cmd("ZADD").arg(&key).arg(m.seq).arg(&*m.body).ignore();
+            }
+            p.cmd("ZREMRANGEBYRANK")
+                .arg(&key)
+                .arg(0)
+                .arg(-(keep + 1))
+                .ignore();
+            p.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+            let mut conn = self.redis.conn();
+            async move { p.query_async::<()>(&mut conn).await }
+        }))
+        .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn range(&self, conversation: &str, from: u64, to: u64) -> Option<Vec<(u64, Arc<str>)>> {
+        let got: Result<Vec<(String, f64)>, _> = redis::cmd("ZRANGE")
+            .arg(self.redis.key("hot", conversation))
+            .arg(from)
+            .arg(to)
+            .arg("BYSCORE")
+            .arg("WITHSCORES")
+            .query_async(&mut self.redis.conn())
+            .await;
+        match got {
+            Ok(rows) if rows.len() as u64 == to - from + 1 => Some(
+                rows.into_iter()
+                    .map(|(body, s)| (s as u64, Arc::from(body)))
+                    .collect(),
+            ),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "hot cache read failed; reading the history");
+                None
+            }
+        }
+    }
+
+    async fn max_seqs(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, u64> {
+        let results = join_all(conversations.iter().map(|c| {
+            let mut conn = self.redis.conn();
+            let key = self.redis.key("hot", c);
+            async move {
+                let top: Result<Vec<(String, f64)>, _> = redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(-1)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await;
+                (c.clone(), top)
+            }
+        }))
+        .await;
+        let mut out = HashMap::new();
+        for (c, r) in results {
+            match r {
+                Ok(top) => {
+                    if let Some((_, s)) = top.first() {
+                        out.insert(c, *s as u64);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "hot cache read failed; reading the history"),
+            }
+        }
+        out
+    }
+}
