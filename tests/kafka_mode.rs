@@ -10,40 +10,13 @@
 mod common;
 
 use common::{send_frame, seqs_of, Target, TestServer};
-use imflow::config::KafkaConfig;
 use serde_json::json;
-
-fn unique() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
 
 /// A server whose pipeline is the shipped one with its topics renamed.
 async fn kafka_server(pipelines: &tempfile::TempDir) -> TestServer {
-    let id = unique();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"))
-        .unwrap()
-        .replace("topic: ws2ms_chat", &format!("topic: ws2ms_chat-{id}"))
-        .replace("topic: msg_to_mongo", &format!("topic: msg_to_mongo-{id}"))
-        .replace("topic: ms2ps_chat", &format!("topic: ms2ps_chat-{id}"));
-    let path = pipelines.path().join(format!("pipeline-{id}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    let brokers = std::env::var("IMFLOW_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    TestServer::start_with(move |c| {
-        c.pipeline = path;
-        c.kafka = Some(KafkaConfig {
-            addr: vec![brokers],
-            group_prefix: format!("test-{id}"),
-            linger_ms: 1,
-        });
-    })
-    .await
+    let id = common::unique();
+    let dir = pipelines.path().to_path_buf();
+    TestServer::start_with(move |c| common::use_kafka(c, &dir, &id)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,13 +132,14 @@ async fn an_offline_user_catches_up_by_sync_and_pull() {
     let s = TestServer::start().await;
     s.register(&["alice", "bob", "carol"]).await;
     let mut a = s.connect("alice", 1).await;
+    let mut last = Value::Null;
     for i in 0..5 {
-        assert_eq!(
-            a.send_text(Target::User("bob"), &format!("m{i}"), &format!("t{i}"))
-                .await["op"],
-            "ack"
-        );
+        last = a
+            .send_text(Target::User("bob"), &format!("m{i}"), &format!("t{i}"))
+            .await;
+        assert_eq!(last["op"], "ack");
     }
+    assert_eq!(a.stored(&last).await, 5);
     let t = s.token("alice", 2).await;
     s.call(
         "POST",
@@ -147,10 +148,9 @@ async fn an_offline_user_catches_up_by_sync_and_pull() {
         Some(json!({"group_id": "team", "name": "T", "members": ["bob"]})),
     )
     .await;
-    assert_eq!(
-        a.send_text(Target::Group("team"), "g1", "group hi").await["op"],
-        "ack"
-    );
+    let ack = a.send_text(Target::Group("team"), "g1", "group hi").await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(a.stored(&ack).await, 1);
 
     let mut b = s.connect("bob", 1).await;
     let sync = b.request(json!({"op": "sync"})).await;
@@ -243,6 +243,8 @@ async fn a_resend_gets_the_first_messages_id_and_creates_nothing() {
     assert_eq!(st, 200);
     assert_eq!(v["server_msg_id"], first["server_msg_id"]);
 
+    let burst = json!({"server_msg_id": ids[0]});
+    assert_eq!(a.stored(&burst).await, 2);
     let r = a
         .request(
             json!({"op": "pull", "conversation_id": "si_alice_bob", "from_seq": 1, "to_seq": 100}),
@@ -357,8 +359,10 @@ async fn a_restart_keeps_history_continues_seqs_and_remembers_resends() {
     let first = {
         let mut a = s.connect("alice", 1).await;
         let first = a.send_text(Target::User("bob"), "c1", "before").await;
-        a.send_text(Target::User("bob"), "c2", "before").await;
-        a.send_text(Target::Group("g"), "c3", "before").await;
+        let second = a.send_text(Target::User("bob"), "c2", "before").await;
+        let third = a.send_text(Target::Group("g"), "c3", "before").await;
+        assert_eq!(a.stored(&second).await, 2);
+        assert_eq!(a.stored(&third).await, 1);
         first
     };
     s.restart().await;

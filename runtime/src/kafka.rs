@@ -286,11 +286,13 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
     let topic = topic.to_string();
     let stage = stage.to_string();
     let every = settings.commit_interval;
+    // Counted now, not when the task first runs: a readiness check made
+    // before the task is polled must already wait for it.
+    ready.one_more();
     Ok(Box::pin(async move {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let mut tick = tokio::time::interval(every);
         let mut assigned = false;
-        ready.one_more();
         let n = queues.len().max(1) as i32;
         loop {
             tokio::select! {

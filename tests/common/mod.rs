@@ -27,6 +27,83 @@ pub struct TestServer {
     pub cfg: Config,
 }
 
+/// Whether the end-to-end tests run on the cluster data plane:
+/// `IMFLOW_TEST_MODE=cluster` (set by `script/test.sh` for a second pass)
+/// puts every test server on Kafka edges and the MySQL, MongoDB and Redis of
+/// `script/infra.sh`, on the seed's ports.
+pub fn cluster_mode() -> bool {
+    std::env::var("IMFLOW_TEST_MODE").is_ok_and(|m| m == "cluster")
+}
+
+/// A name no other test server uses: its own topics, consumer groups,
+/// databases and Redis keys.
+pub fn unique() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}x{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 100_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn server_env(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+/// The shipped pipeline with its topics renamed, written under `dir`.
+pub fn pipeline_with_own_topics(dir: &std::path::Path, id: &str) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"))
+        .unwrap()
+        .replace("topic: ws2ms_chat", &format!("topic: ws2ms_chat-{id}"))
+        .replace("topic: msg_to_mongo", &format!("topic: msg_to_mongo-{id}"))
+        .replace("topic: ms2ps_chat", &format!("topic: ms2ps_chat-{id}"));
+    let path = dir.join(format!("pipeline-{id}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Kafka edges with this server's own topics.
+pub fn use_kafka(cfg: &mut Config, dir: &std::path::Path, id: &str) {
+    cfg.pipeline = pipeline_with_own_topics(dir, id);
+    cfg.kafka = Some(imflow::config::KafkaConfig {
+        addr: vec![server_env("IMFLOW_KAFKA_BROKERS", "127.0.0.1:9092")],
+        group_prefix: format!("test-{id}"),
+        linger_ms: 1,
+    });
+}
+
+/// The cluster's stores, in this server's own databases and key space.
+pub fn use_cluster_stores(cfg: &mut Config, id: &str) {
+    use imflow::config::{MongoConfig, MysqlConfig, RedisConfig};
+    cfg.mysql = Some(MysqlConfig {
+        db_mysql_address: vec![server_env("IMFLOW_TEST_MYSQL", "127.0.0.1:13306")],
+        db_mysql_database_name: id.to_string(),
+        ..Default::default()
+    });
+    cfg.mongo = Some(MongoConfig {
+        db_address: vec![server_env("IMFLOW_TEST_MONGO", "127.0.0.1:37017")],
+        db_database: id.to_string(),
+        ..Default::default()
+    });
+    cfg.redis = Some(RedisConfig {
+        db_address: vec![server_env("IMFLOW_TEST_REDIS", "127.0.0.1:16379")],
+        key_prefix: id.to_string(),
+        ..Default::default()
+    });
+}
+
+/// The whole cluster data plane: Kafka edges and the cluster's stores.
+pub fn use_cluster(cfg: &mut Config, dir: &std::path::Path) {
+    let id = unique();
+    use_kafka(cfg, dir, &id);
+    use_cluster_stores(cfg, &id);
+}
+
 pub fn test_config(data_dir: PathBuf) -> Config {
     let mut cfg = Config {
         pipeline: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml")),
@@ -48,8 +125,18 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        if let Ok(filter) = std::env::var("IMFLOW_TEST_LOG") {
+            // Server logs in the test's output, e.g. IMFLOW_TEST_LOG=imflow=debug.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = test_config(dir.path().join("data"));
+        if cluster_mode() {
+            use_cluster(&mut cfg, dir.path());
+        }
         tweak(&mut cfg);
         let server = Server::start(cfg.clone()).await.expect("server starts");
         TestServer {
@@ -60,6 +147,24 @@ impl TestServer {
             http: reqwest::Client::new(),
             cfg,
         }
+    }
+
+    /// A client of a server running in another process.
+    pub fn attach(gateway: &str, api: &str) -> TestServer {
+        TestServer {
+            server: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            http: reqwest::Client::new(),
+            api: format!("http://{api}"),
+            ws: format!("ws://{gateway}/ws"),
+            cfg: Config::default(),
+        }
+    }
+
+    /// The other process was restarted at new addresses.
+    pub fn reattach(&mut self, gateway: &str, api: &str) {
+        self.api = format!("http://{api}");
+        self.ws = format!("ws://{gateway}/ws");
     }
 
     /// Stop gracefully and start again on the same data directory.
@@ -163,7 +268,7 @@ static RID: AtomicU64 = AtomicU64::new(1);
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Frames read while waiting for something else.
-    backlog: VecDeque<Value>,
+    pub backlog: VecDeque<Value>,
 }
 
 impl Client {
@@ -225,6 +330,33 @@ impl Client {
 
     pub async fn send_text(&mut self, to: Target<'_>, client_msg_id: &str, text: &str) -> Value {
         self.request(send_frame(to, client_msg_id, text)).await
+    }
+
+    /// Wait for the push of the message acknowledged by `ack` and return its
+    /// seq: from then on the message is in the history. (With Kafka edges
+    /// the ack means "durable in Kafka" and comes before the seq; a client
+    /// learns the seq from the push, PROTOCOL.md rule 5.)
+    pub async fn stored(&mut self, ack: &Value) -> u64 {
+        let id = ack["server_msg_id"].clone();
+        assert!(id.is_string(), "not an ack: {ack}");
+        let has = |f: &Value| {
+            f["op"] == "push"
+                && f["messages"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == id))
+        };
+        let mut f = self.next_where(has).await;
+        let messages = f["messages"].as_array_mut().expect("push has messages");
+        let at = messages
+            .iter()
+            .position(|m| m["server_msg_id"] == id)
+            .expect("the push holds the message");
+        let m = messages.remove(at);
+        if !messages.is_empty() {
+            // The rest of a merged push stays for later readers.
+            self.backlog.push_front(f);
+        }
+        m["seq"].as_u64().expect("a pushed message has a seq")
     }
 
     /// Messages from `push` frames until `n` have arrived, in arrival order.

@@ -68,6 +68,10 @@ async fn run(
                 presence.deliver(user, &push);
             }
             ack.release();
+            // A batch from Kafka can hold hundreds of messages for one
+            // user: let the connections drain between them, or a bounded
+            // outgoing queue would overflow for a client that reads fine.
+            tokio::task::yield_now().await;
         }
     }
     Ok(())

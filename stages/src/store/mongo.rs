@@ -94,6 +94,10 @@ pub struct MongoHistory {
 }
 
 const DUPLICATE_KEY: i32 = 11000;
+/// Longest wait for a batch insert before it counts as failed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a read.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl MongoHistory {
     /// Connect, check the server answers (within 10 s), create the index.
@@ -179,17 +183,47 @@ impl History for MongoHistory {
             })
             .collect();
         let started = std::time::Instant::now();
-        let result = self.messages.insert_many(docs).ordered(false).await;
+        // The driver waits for a reply as long as the socket stays open, and
+        // a frozen or cut-off server never answers: bound the wait, the
+        // caller retries (the insert is idempotent).
+        let result = tokio::time::timeout(
+            COMMIT_TIMEOUT,
+            self.messages.insert_many(docs).ordered(false),
+        )
+        .await;
         metrics::histogram!("imflow_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("imflow_store_commit_messages").record(messages.len() as f64);
         match result {
-            Ok(_) => Ok(()),
-            Err(e) if only_duplicates(&e) => Ok(()),
-            Err(e) => Err(format!("mongodb insert: {e}")),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if only_duplicates(&e) => Ok(()),
+            Ok(Err(e)) => Err(format!("mongodb insert: {e}")),
+            Err(_) => Err(format!(
+                "mongodb insert: no answer within {} s",
+                COMMIT_TIMEOUT.as_secs()
+            )),
         }
     }
 
     async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
+        tokio::time::timeout(READ_TIMEOUT, self.range_now(conversation, from, to))
+            .await
+            .map_err(|_| Error::Backend("mongodb: no answer to a read within 5 s".into()))?
+    }
+
+    async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
+        tokio::time::timeout(READ_TIMEOUT, self.max_seqs_now(conversations))
+            .await
+            .map_err(|_| Error::Backend("mongodb: no answer to a read within 5 s".into()))?
+    }
+}
+
+impl MongoHistory {
+    async fn range_now(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Arc<str>)>> {
         let cursor = self
             .messages
             .find(doc! {"conversation_id": conversation, "seq": {"$gte": from as i64, "$lte": to as i64}})
@@ -215,7 +249,7 @@ impl History for MongoHistory {
             .collect()
     }
 
-    async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
+    async fn max_seqs_now(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
         let found = join_all(conversations.iter().map(|c| async move {
             let top = self
                 .messages

@@ -65,13 +65,18 @@ fn options(settings: &MysqlSettings, addr: &str) -> Result<MySqlConnectOptions> 
             "mysql.dbMysqlAddress: `{addr}` has no valid port, e.g. 127.0.0.1:13306"
         ))
     })?;
-    Ok(MySqlConnectOptions::new()
+    let opts = MySqlConnectOptions::new()
         .host(host)
         .port(port)
         .username(&settings.username)
-        .password(&settings.password)
         .charset("utf8mb4")
-        .log_statements(tracing::log::LevelFilter::Trace))
+        .log_statements(tracing::log::LevelFilter::Trace);
+    // An empty password means none (sent as one, MySQL refuses it).
+    Ok(if settings.password.is_empty() {
+        opts
+    } else {
+        opts.password(&settings.password)
+    })
 }
 
 async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPool> {
@@ -106,6 +111,13 @@ async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPoo
         .connect_with(opts.database(db))
         .await
         .map_err(|e| fail(e.to_string()))
+}
+
+/// An id column: `utf8mb4_bin` (compared byte for byte) reaches sqlx as
+/// binary; ids are checked ASCII on the way in.
+fn id(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String> {
+    let bytes: Vec<u8> = row.try_get(i)?;
+    String::from_utf8(bytes).map_err(|e| Error::Backend(format!("mysql: an id is not UTF-8: {e}")))
 }
 
 impl MysqlDirectory {
@@ -151,12 +163,12 @@ impl MysqlDirectory {
         .await?;
         let members = rows
             .into_iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i8, _>(1)? as i64)))
+            .map(|r| Ok((id(&r, 0)?, r.try_get::<i8, _>(1)? as i64)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(GroupState::from_rows(
             group_id,
             row.try_get(0)?,
-            row.try_get(1)?,
+            id(&row, 1)?,
             members,
         )))
     }
@@ -227,11 +239,10 @@ impl Directory for MysqlDirectory {
         if self.users.contains_key(user) {
             return Ok(true);
         }
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT user_id FROM users WHERE user_id = ?")
-                .bind(user)
-                .fetch_optional(&self.master)
-                .await?;
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.master)
+            .await?;
         if found.is_some() {
             self.users.insert(Arc::from(user), ());
         }
@@ -392,7 +403,7 @@ impl Directory for MysqlDirectory {
                FROM user_conversations uc \
               WHERE uc.user_id = ? AND uc.conversation_id LIKE 'si\\_%' \
              UNION ALL \
-             SELECT CONCAT('sg_', gm.group_id), COALESCE(uc.read_seq, 0) \
+             SELECT CONCAT('sg_', gm.group_id), CAST(COALESCE(uc.read_seq, 0) AS UNSIGNED) \
                FROM group_members gm \
                LEFT JOIN user_conversations uc \
                  ON uc.user_id = gm.user_id AND uc.conversation_id = CONCAT('sg_', gm.group_id) \
@@ -403,7 +414,7 @@ impl Directory for MysqlDirectory {
         .fetch_all(&self.replica)
         .await?;
         rows.into_iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get::<u64, _>(1)?)))
+            .map(|r| Ok((id(&r, 0)?, r.try_get::<u64, _>(1)?)))
             .collect()
     }
 

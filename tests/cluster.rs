@@ -1,0 +1,602 @@
+//! The cluster data plane under faults, against the real servers of
+//! `script/infra.sh` (Kafka on 9092, MySQL 13306, MongoDB 37017, Redis
+//! 16379), plus private Redis and MongoDB servers these tests may flush,
+//! freeze and kill.
+//!
+//! Each fault runs under a steady load: alice sends to bob (single chat) and
+//! to a group, resending whatever was not acknowledged, as a real client
+//! does. Afterwards every conversation is checked: every acked message is
+//! stored exactly once with the id its ack carried, seqs run 1..n without a
+//! gap, and the online recipient got every seq by push, each once.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{send_frame, Client, Target, TestServer, PATIENCE};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A server process of its own (Redis or MongoDB) that a test may stop.
+struct Private {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Private {
+    async fn redis() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (script/infra.sh installs it)");
+        let p = Private {
+            child,
+            port,
+            _dir: dir,
+        };
+        p.wait_until_it_answers().await;
+        p
+    }
+
+    async fn mongo() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let scripts = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ])
+            .output()
+            .expect("python3");
+        let bin = Path::new(String::from_utf8_lossy(&scripts.stdout).trim()).join("secantusd-py");
+        let child = Command::new(bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--storage-path",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("secantusd-py (script/infra.sh installs it)");
+        let p = Private {
+            child,
+            port,
+            _dir: dir,
+        };
+        p.wait_until_it_answers().await;
+        p
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Wait for the listening socket (the event), within the tests' patience.
+    async fn wait_until_it_answers(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(self.addr()).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never listened",
+                self.addr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+}
+
+async fn redis_cmd(addr: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", addr.rsplit(':').next().unwrap()])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What the load generator saw: the ack of every client_msg_id, per target.
+#[derive(Default)]
+struct Sent {
+    acked: BTreeMap<String, (String, String)>, // client_msg_id -> (conversation, server_msg_id)
+}
+
+/// Send `n` messages alternating between bob and the group, one at a time,
+/// each retried (same client_msg_id) until acked. `between` runs after the
+/// message at index `at` is acked: that is where the fault is injected.
+async fn send_steadily<F, Fut>(
+    a: &mut Client,
+    prefix: &str,
+    n: usize,
+    at: usize,
+    between: F,
+) -> Sent
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut sent = Sent::default();
+    let mut between = Some(between);
+    for i in 0..n {
+        let target = if i % 2 == 0 {
+            Target::User("bob")
+        } else {
+            Target::Group("room")
+        };
+        let cmid = format!("{prefix}{i}");
+        loop {
+            let reply = a
+                .request(send_frame(target, &cmid, &format!("text {i}")))
+                .await;
+            if reply["op"] == "ack" {
+                let conv = reply["conversation_id"].as_str().unwrap().to_string();
+                let id = reply["server_msg_id"].as_str().unwrap().to_string();
+                sent.acked.insert(cmid.clone(), (conv, id));
+                break;
+            }
+            assert_eq!(reply["code"], "unavailable", "{reply}");
+            // A client backs off before it resends.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if i == at {
+            if let Some(f) = between.take() {
+                f().await;
+            }
+        }
+    }
+    sent
+}
+
+/// Send `n` messages and wait until the last is stored: the pipeline is
+/// flowing (consumer groups settled, counters made) when a fault comes.
+async fn flowing(a: &mut Client, n: usize) -> Sent {
+    let sent = send_steadily(a, "m", n, usize::MAX, || async {}).await;
+    for conv in ["si_alice_bob", "sg_room"] {
+        let last = sent
+            .acked
+            .values()
+            .filter(|(c, _)| c == conv)
+            .map(|(_, id)| id.clone())
+            .max()
+            .expect("messages in both conversations");
+        a.stored(&json!({"server_msg_id": last})).await;
+    }
+    sent
+}
+
+/// The checks every fault test ends with. `bob_online_throughout`: bob's
+/// pushes must hold every seq; otherwise (he reconnected after a crash) he
+/// must find everything by sync and pull, and never get a seq twice.
+async fn check_everything(
+    a: &mut Client,
+    b: &mut Client,
+    sent: &Sent,
+    bob_online_throughout: bool,
+) {
+    let mut by_conv: HashMap<String, Vec<(&String, &String)>> = HashMap::new();
+    for (cmid, (conv, id)) in &sent.acked {
+        by_conv.entry(conv.clone()).or_default().push((cmid, id));
+    }
+    // The sender's own push of the newest message of each conversation says
+    // the whole conversation is stored (pushes come in seq order).
+    for (conv, msgs) in &by_conv {
+        let n = msgs.len() as u64;
+        // The newest: the highest index of the latest prefix ("m" > "b").
+        let last = msgs
+            .iter()
+            .max_by_key(|(c, _)| (c.as_bytes()[0], c[1..].parse::<u64>().unwrap()))
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+        let mut seq = 0;
+        while seq < n {
+            let want = last.1.clone();
+            let f = tokio::time::timeout_at(
+                deadline,
+                a.next_where(|f| {
+                    f["op"] == "push"
+                        && f["messages"]
+                            .as_array()
+                            .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == json!(want)))
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{conv}: the last message was never pushed"));
+            seq = f["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["server_msg_id"] == json!(last.1))
+                .unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+        }
+        assert_eq!(seq, n, "{conv}: the last acked message has seq n");
+        let r = a
+            .request(
+                json!({"op": "pull", "conversation_id": conv, "from_seq": 1, "to_seq": n + 50}),
+            )
+            .await;
+        let stored = r["messages"].as_array().unwrap();
+        let seqs: Vec<u64> = stored.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "{conv}: seqs 1..n, no gap, nothing twice"
+        );
+        let stored_ids: HashMap<&str, &str> = stored
+            .iter()
+            .map(|m| {
+                (
+                    m["client_msg_id"].as_str().unwrap(),
+                    m["server_msg_id"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            stored_ids.len(),
+            msgs.len(),
+            "{conv}: each message stored once"
+        );
+        for (cmid, id) in msgs {
+            assert_eq!(
+                stored_ids.get(cmid.as_str()),
+                Some(&id.as_str()),
+                "{conv}: {cmid} stored with its acked id"
+            );
+        }
+    }
+    if !bob_online_throughout {
+        let sync = b.request(json!({"op": "sync"})).await;
+        for (conv, msgs) in &by_conv {
+            let c = sync["conversations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["conversation_id"] == json!(conv))
+                .unwrap_or_else(|| panic!("bob's sync lists {conv}: {sync}"));
+            assert_eq!(c["max_seq"], json!(msgs.len()), "{conv}: bob's sync");
+            let r = b
+                .request(json!({"op": "pull", "conversation_id": conv, "from_seq": 1, "to_seq": msgs.len()}))
+                .await;
+            assert_eq!(
+                r["messages"].as_array().unwrap().len(),
+                msgs.len(),
+                "{conv}: bob's pull"
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in b.backlog.drain(..) {
+            for m in f["messages"].as_array().into_iter().flatten() {
+                let key = (m["conversation_id"].to_string(), m["seq"].as_u64());
+                assert!(seen.insert(key), "bob got a seq twice: {m}");
+            }
+        }
+        return;
+    }
+    // bob was online throughout: every seq of both conversations, each once.
+    let total: usize = by_conv.values().map(Vec::len).sum();
+    let pushed = b.pushed(total).await;
+    let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+    for m in &pushed {
+        *seen
+            .entry((
+                m["conversation_id"].as_str().unwrap().to_string(),
+                m["seq"].as_u64().unwrap(),
+            ))
+            .or_default() += 1;
+    }
+    for (conv, msgs) in &by_conv {
+        for seq in 1..=msgs.len() as u64 {
+            assert_eq!(
+                seen.get(&(conv.clone(), seq)),
+                Some(&1),
+                "bob got {conv} #{seq} once"
+            );
+        }
+    }
+}
+
+async fn cluster_server(tweak: impl FnOnce(&mut imflow::Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        let dir = c.data_dir.clone();
+        std::fs::create_dir_all(&dir).unwrap();
+        common::use_cluster(c, &dir);
+        tweak(c);
+    })
+    .await
+}
+
+async fn alice_bob_and_a_room(s: &TestServer) -> (Client, Client) {
+    s.register(&["alice", "bob", "carol"]).await;
+    let t = s.token("alice", 2).await;
+    assert_eq!(s.create_group(&t, "room", &["bob", "carol"]).await, 201);
+    (s.connect("alice", 1).await, s.connect("bob", 1).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_mid_run_loses_nothing_and_reuses_no_seq() {
+    let redis = Private::redis().await;
+    let addr = redis.addr();
+    let s = cluster_server(|c| {
+        if let Some(r) = c.redis.as_mut() {
+            r.db_address = vec![addr.clone()];
+        }
+    })
+    .await;
+    let (mut a, mut b) = alice_bob_and_a_room(&s).await;
+    let mut sent = flowing(&mut a, 60).await;
+    assert_eq!(redis_cmd(&redis.addr(), &["FLUSHALL"]).await, "OK");
+    sent.acked.extend(
+        send_steadily(&mut a, "n", 60, usize::MAX, || async {})
+            .await
+            .acked,
+    );
+    check_everything(&mut a, &mut b, &sent, true).await;
+    let t = s.token("bob", 3).await;
+    let (_, convs) = s.call("GET", &t, "/conversations", None).await;
+    let mut max: Vec<(String, u64)> = convs["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["conversation_id"].as_str().unwrap().into(),
+                c["max_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    max.sort();
+    assert_eq!(
+        max,
+        [
+            ("sg_room".to_string(), 60),
+            ("si_alice_bob".to_string(), 60)
+        ],
+        "sync after the flush reads the history"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_frozen_for_a_while_delays_but_drops_nothing() {
+    let mongo = Private::mongo().await;
+    let addr = mongo.addr();
+    let s = cluster_server(|c| {
+        if let Some(m) = c.mongo.as_mut() {
+            m.db_address = vec![addr.clone()];
+        }
+    })
+    .await;
+    let (mut a, mut b) = alice_bob_and_a_room(&s).await;
+    let mut sent = flowing(&mut a, 30).await;
+    let failed_before = history_errors(&s).await;
+    // Unreachable: the process stops answering (SIGSTOP), later resumes.
+    mongo.signal("-STOP");
+    sent.acked.extend(
+        send_steadily(&mut a, "n", 50, usize::MAX, || async {})
+            .await
+            .acked,
+    );
+    // Sends kept being acked (they are durable in Kafka) while the history
+    // could not be written. Once the history stage has felt it (a failed
+    // commit, retried), MongoDB answers again and the pipeline catches up.
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    while history_errors(&s).await == failed_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the history stage never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mongo.signal("-CONT");
+    check_everything(&mut a, &mut b, &sent, true).await;
+}
+
+/// Failed history commits so far (the history stage's error counter).
+async fn history_errors(s: &TestServer) -> f64 {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.api))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find(|l| l.starts_with("imflow_stage_errors_total{stage=\"history\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn bad(cfg: &mut imflow::Config, what: &str) {
+    let unused = format!("127.0.0.1:{}", free_port());
+    match what {
+        "mysql" => cfg.mysql.as_mut().unwrap().db_mysql_address = vec![unused],
+        "mysql-password" => cfg.mysql.as_mut().unwrap().db_mysql_password = "wrong".into(),
+        "mongo" => cfg.mongo.as_mut().unwrap().db_address = vec![unused],
+        "redis" => cfg.redis.as_mut().unwrap().db_address = vec![unused],
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn bad_cluster_settings_fail_fast_naming_the_setting() {
+    for (what, names) in [
+        ("mysql", "mysql.dbMysqlAddress"),
+        ("mysql-password", "dbMysqlPassword"),
+        ("mongo", "mongo.dbAddress"),
+        ("redis", "redis.dbAddress"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = common::test_config(dir.path().join("data"));
+        common::use_cluster(&mut cfg, dir.path());
+        bad(&mut cfg, what);
+        let started = std::time::Instant::now();
+        let err = match imflow::Server::start(cfg).await {
+            Ok(_) => panic!("{what}: a bad setting must stop the start"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(names), "{what}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{what}: failed fast, not after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// The binary as a separate process, so a test can SIGKILL it.
+struct Process {
+    child: Child,
+    gateway: String,
+    api: String,
+}
+
+impl Process {
+    async fn start(config: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imflow"))
+            .args([
+                "serve",
+                "--log-json",
+                "--gateway-addr",
+                "127.0.0.1:0",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(config)
+            .env("IMFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the imflow binary");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (gateway, api) = tokio::time::timeout(PATIENCE * 3, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v["fields"]["message"] == "imflow serving" {
+                    return (
+                        v["fields"]["gateway"].as_str().unwrap().to_string(),
+                        v["fields"]["api"].as_str().unwrap().to_string(),
+                    );
+                }
+            }
+            panic!("imflow exited before serving");
+        })
+        .await
+        .expect("imflow serves");
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Process {
+            child,
+            gateway,
+            api,
+        }
+    }
+
+    async fn kill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_produce_and_commit_then_restart_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path().join("data"));
+    common::use_cluster(&mut cfg, dir.path());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, cluster_yaml(&cfg)).unwrap();
+
+    let first = Process::start(&config).await;
+    let mut s = TestServer::attach(&first.gateway, &first.api);
+    let (mut a, _) = alice_bob_and_a_room(&s).await;
+    // Offsets are committed every 200 ms, so under a steady load a kill
+    // lands with messages produced but their offsets not yet committed.
+    let before = send_steadily(&mut a, "b", 40, usize::MAX, || async {}).await;
+    first.kill().await;
+
+    let second = Process::start(&config).await;
+    s.reattach(&second.gateway, &second.api);
+    let mut a = s.connect("alice", 1).await;
+    let mut b = s.connect("bob", 1).await;
+    // The same messages again, as a client that never saw the acks would
+    // send them: recognised, with the ids of the first acks.
+    let again = send_steadily(&mut a, "b", 40, usize::MAX, || async {}).await;
+    assert_eq!(
+        again.acked, before.acked,
+        "resends across the crash keep their ids"
+    );
+    let mut sent = send_steadily(&mut a, "m", 80, usize::MAX, || async {}).await;
+    sent.acked.extend(before.acked);
+    check_everything(&mut a, &mut b, &sent, false).await;
+    second.kill().await;
+}
+
+fn cluster_yaml(cfg: &imflow::Config) -> String {
+    let k = cfg.kafka.as_ref().unwrap();
+    let m = cfg.mysql.as_ref().unwrap();
+    let g = cfg.mongo.as_ref().unwrap();
+    let r = cfg.redis.as_ref().unwrap();
+    format!(
+        "pipeline: {}\nadmin_secret: {}\nkafka:\n  addr: [{}]\n  group_prefix: {}\n  linger_ms: 1\n\
+         mysql:\n  dbMysqlAddress: [{}]\n  dbMysqlDatabaseName: {}\n\
+         mongo:\n  dbAddress: [{}]\n  dbDatabase: {}\n\
+         redis:\n  dbAddress: [{}]\n  keyPrefix: {}\n\
+         websocket:\n  rate_limit_per_sec: 100000\n  rate_limit_burst: 100000\n",
+        cfg.pipeline.display(),
+        common::ADMIN,
+        k.addr.join(", "),
+        k.group_prefix,
+        m.db_mysql_address.join(", "),
+        m.db_mysql_database_name,
+        g.db_address.join(", "),
+        g.db_database,
+        r.db_address.join(", "),
+        r.key_prefix,
+    )
+}
