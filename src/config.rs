@@ -163,6 +163,8 @@ pub struct KafkaConfig {
     pub group_prefix: String,
     /// How long a producer waits to fill a batch (ms).
     pub linger_ms: u32,
+    /// Longest wait of a consumer's fetch on the broker (ms).
+    pub fetch_wait_ms: u32,
 }
 
 impl Default for KafkaConfig {
@@ -171,6 +173,7 @@ impl Default for KafkaConfig {
             addr: vec!["127.0.0.1:9092".into()],
             group_prefix: "imflow".into(),
             linger_ms: 2,
+            fetch_wait_ms: 100,
         }
     }
 }

@@ -125,6 +125,7 @@ impl Server {
             brokers: k.addr.join(","),
             group_prefix: k.group_prefix.clone(),
             linger_ms: k.linger_ms,
+            fetch_wait_ms: k.fetch_wait_ms.max(1),
             ..Default::default()
         });
         if let Some(k) = &kafka {

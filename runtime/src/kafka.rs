@@ -44,6 +44,10 @@ pub struct KafkaSettings {
     pub group_prefix: String,
     /// How long the producer waits to fill a batch.
     pub linger_ms: u32,
+    /// Longest time a fetch may wait on the broker for data
+    /// (`fetch.wait.max.ms`). Some brokers hold a fetch this long even when
+    /// data is there, so it bounds each hop's latency.
+    pub fetch_wait_ms: u32,
     /// How often consumers commit finished offsets.
     pub commit_interval: Duration,
 }
@@ -54,6 +58,7 @@ impl Default for KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
             group_prefix: "imflow".into(),
             linger_ms: 2,
+            fetch_wait_ms: 100,
             commit_interval: Duration::from_millis(200),
         }
     }
@@ -280,6 +285,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
+        .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
         .create()?;
     consumer.subscribe(&[topic])?;
     let consumer = Arc::new(consumer);

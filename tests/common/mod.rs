@@ -74,6 +74,7 @@ pub fn use_kafka(cfg: &mut Config, dir: &std::path::Path, id: &str) {
         addr: vec![server_env("IMFLOW_KAFKA_BROKERS", "127.0.0.1:9092")],
         group_prefix: format!("test-{id}"),
         linger_ms: 1,
+        ..Default::default()
     });
 }
 
