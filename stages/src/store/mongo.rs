@@ -15,13 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::future::join_all;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{
-    Acknowledgment, ClientOptions, FindOneOptions, FindOptions, IndexOptions, WriteConcern,
-};
+use mongodb::options::{Acknowledgment, ClientOptions, FindOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::History;
@@ -249,24 +246,36 @@ impl MongoHistory {
             .collect()
     }
 
+    /// One aggregate per call (not a read per conversation): a burst of
+    /// new conversations costs one round trip.
     async fn max_seqs_now(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
-        let found = join_all(conversations.iter().map(|c| async move {
-            let top = self
-                .messages
-                .find_one(doc! {"conversation_id": &**c})
-                .with_options(
-                    FindOneOptions::builder()
-                        .sort(doc! {"seq": -1})
-                        .projection(doc! {"_id": 0, "seq": 1})
-                        .build(),
-                )
-                .await
-                .map_err(mongo_err)?;
-            let seq = top.and_then(|d| d.get_i64("seq").ok()).unwrap_or(0);
-            Ok::<_, Error>((c.clone(), seq as u64))
-        }))
-        .await;
-        found.into_iter().collect()
+        let mut out: HashMap<Arc<str>, u64> =
+            conversations.iter().map(|c| (c.clone(), 0)).collect();
+        let ids: Vec<&str> = conversations.iter().map(|c| &**c).collect();
+        let cursor = self
+            .messages
+            .aggregate([
+                doc! {"$match": {"conversation_id": {"$in": ids}}},
+                // Sorted on the unique index, then the first of each group:
+                // MongoDB answers this from the index without reading every
+                // message of a long conversation.
+                doc! {"$sort": {"conversation_id": 1, "seq": -1}},
+                doc! {"$group": {"_id": "$conversation_id", "max": {"$first": "$seq"}}},
+            ])
+            .await
+            .map_err(mongo_err)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        for d in docs {
+            let (Ok(c), Ok(max)) = (d.get_str("_id"), d.get_i64("max")) else {
+                return Err(Error::Backend(format!(
+                    "mongodb: unexpected max seq row {d}"
+                )));
+            };
+            if let Some(v) = out.get_mut(c) {
+                *v = max.max(0) as u64;
+            }
+        }
+        Ok(out)
     }
 }
 

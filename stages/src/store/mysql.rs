@@ -419,18 +419,24 @@ impl Directory for MysqlDirectory {
     }
 
     async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
-        for conv in conversations {
-            if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
-                sqlx::query(
-                    "INSERT IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)",
-                )
-                .bind(&*a)
-                .bind(&**conv)
-                .bind(&*b)
-                .bind(&**conv)
-                .execute(&self.master)
-                .await?;
-            }
+        let rows: Vec<(Arc<str>, &str)> = conversations
+            .iter()
+            .filter_map(|c| match Conversation::parse(c) {
+                Some(Conversation::Single(a, b)) => Some([(a, &**c), (b, &**c)]),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        // One statement per chunk: a burst of new chats (a client fleet's
+        // first messages) must not cost a round trip each.
+        for chunk in rows.chunks(500) {
+            let mut q: sqlx::QueryBuilder<sqlx::MySql> = sqlx::QueryBuilder::new(
+                "INSERT IGNORE INTO user_conversations (user_id, conversation_id) ",
+            );
+            q.push_values(chunk, |mut b, (user, conv)| {
+                b.push_bind(&**user).push_bind(*conv);
+            });
+            q.build().execute(&self.master).await?;
         }
         Ok(())
     }
