@@ -49,4 +49,4 @@ echo "== cargo test (standalone, and the runtime's Kafka edges)"
 cargo test --workspace --all-targets
 echo "== cargo test: the end-to-end tests again on the cluster data plane"
 echo "   (Kafka edges, MySQL, MongoDB, Redis of script/infra.sh)"
-IMFLOW_TEST_MODE=cluster cargo test --test protocol --test slow_client --test kafka_mode --test cluster
+IMFLOW_TEST_MODE=cluster cargo test --test protocol --test slow_client --test kafka_mode

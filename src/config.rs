@@ -165,6 +165,8 @@ pub struct KafkaConfig {
     pub linger_ms: u32,
     /// Longest wait of a consumer's fetch on the broker (ms).
     pub fetch_wait_ms: u32,
+    /// Most messages in one produce batch per partition.
+    pub batch_messages: u32,
 }
 
 impl Default for KafkaConfig {
@@ -174,6 +176,7 @@ impl Default for KafkaConfig {
             group_prefix: "imflow".into(),
             linger_ms: 2,
             fetch_wait_ms: 100,
+            batch_messages: 10_000,
         }
     }
 }

@@ -126,6 +126,7 @@ impl Server {
             group_prefix: k.group_prefix.clone(),
             linger_ms: k.linger_ms,
             fetch_wait_ms: k.fetch_wait_ms.max(1),
+            batch_messages: k.batch_messages.clamp(1, 1_000_000),
             ..Default::default()
         });
         if let Some(k) = &kafka {

@@ -97,6 +97,35 @@ impl Private {
         p
     }
 
+    /// One node of a Redis Cluster.
+    async fn redis_cluster_node() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (script/infra.sh installs it)");
+        let p = Private {
+            child,
+            port,
+            _dir: dir,
+        };
+        p.wait_until_it_answers().await;
+        p
+    }
+
     /// A Kafka broker (the tansu of `script/infra.sh`) with in-memory topics.
     async fn kafka() -> Private {
         let dir = tempfile::tempdir().unwrap();
@@ -520,6 +549,67 @@ async fn kafka_broker_frozen_past_the_session_timeout_loses_and_repeats_nothing(
     }
     sent.acked.extend(rest.acked);
     check_everything(&mut a, &mut b, &sent, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_of_three_nodes_serves_the_cluster_stores() {
+    let nodes = [
+        Private::redis_cluster_node().await,
+        Private::redis_cluster_node().await,
+        Private::redis_cluster_node().await,
+    ];
+    let addrs: Vec<String> = nodes.iter().map(Private::addr).collect();
+    let create = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .await
+        .expect("redis-cli");
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stdout)
+    );
+    // Wait for the event: every node reports the cluster ok.
+    for a in &addrs {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !redis_cmd(a, &["CLUSTER", "INFO"])
+            .await
+            .contains("cluster_state:ok")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{a}: cluster never ok"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let s = cluster_server(|c| {
+        if let Some(r) = c.redis.as_mut() {
+            r.db_address = addrs.clone();
+            r.enable_cluster = true;
+        }
+    })
+    .await;
+    let (mut a, mut b) = alice_bob_and_a_room(&s).await;
+    // Resend keys (one per message) and the two conversations hash to
+    // slots all over the cluster.
+    let mut sent = flowing(&mut a, 20).await;
+    let more = send_steadily(&mut a, "n", 20, usize::MAX, || async {}).await;
+    sent.acked.extend(more.acked);
+    check_everything(&mut a, &mut b, &sent, true).await;
+    // The counters and caches really are spread over the nodes.
+    let prefix = s.cfg.redis.as_ref().unwrap().key_prefix.clone();
+    let mut holding = 0;
+    for a in &addrs {
+        let keys = redis_cmd(a, &["KEYS", &format!("{prefix}:*")]).await;
+        if !keys.is_empty() {
+            holding += 1;
+        }
+    }
+    assert!(holding >= 2, "keys on {holding} node(s) only");
 }
 
 /// Failed history commits so far (the history stage's error counter).

@@ -48,6 +48,9 @@ pub struct KafkaSettings {
     /// (`fetch.wait.max.ms`). Some brokers hold a fetch this long even when
     /// data is there, so it bounds each hop's latency.
     pub fetch_wait_ms: u32,
+    /// Most messages in one produce batch per partition
+    /// (`batch.num.messages`).
+    pub batch_messages: u32,
     /// How often consumers commit finished offsets.
     pub commit_interval: Duration,
 }
@@ -59,6 +62,7 @@ impl Default for KafkaSettings {
             group_prefix: "imflow".into(),
             linger_ms: 2,
             fetch_wait_ms: 100,
+            batch_messages: 10_000,
             commit_interval: Duration::from_millis(200),
         }
     }
@@ -82,6 +86,7 @@ pub(crate) fn producer(
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", settings.linger_ms.to_string())
+        .set("batch.num.messages", settings.batch_messages.to_string())
         .set("message.timeout.ms", "30000")
         .create()?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(DeliveryFuture, Ack)>();
