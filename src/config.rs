@@ -137,6 +137,9 @@ pub struct RedisConfig {
     pub hot_messages: usize,
     /// How long a resend is recognised (s).
     pub resend_ttl_secs: u64,
+    /// How long a message replayed from Kafka after a crash is recognised
+    /// and keeps its seq (s); Redis holds ~100 bytes per message this long.
+    pub replay_ttl_secs: u64,
 }
 
 impl Default for RedisConfig {
@@ -150,6 +153,7 @@ impl Default for RedisConfig {
             key_prefix: d.prefix,
             hot_messages: d.hot_keep,
             resend_ttl_secs: d.resend_ttl.as_secs(),
+            replay_ttl_secs: d.replay_ttl.as_secs(),
         }
     }
 }
@@ -344,6 +348,9 @@ impl Config {
             if r.resend_ttl_secs == 0 {
                 bail!("{file}: redis.resendTtlSecs must be at least 1, e.g. 86400");
             }
+            if r.replay_ttl_secs < 60 {
+                bail!("{file}: redis.replayTtlSecs must be at least 60, e.g. 3600 (a crashed process restarted later than this may store its last uncommitted messages twice)");
+            }
         }
         if let Some(e) = &self.etcd {
             addrs(file, "etcd.etcdAddr", &e.etcd_addr, "127.0.0.1:2379")?;
@@ -389,6 +396,7 @@ impl Config {
                 prefix: r.key_prefix.clone(),
                 hot_keep: r.hot_messages,
                 resend_ttl: std::time::Duration::from_secs(r.resend_ttl_secs),
+                replay_ttl: std::time::Duration::from_secs(r.replay_ttl_secs),
                 ..RedisSettings::default()
             },
         })

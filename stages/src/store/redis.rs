@@ -40,7 +40,10 @@ pub struct RedisSettings {
     pub hot_ttl: Duration,
     /// How long a (sender, client_msg_id) is recognised as a resend.
     pub resend_ttl: Duration,
-    /// How long a replayed message is recognised by its server_msg_id.
+    /// How long a replayed message is recognised by its server_msg_id. A
+    /// replay comes from a consumer that died with offsets uncommitted, once
+    /// its partitions are taken over (seconds) or it restarts; marks cost
+    /// ~100 bytes per message for this long.
     pub replay_ttl: Duration,
     /// A resend claim still pending after this long is taken over (its
     /// first sender died before the message was durable).
@@ -58,7 +61,7 @@ impl Default for RedisSettings {
             hot_keep: 64,
             hot_ttl: Duration::from_secs(3 * 24 * 3600),
             resend_ttl: Duration::from_secs(24 * 3600),
-            replay_ttl: Duration::from_secs(24 * 3600),
+            replay_ttl: Duration::from_secs(600),
             resend_takeover: Duration::from_secs(30),
         }
     }
