@@ -612,6 +612,59 @@ async fn a_redis_cluster_of_three_nodes_serves_the_cluster_stores() {
     assert!(holding >= 2, "keys on {holding} node(s) only");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_on_one_process_reaches_the_others() {
+    // Two processes on the same stores (as two hosts would be).
+    let id = common::unique();
+    let shared = |id: String| {
+        move |c: &mut imflow::Config| {
+            common::use_cluster_stores(c, &id);
+            c.kafka = None;
+            c.pipeline =
+                std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"));
+        }
+    };
+    let one = TestServer::start_with(shared(id.clone())).await;
+    let two = TestServer::start_with(shared(id)).await;
+    one.register(&["alice", "bob", "carol"]).await;
+    let t = one.token("alice", 2).await;
+    assert_eq!(one.create_group(&t, "team", &["bob"]).await, 201);
+    let mut carol = two.connect("carol", 1).await;
+    let refused = carol
+        .send_text(Target::Group("team"), "c0", "let me in")
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+
+    let (st, v) = one
+        .call(
+            "POST",
+            &t,
+            "/groups/team/members",
+            Some(json!({"user_ids": ["carol"]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // The other process drops its cached membership when told; carol's
+    // sends there are accepted from then on.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = carol
+            .send_text(Target::Group("team"), &format!("c{n}"), "hi")
+            .await;
+        if r["op"] == "ack" {
+            break;
+        }
+        assert_eq!(r["code"], "forbidden", "{r}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other process never saw carol join"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Failed history commits so far (the history stage's error counter).
 async fn history_errors(s: &TestServer) -> f64 {
     let text = s

@@ -4,9 +4,10 @@
 //! come from a replica.
 //!
 //! Caches in this process: known users (users are never deleted, so a
-//! positive answer stays true), group snapshots (replaced after every change
-//! made through this process), token generations (through Redis when there
-//! is one, so every process sees a logout at once).
+//! positive answer stays true), group snapshots (replaced after a change made
+//! here; dropped when another process announces a change through Redis),
+//! token generations (through Redis, so every process sees a logout at
+//! once).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +51,10 @@ pub struct MysqlDirectory {
     replica: MySqlPool,
     redis: Option<Arc<Redis>>,
     users: DashMap<Arc<str>, ()>,
-    groups: DashMap<Arc<str>, Arc<GroupState>>,
+    groups: Arc<DashMap<Arc<str>, Arc<GroupState>>>,
+    /// Bumped by every announced change: a snapshot loaded while it moved
+    /// may predate the change and is not cached.
+    group_epoch: Arc<std::sync::atomic::AtomicU64>,
     group_writes: Mutex<()>,
 }
 
@@ -137,12 +141,28 @@ impl MysqlDirectory {
             None => master.clone(),
         };
         tracing::info!(master = %master_addr, replicas = settings.addrs.len() - 1, database = %settings.database, "mysql connected");
+        let groups: Arc<DashMap<Arc<str>, Arc<GroupState>>> = Arc::new(DashMap::new());
+        let group_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let Some(r) = &redis {
+            let (groups, epoch) = (groups.clone(), group_epoch.clone());
+            r.watch_groups(move |changed| {
+                epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match changed {
+                    Some(g) => {
+                        groups.remove(g);
+                    }
+                    // Changes may have been missed while not subscribed.
+                    None => groups.clear(),
+                }
+            });
+        }
         Ok(Arc::new(MysqlDirectory {
             master,
             replica,
             redis,
             users: DashMap::new(),
-            groups: DashMap::new(),
+            groups,
+            group_epoch,
             group_writes: Mutex::new(()),
         }))
     }
@@ -173,7 +193,14 @@ impl MysqlDirectory {
         )))
     }
 
+    /// After a change made here: reload it, and tell the other processes.
     async fn refresh_group(&self, group_id: &str) -> Result<()> {
+        if let Some(r) = &self.redis {
+            // Announced even if the reload below fails: the write is done.
+            if let Err(e) = r.publish_group_changed(group_id).await {
+                tracing::warn!(error = %e, group = group_id, "group change not announced; other processes may serve the old membership until they reload");
+            }
+        }
         match self.load_group(group_id).await? {
             Some(s) => {
                 self.groups.insert(s.group_id.clone(), Arc::new(s));
@@ -322,11 +349,14 @@ impl Directory for MysqlDirectory {
         if let Some(g) = self.groups.get(group_id) {
             return Ok(Some(g.clone()));
         }
+        let epoch = self.group_epoch.load(std::sync::atomic::Ordering::SeqCst);
         let Some(state) = self.load_group(group_id).await? else {
             return Ok(None);
         };
         let state = Arc::new(state);
-        self.groups.insert(state.group_id.clone(), state.clone());
+        if self.group_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+            self.groups.insert(state.group_id.clone(), state.clone());
+        }
         Ok(Some(state))
     }
 

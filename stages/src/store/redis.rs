@@ -103,6 +103,9 @@ impl ConnectionLike for Conn {
 
 pub struct Redis {
     conn: Conn,
+    /// Where subscriptions connect (any node: a Redis Cluster broadcasts
+    /// PUBLISH to every node).
+    subscribe_url: String,
     settings: RedisSettings,
     seq_script: Script,
     claim_script: Script,
@@ -196,7 +199,7 @@ impl Redis {
         let fail = |e: String| Error::Backend(format!("redis.dbAddress ({what}): {e}"));
         let timeout = Duration::from_secs(10);
         let conn = if settings.cluster {
-            let client = redis::cluster::ClusterClient::builder(urls)
+            let client = redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(Duration::from_secs(5))
                 .response_timeout(Duration::from_secs(5))
                 .build()
@@ -230,8 +233,10 @@ impl Redis {
                 .map_err(|_| fail("no answer to PING within 10 s".into()))?
                 .map_err(|e| fail(e.to_string()))?;
         tracing::info!(addrs = %what, cluster = settings.cluster, %pong, "redis connected");
+        let subscribe_url = urls.first().cloned().unwrap_or_default();
         Ok(Arc::new(Redis {
             conn,
+            subscribe_url,
             settings,
             seq_script: Script::new(SEQ_LUA),
             claim_script: Script::new(CLAIM_LUA),
@@ -321,6 +326,59 @@ impl Redis {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(())
+    }
+
+    fn groups_channel(&self) -> String {
+        format!("{}:groups-changed", self.settings.prefix)
+    }
+
+    /// Tell every process that `group_id` changed (their cached snapshots
+    /// are dropped).
+    pub async fn publish_group_changed(&self, group_id: &str) -> Result<()> {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.groups_channel())
+            .arg(group_id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Call `changed(Some(group))` for every group another process changed,
+    /// and `changed(None)` whenever the subscription was (re)established,
+    /// when changes may have been missed. Runs until the process ends.
+    pub fn watch_groups(self: &Arc<Self>, changed: impl Fn(Option<&str>) + Send + 'static) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let subscribed = async {
+                    let client = redis::Client::open(me.subscribe_url.as_str())?;
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(me.groups_channel()).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                }
+                .await;
+                match subscribed {
+                    Ok(pubsub) => {
+                        backoff = Duration::from_millis(100);
+                        changed(None);
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(m) = messages.next().await {
+                            if let Ok(group) = m.get_payload::<String>() {
+                                changed(Some(&group));
+                            }
+                        }
+                        tracing::warn!("group change subscription lost; resubscribing");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot subscribe to group changes; retrying");
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Cached token generation, if any.
