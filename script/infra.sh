@@ -6,6 +6,11 @@
 #                                 answers, print what runs where
 #   script/infra.sh down [DIR]    stop them (SIGTERM, then SIGKILL after 10 s)
 #   script/infra.sh status [DIR]  which are up
+#   script/infra.sh tansu-sqlite  print the path of a tansu that keeps topics
+#                                 in SQLite (for broker-restart tests),
+#                                 building it first if missing (cargo
+#                                 install, ~10 min once; kept in
+#                                 $IMFLOW_TOOLS_DIR, default ~/.cache/imflow)
 #
 # DIR defaults to $IMFLOW_INFRA_DIR or .infra/ in the project. Ports follow
 # the seed: Kafka 9092 (tansu), MongoDB 37017 (SecantusDB), MySQL 13306
@@ -21,7 +26,7 @@ cmd=${1:-}
 dir=${2:-${IMFLOW_INFRA_DIR:-$PWD/.infra}}
 KAFKA_TOPICS=("ws2ms_chat:8" "msg_to_mongo:8" "ms2ps_chat:10")
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -157,7 +162,20 @@ down() {
   log "stopped ${#pids[@]} server(s)"
 }
 
+# tansu from crates.io with its SQLite storage engine (the pip build lacks
+# it). Built once per machine; progress goes to stderr, the path to stdout.
+tansu_sqlite() {
+  local root=${IMFLOW_TOOLS_DIR:-$HOME/.cache/imflow}/tansu-sqlite
+  if [[ ! -x "$root/bin/tansu" ]]; then
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust first" >&2; exit 1; }
+    log "building tansu with SQLite storage into $root (once per machine, ~10 min)"
+    cargo install tansu --locked --features libsql --root "$root" >&2
+  fi
+  echo "$root/bin/tansu"
+}
+
 case "$cmd" in
+  tansu-sqlite) tansu_sqlite ;;
   up) up ;;
   down) down ;;
   status) status ;;

@@ -44,6 +44,9 @@ stop_infra() { script/infra.sh down "$infra" >/dev/null 2>&1 || true; rm -rf "$i
 trap stop_infra EXIT
 echo "== starting the test servers (script/infra.sh up $infra)"
 script/infra.sh up "$infra"
+echo "== a tansu with SQLite storage for the broker-restart test (built once per machine)"
+IMFLOW_TANSU_SQLITE=$(script/infra.sh tansu-sqlite)
+export IMFLOW_TANSU_SQLITE
 
 echo "== cargo test (standalone, and the runtime's Kafka edges)"
 cargo test --workspace --all-targets

@@ -163,6 +163,36 @@ impl Private {
         p
     }
 
+    /// A tansu that keeps its topics in SQLite under `dir`, on `port`
+    /// (again after a restart).
+    async fn kafka_persistent(bin: &Path, dir: &Path, port: u16) -> Private {
+        let url = format!("tcp://127.0.0.1:{port}");
+        // tansu reads the path relative to its working directory.
+        let storage = "sqlite://tansu.db".to_string();
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", &storage])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu with SQLite storage");
+        let p = Private {
+            child,
+            port,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        p.wait_until_it_answers().await;
+        p
+    }
+
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -549,6 +579,15 @@ async fn kafka_broker_frozen_past_the_session_timeout_loses_and_repeats_nothing(
     }
     sent.acked.extend(rest.acked);
     check_everything(&mut a, &mut b, &sent, true).await;
+    stop_before_the_broker(s).await;
+}
+
+/// Stop the server while its private broker still runs: Kafka consumers
+/// closing against a dead broker would wait for it.
+async fn stop_before_the_broker(mut s: TestServer) {
+    if let Some(server) = s.server.take() {
+        server.stop().await.expect("clean stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,6 +702,47 @@ async fn a_membership_change_on_one_process_reaches_the_others() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The tansu built with SQLite storage by `script/infra.sh` (the pip one
+/// keeps topics in memory, so a restart would lose them).
+fn persistent_tansu() -> std::path::PathBuf {
+    let path = std::env::var("IMFLOW_TANSU_SQLITE").expect(
+        "IMFLOW_TANSU_SQLITE: a tansu built with SQLite storage (script/test.sh sets it from script/infra.sh tansu-sqlite)",
+    );
+    std::path::PathBuf::from(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_restarted_loses_and_repeats_nothing() {
+    let bin = persistent_tansu();
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut kafka = Private::kafka_persistent(&bin, storage.path(), port).await;
+    let addr = kafka.addr();
+    let s = cluster_server(|c| {
+        if let Some(k) = c.kafka.as_mut() {
+            k.addr = vec![addr.clone()];
+        }
+    })
+    .await;
+    let (mut a, mut b) = alice_bob_and_a_room(&s).await;
+    let mut sent = flowing(&mut a, 20).await;
+    // Messages in flight when the broker goes down: sent, not yet answered.
+    for i in 0..5 {
+        let mut f = send_frame(Target::User("bob"), &format!("n{i}"), "in flight");
+        f["rid"] = json!(format!("inflight{i}"));
+        a.send_json(&f).await;
+    }
+    kafka.child.start_kill().expect("SIGKILL");
+    let _ = kafka.child.wait().await;
+    kafka = Private::kafka_persistent(&bin, storage.path(), port).await;
+    // Whatever was answered is checked below; what failed is resent.
+    let rest = send_steadily(&mut a, "n", 30, usize::MAX, || async {}).await;
+    sent.acked.extend(rest.acked);
+    check_everything(&mut a, &mut b, &sent, true).await;
+    stop_before_the_broker(s).await;
+    drop(kafka);
 }
 
 /// Failed history commits so far (the history stage's error counter).
