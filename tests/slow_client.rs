@@ -30,7 +30,10 @@ async fn silent_client(
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_off_and_others_get_everything() {
-    let s = TestServer::start_with(|c| c.websocket.outgoing_queue = 64).await;
+    // Small enough that the sleeper (1,500 frames of 8 kB, a 4 kB receive
+    // buffer) overflows it many times over, large enough for a burst a
+    // reading client gets when a Kafka fetch brings hundreds of messages.
+    let s = TestServer::start_with(|c| c.websocket.outgoing_queue = 256).await;
     s.register(&["sender", "reader", "sleeper"]).await;
     let t = s.token("sender", 2).await;
     assert_eq!(
