@@ -275,6 +275,11 @@ impl Sequencer for LocalSequencer {
     }
 }
 
+/// A user name or password made safe for the userinfo part of a server URL.
+pub(crate) fn url_escape(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 /// Max seqs for `sync`: the hot store first, the history for the rest.
 pub async fn visible_max_seqs(
     hot: &dyn Hot,

@@ -59,7 +59,7 @@ impl MongoSettings {
             return self.uri.clone();
         }
         let auth = match (&self.username, &self.password) {
-            (Some(u), Some(p)) => format!("{}:{}@", urlenc(u), urlenc(p)),
+            (Some(u), Some(p)) => format!("{}:{}@", super::url_escape(u), super::url_escape(p)),
             _ => String::new(),
         };
         let source = if auth.is_empty() {
@@ -73,17 +73,6 @@ impl MongoSettings {
             self.max_pool_size
         )
     }
-}
-
-fn urlenc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 pub struct MongoHistory {

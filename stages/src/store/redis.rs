@@ -188,8 +188,10 @@ impl Redis {
             .iter()
             .map(|a| {
                 let auth = match (&settings.username, &settings.password) {
-                    (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
-                    (None, Some(p)) => format!(":{}@", enc(p)),
+                    (Some(u), Some(p)) => {
+                        format!("{}:{}@", super::url_escape(u), super::url_escape(p))
+                    }
+                    (None, Some(p)) => format!(":{}@", super::url_escape(p)),
                     _ => String::new(),
                 };
                 format!("redis://{auth}{a}")
@@ -430,17 +432,6 @@ impl Redis {
         }
         Ok(Some(out.into_iter().map(|s| s.max(0) as u64).collect()))
     }
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl From<redis::RedisError> for Error {
