@@ -13,7 +13,7 @@ use petgraph::visit::EdgeRef;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::config::{PipelineSpec, StageSpec};
+use crate::config::{PipelineSpec, ProcessSpec, StageSpec};
 use crate::error::{CompileErrors, Diagnostic};
 use crate::locate::Locator;
 use crate::registry::{PortType, Registry};
@@ -40,12 +40,44 @@ pub struct EdgeInfo {
     pub carries: &'static str,
 }
 
+/// Names the doors' process kinds take; a stage group may not use them.
+pub const DOOR_PROCESSES: [&str; 2] = ["gateway", "api"];
+
+/// A process group: stages placed together in one OS process kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessGroup {
+    pub name: String,
+    pub stages: Vec<String>,
+    /// One port per process; empty when the group gives a `count`.
+    pub ports: Vec<u16>,
+    pub count: u32,
+}
+
+impl ProcessGroup {
+    /// How many processes of this kind each host runs.
+    pub fn instances(&self) -> u32 {
+        if self.ports.is_empty() {
+            self.count
+        } else {
+            self.ports.len() as u32
+        }
+    }
+
+    /// The port of process `index`, if the group gives ports.
+    pub fn port(&self, index: u32) -> Option<u16> {
+        self.ports.get(index as usize).copied()
+    }
+}
+
 /// A pipeline that passed every check; its stages in dependency order.
 #[derive(Debug, Clone)]
 pub struct CompiledPipeline {
     pub file: String,
     pub graph: DiGraph<StageNode, EdgeInfo>,
     pub order: Vec<NodeIndex>,
+    /// The `processes:` section, in file order; empty when the file has
+    /// none (every stage in one process).
+    pub processes: Vec<ProcessGroup>,
 }
 
 impl CompiledPipeline {
@@ -57,18 +89,68 @@ impl CompiledPipeline {
         self.graph.edge_count()
     }
 
+    pub fn process(&self, name: &str) -> Option<&ProcessGroup> {
+        self.processes.iter().find(|p| p.name == name)
+    }
+
+    /// The process group a stage is placed in.
+    pub fn process_of(&self, stage: &str) -> Option<&ProcessGroup> {
+        self.processes
+            .iter()
+            .find(|p| p.stages.iter().any(|s| s == stage))
+    }
+
+    /// Whether some stage of `group` is of `kind`.
+    pub fn group_has_kind(&self, group: &str, kind: &str) -> bool {
+        self.process(group).is_some_and(|p| {
+            p.stages.iter().any(|s| {
+                self.graph
+                    .node_weights()
+                    .any(|n| n.name == *s && n.kind == kind)
+            })
+        })
+    }
+
     /// The graph in Graphviz DOT.
     pub fn to_dot(&self) -> String {
         let mut out =
             String::from("digraph imflow {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
         for idx in &self.order {
             let n = &self.graph[*idx];
+            if self.process_of(&n.name).is_some() {
+                continue;
+            }
             out.push_str(&format!(
                 "  {} [label=\"{}\\n({})\"];\n",
                 dot_id(&n.name),
                 n.name,
                 n.kind
             ));
+        }
+        for (i, p) in self.processes.iter().enumerate() {
+            let ports = if p.ports.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = p.ports.iter().map(u16::to_string).collect();
+                format!(" ports {}", list.join(","))
+            };
+            out.push_str(&format!(
+                "  subgraph cluster_{i} {{\n    label=\"{} ×{}{}\";\n    style=dashed;\n",
+                p.name,
+                p.instances(),
+                ports
+            ));
+            for s in &p.stages {
+                if let Some(n) = self.graph.node_weights().find(|n| n.name == *s) {
+                    out.push_str(&format!(
+                        "    {} [label=\"{}\\n({})\"];\n",
+                        dot_id(&n.name),
+                        n.name,
+                        n.kind
+                    ));
+                }
+            }
+            out.push_str("  }\n");
         }
         for e in self.graph.edge_references() {
             let from = &self.graph[e.source()].name;
@@ -109,7 +191,21 @@ impl fmt::Display for CompiledPipeline {
             self.stage_count(),
             self.edge_count(),
             names.join(" -> ")
-        )
+        )?;
+        for p in &self.processes {
+            write!(
+                f,
+                "\n  process {} ×{}: {}",
+                p.name,
+                p.instances(),
+                p.stages.join(", ")
+            )?;
+            if !p.ports.is_empty() {
+                let ports: Vec<String> = p.ports.iter().map(u16::to_string).collect();
+                write!(f, " (ports {})", ports.join(", "))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +214,7 @@ impl fmt::Display for CompiledPipeline {
 struct RawFile {
     top: Vec<(String, serde_yaml::Value)>,
     stages: Option<Vec<(serde_yaml::Value, serde_yaml::Value)>>,
+    processes: Option<Vec<(serde_yaml::Value, serde_yaml::Value)>>,
 }
 
 struct Entries(Vec<(serde_yaml::Value, serde_yaml::Value)>);
@@ -157,10 +254,13 @@ impl<'de> Deserialize<'de> for RawFile {
                 let mut raw = RawFile {
                     top: Vec::new(),
                     stages: None,
+                    processes: None,
                 };
                 while let Some(key) = map.next_key::<String>()? {
                     if key == "stages" {
                         raw.stages = Some(map.next_value::<Entries>()?.0);
+                    } else if key == "processes" {
+                        raw.processes = Some(map.next_value::<Entries>()?.0);
                     } else {
                         raw.top.push((key, map.next_value()?));
                     }
@@ -227,7 +327,7 @@ fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
             cx.err(
                 key.clone(),
                 format!(
-                    "unknown top-level key `{key}`; expected `stages` (and optionally `version`)"
+                    "unknown top-level key `{key}`; expected `stages` (and optionally `version`, `processes`)"
                 ),
             );
         }
@@ -265,7 +365,145 @@ fn parse(text: &str, cx: &mut Ctx<'_>) -> Option<PipelineSpec> {
             Err(e) => cx.err(path, format!("{e}")),
         }
     }
+    for (k, v) in raw.processes.unwrap_or_default() {
+        let Some(name) = k.as_str().map(str::to_string) else {
+            cx.err(
+                "processes",
+                format!("process names must be strings, found {k:?}"),
+            );
+            continue;
+        };
+        let path = format!("processes.{name}");
+        match serde_yaml::from_value::<ProcessSpec>(v) {
+            Ok(p) => spec.processes.push((name, p)),
+            Err(e) => cx.err(path, format!("{e}")),
+        }
+    }
     Some(spec)
+}
+
+/// Check the `processes:` section against the graph: every stage placed in
+/// exactly one group, sizes given one way, ports unique, and no in-memory
+/// edge crossing from one process to another (only Kafka can carry it).
+fn check_processes(
+    spec: &PipelineSpec,
+    graph: &DiGraph<StageNode, EdgeInfo>,
+    cx: &mut Ctx<'_>,
+) -> Vec<ProcessGroup> {
+    let mut groups = Vec::new();
+    if spec.processes.is_empty() {
+        return groups;
+    }
+    let mut placed: HashMap<&str, &str> = HashMap::new();
+    let mut ports: HashMap<u16, String> = HashMap::new();
+    for (name, p) in &spec.processes {
+        let path = format!("processes.{name}");
+        if !valid_name(name) {
+            cx.err(
+                &*path,
+                format!("process name `{name}` must be 1-64 characters of a-z A-Z 0-9 - _"),
+            );
+        }
+        if DOOR_PROCESSES.contains(&name.as_str()) {
+            cx.err(
+                &*path,
+                format!("`{name}` is the name of a door process (gateway, api); give this group another name"),
+            );
+        }
+        if groups.iter().any(|g: &ProcessGroup| g.name == *name) {
+            cx.err(&*path, format!("process `{name}` is declared more than once"));
+            continue;
+        }
+        if p.stages.is_empty() {
+            cx.err(format!("{path}.stages"), "a process group needs at least one stage");
+        }
+        for (i, s) in p.stages.iter().enumerate() {
+            if !graph.node_weights().any(|n| n.name == *s) {
+                cx.err(
+                    format!("{path}.stages[{i}]"),
+                    format!("`{s}` names no stage"),
+                );
+            } else if let Some(other) = placed.insert(s.as_str(), name.as_str()) {
+                cx.err(
+                    format!("{path}.stages[{i}]"),
+                    format!("stage `{s}` is already placed in process `{other}`; a stage runs in one process group"),
+                );
+            }
+        }
+        let count = match (&p.ports, p.count) {
+            (Some(_), Some(_)) => {
+                cx.err(&*path, "give either `ports` (one process per port) or `count`, not both");
+                0
+            }
+            (None, None) => {
+                cx.err(&*path, "give `ports: [..]` (one process per port) or `count: N`");
+                0
+            }
+            (Some(list), None) => {
+                if list.is_empty() {
+                    cx.err(format!("{path}.ports"), "give at least one port");
+                }
+                for (i, port) in list.iter().enumerate() {
+                    if *port == 0 {
+                        cx.err(format!("{path}.ports[{i}]"), "port 0 is not a port");
+                    } else if let Some(other) = ports.insert(*port, name.clone()) {
+                        cx.err(
+                            format!("{path}.ports[{i}]"),
+                            format!("port {port} is already used by process `{other}`"),
+                        );
+                    }
+                }
+                list.len() as u32
+            }
+            (None, Some(n)) => {
+                if n == 0 || n > 256 {
+                    cx.err(format!("{path}.count"), "count must be between 1 and 256");
+                }
+                n
+            }
+        };
+        groups.push(ProcessGroup {
+            name: name.clone(),
+            stages: p.stages.clone(),
+            ports: p.ports.clone().unwrap_or_default(),
+            count,
+        });
+    }
+    for n in graph.node_weights() {
+        if !placed.contains_key(n.name.as_str()) {
+            let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+            cx.err(
+                format!("stages.{}", n.name),
+                format!(
+                    "stage `{}` is placed in no process; add it to the stages of one of: {}",
+                    n.name,
+                    names.join(", ")
+                ),
+            );
+        }
+    }
+    for e in graph.edge_references() {
+        let from = &graph[e.source()].name;
+        let to = &graph[e.target()].name;
+        let (Some(a), Some(b)) = (placed.get(from.as_str()), placed.get(to.as_str())) else {
+            continue;
+        };
+        if a != b && e.weight().topic.is_none() {
+            let i = spec
+                .stages
+                .iter()
+                .find(|(n, _)| n == to)
+                .and_then(|(_, s)| s.inputs.iter().position(|inp| inp.edge().from == *from))
+                .unwrap_or(0);
+            cx.err(
+                format!("stages.{to}.inputs[{i}]"),
+                format!(
+                    "the in-memory edge {from} -> {to} crosses from process `{a}` to process `{b}`; give it a Kafka `topic` or place both stages in one process"
+                ),
+            );
+        }
+    }
+    groups
 }
 
 /// Compile pipeline text. `file` is how the file is named in messages.
@@ -457,6 +695,7 @@ pub fn compile(
     if graph.node_count() == 0 && cx.errors.is_empty() {
         cx.err("stages", "no stages declared");
     }
+    let processes = check_processes(&spec, &graph, &mut cx);
 
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|d| d.line.unwrap_or(usize::MAX));
@@ -467,6 +706,7 @@ pub fn compile(
         file: file.to_string(),
         graph,
         order,
+        processes,
     })
 }
 
@@ -657,5 +897,71 @@ stages:
         let errs = errors("stages: [\n");
         assert_eq!(errs.len(), 1);
         assert!(errs[0].message.starts_with("not a valid pipeline file"));
+    }
+
+    const PLACED: &str = "\
+stages:
+  s:
+    kind: src
+  c:
+    kind: conv
+    inputs:
+      - from: s
+        topic: t1
+        partitions: 8
+  k:
+    kind: sink
+    inputs: [c]
+processes:
+  front:
+    stages: [s]
+    ports: [10130, 10131]
+  back:
+    stages: [c, k]
+    count: 4
+";
+
+    #[test]
+    fn process_groups_place_every_stage() {
+        let p = compile("p.yaml", PLACED, &registry()).unwrap();
+        assert_eq!(p.processes.len(), 2);
+        assert_eq!(p.process("front").unwrap().instances(), 2);
+        assert_eq!(p.process("front").unwrap().port(1), Some(10131));
+        assert_eq!(p.process("back").unwrap().instances(), 4);
+        assert_eq!(p.process_of("k").unwrap().name, "back");
+        assert!(p.group_has_kind("back", "sink"));
+        assert!(!p.group_has_kind("front", "sink"));
+        assert!(p.to_dot().contains("subgraph cluster_0"));
+        assert!(p.to_string().contains("process front ×2: s (ports 10130, 10131)"));
+    }
+
+    #[test]
+    fn an_in_memory_edge_between_process_groups_is_rejected() {
+        let text = PLACED.replace(
+            "    stages: [c, k]\n    count: 4",
+            "    stages: [c]\n    count: 4\n  sinks:\n    stages: [k]\n    count: 1",
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("c -> k crosses from process `back` to process `sinks`"), "{errs:?}");
+        assert_eq!(errs[0].path, "stages.k.inputs[0]");
+        assert_eq!(errs[0].line, Some(12));
+    }
+
+    #[test]
+    fn reports_bad_process_groups() {
+        let text = PLACED
+            .replace("stages: [s]", "stages: [s, nope, c]")
+            .replace("count: 4", "count: 4\n    ports: [10130]")
+            .replace("back:", "gateway:");
+        let msgs: Vec<String> = errors(&text).into_iter().map(|d| format!("{}: {}", d.path, d.message)).collect();
+        let all = msgs.join("\n");
+        assert!(all.contains("`nope` names no stage"), "{all}");
+        assert!(all.contains("stage `c` is already placed in process `front`"), "{all}");
+        assert!(all.contains("name of a door process"), "{all}");
+        assert!(all.contains("either `ports` (one process per port) or `count`"), "{all}");
+        let unplaced = PLACED.replace("stages: [c, k]", "stages: [c]");
+        let errs = errors(&unplaced);
+        assert!(errs[0].message.contains("stage `k` is placed in no process"), "{errs:?}");
     }
 }

@@ -62,4 +62,19 @@ pub struct StageSpec {
 #[derive(Debug, Clone, Default)]
 pub struct PipelineSpec {
     pub stages: Vec<(String, StageSpec)>,
+    pub processes: Vec<(String, ProcessSpec)>,
+}
+
+/// One entry under `processes:`: which stages run together in one OS process
+/// kind, and how many of those processes there are. As in the seed, a list of
+/// N ports means N processes (each serves its health, metrics and RPC on its
+/// port); `count` starts N processes that need no port of their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    pub stages: Vec<String>,
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub count: Option<u32>,
 }

@@ -58,6 +58,38 @@ impl RunningTopology {
         registry: &Registry,
         kafka: Option<&KafkaSettings>,
     ) -> Result<Self, BuildError> {
+        Self::start_stages(pipeline, registry, kafka, None)
+    }
+
+    /// Start only the stages of process group `group` (one process of a
+    /// cluster). Every edge leaving or entering the group is a Kafka topic
+    /// (the compiler checked), so `kafka` is required.
+    pub fn start_group(
+        pipeline: &CompiledPipeline,
+        registry: &Registry,
+        kafka: &KafkaSettings,
+        group: &str,
+    ) -> Result<Self, BuildError> {
+        let placed = pipeline.process(group).ok_or_else(|| {
+            let names: Vec<&str> = pipeline.processes.iter().map(|p| p.name.as_str()).collect();
+            BuildError::stage(
+                group,
+                format!(
+                    "no process group `{group}` in {}; groups: {}",
+                    pipeline.file,
+                    names.join(", ")
+                ),
+            )
+        })?;
+        Self::start_stages(pipeline, registry, Some(kafka), Some(&placed.stages))
+    }
+
+    fn start_stages(
+        pipeline: &CompiledPipeline,
+        registry: &Registry,
+        kafka: Option<&KafkaSettings>,
+        only: Option<&[String]>,
+    ) -> Result<Self, BuildError> {
         let shutdown = CancellationToken::new();
         let mut pending = HashMap::new();
         let mut probes = Vec::new();
@@ -66,6 +98,9 @@ impl RunningTopology {
         let g = &pipeline.graph;
         for &idx in &pipeline.order {
             let node = &g[idx];
+            if only.is_some_and(|stages| !stages.contains(&node.name)) {
+                continue;
+            }
             let kind = registry.get(&node.kind).ok_or_else(|| {
                 BuildError::stage(&node.name, format!("unknown kind `{}`", node.kind))
             })?;
