@@ -110,6 +110,7 @@ impl Server {
             services: services.clone(),
             auth,
             conns: conns.clone(),
+            cluster: None,
         });
 
         let ws_listener = TcpListener::bind(cfg.listen.gateway)

@@ -10,6 +10,7 @@ use imflow_stages::store::{self, ConversationState, GroupState, Role};
 use imflow_stages::{PendingAck, Services};
 
 use crate::auth::Auth;
+use crate::cluster::{DoorLink, RemoteIngest};
 use crate::connections::{Connections, Outbound};
 
 /// Everything a door needs.
@@ -17,6 +18,14 @@ pub struct Api {
     pub services: Services,
     pub auth: Auth,
     pub conns: Arc<Connections>,
+    /// Set when this door is its own process in a cluster: sends go to the
+    /// ingest processes, kicks and per-user frames to the other doors.
+    pub cluster: Option<ClusterDoor>,
+}
+
+pub struct ClusterDoor {
+    pub ingest: RemoteIngest,
+    pub link: Arc<DoorLink>,
 }
 
 /// Most users one register call takes.
@@ -24,7 +33,10 @@ pub const MAX_REGISTER: usize = 1000;
 
 impl Api {
     pub async fn send(&self, user: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
-        self.services.ingest.send(user, req).await
+        match &self.cluster {
+            Some(c) => c.ingest.send(user, req).await,
+            None => self.services.ingest.send(user, req).await,
+        }
     }
 
     pub async fn sync(&self, user: &str) -> Result<Vec<ConversationState>, ImError> {
@@ -126,8 +138,12 @@ impl Api {
             .await?;
         let frame =
             serde_json::json!({"op": "read", "conversation_id": conversation_id, "seq": read_seq});
+        let frame = frame.to_string();
         self.conns
-            .send_to_user(user, from_conn, &Outbound::Frame(frame.to_string().into()));
+            .send_to_user(user, from_conn, &Outbound::Frame(frame.as_str().into()));
+        if let Some(c) = &self.cluster {
+            c.link.frame(user, &frame).await;
+        }
         Ok(read_seq)
     }
 
@@ -172,6 +188,10 @@ impl Api {
             .await?;
         for p in &platforms {
             self.conns.kick(user_id, Some(*p), "logged out");
+        }
+        if let Some(c) = &self.cluster {
+            let platform = (platforms.len() == 1).then(|| platforms[0]);
+            c.link.kick(user_id, platform, "logged out").await;
         }
         Ok(())
     }

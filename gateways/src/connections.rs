@@ -79,8 +79,19 @@ impl ConnHandle {
     }
 }
 
+/// A change a cluster's presence registry must hear about.
+#[derive(Debug, Clone)]
+pub enum ConnEvent {
+    Opened { user: Arc<str>, platform: u8 },
+    /// The user's last connection on this gateway closed.
+    LastClosed { user: Arc<str> },
+}
+
+type Observer = Box<dyn Fn(ConnEvent) + Send + Sync>;
+
 pub struct Connections {
     users: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    observer: std::sync::OnceLock<Observer>,
     next_id: AtomicU64,
     open: AtomicUsize,
     queue_capacity: usize,
@@ -92,10 +103,23 @@ impl Connections {
     pub fn new(queue_capacity: usize) -> Self {
         Connections {
             users: DashMap::new(),
+            observer: std::sync::OnceLock::new(),
             next_id: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             queue_capacity: queue_capacity.max(1),
             all: CancellationToken::new(),
+        }
+    }
+
+    /// Call `f` for every connection opened and every user whose last
+    /// connection closed (set once, by a cluster gateway).
+    pub fn observe(&self, f: Observer) {
+        let _ = self.observer.set(f);
+    }
+
+    fn tell(&self, e: ConnEvent) {
+        if let Some(f) = self.observer.get() {
+            f(e);
         }
     }
 
@@ -157,6 +181,10 @@ impl Connections {
             }
         }
         metrics::gauge!("imflow_gateway_connections").set(self.open_count() as f64);
+        self.tell(ConnEvent::Opened {
+            user: user.clone(),
+            platform,
+        });
         (handle, rx)
     }
 
@@ -165,7 +193,9 @@ impl Connections {
             conns.retain(|c| c.id != id);
             if conns.is_empty() {
                 drop(conns);
-                self.users.remove_if(user, |_, v| v.is_empty());
+                if self.users.remove_if(user, |_, v| v.is_empty()).is_some() {
+                    self.tell(ConnEvent::LastClosed { user: user.into() });
+                }
             }
         }
     }

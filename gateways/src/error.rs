@@ -9,6 +9,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Stage(#[from] imflow_stages::Error),
+    #[error("discovery: {0}")]
+    Discovery(String),
     #[error("random source: {0}")]
     Random(String),
 }

@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod connections;
+pub mod discovery;
 pub mod error;
 pub mod handshake;
 pub mod rest;

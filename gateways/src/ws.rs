@@ -592,6 +592,7 @@ mod tests {
             services,
             auth,
             conns,
+            cluster: None,
         })
     }
 

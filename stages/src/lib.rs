@@ -37,6 +37,15 @@ pub struct PushItem {
 pub trait Presence: Send + Sync + 'static {
     /// Queue `item` on every connection of `user`; never waits.
     fn deliver(&self, user: &str, item: &PushItem);
+
+    /// Queue `item` for every one of `users` (one message's recipients); an
+    /// implementation that forwards to other processes sends it once per
+    /// process instead of once per user.
+    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem) {
+        for u in users {
+            self.deliver(u, item);
+        }
+    }
 }
 
 /// Where resends are recognised.

@@ -39,7 +39,7 @@ impl ErrorCode {
 }
 
 /// An error a client sees: a protocol code and a sentence for people.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{}: {message}", code.as_str())]
 pub struct ImError {
     pub code: ErrorCode,
@@ -147,7 +147,7 @@ pub enum Target {
 }
 
 /// A send request as a door received it, before any check.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendRequest {
     pub client_msg_id: String,
     #[serde(default)]

@@ -83,6 +83,8 @@ struct Inner {
 pub enum PendingAck {
     Ready(Result<AckInfo, ImError>),
     Waiting(oneshot::Receiver<Result<AckInfo, ImError>>),
+    /// Answered by another process (a door's send to an `ingest` process).
+    Remote(futures::future::BoxFuture<'static, Result<AckInfo, ImError>>),
 }
 
 impl PendingAck {
@@ -94,6 +96,7 @@ impl PendingAck {
                     "the message was not stored; send it again",
                 ))
             }),
+            PendingAck::Remote(f) => f.await,
         }
     }
 }

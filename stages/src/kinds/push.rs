@@ -64,9 +64,7 @@ async fn run(
                 seq: item.seq,
                 body: item.body,
             };
-            for user in item.recipients.iter() {
-                presence.deliver(user, &push);
-            }
+            presence.deliver_all(&item.recipients, &push);
             ack.release();
             // A batch from Kafka can hold hundreds of messages for one
             // user: let the connections drain between them, or a bounded

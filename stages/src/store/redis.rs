@@ -330,26 +330,44 @@ impl Redis {
         Ok(())
     }
 
-    fn groups_channel(&self) -> String {
-        format!("{}:groups-changed", self.settings.prefix)
-    }
-
     /// Tell every process that `group_id` changed (their cached snapshots
     /// are dropped).
     pub async fn publish_group_changed(&self, group_id: &str) -> Result<()> {
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(self.groups_channel())
-            .arg(group_id)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
+        self.publish("groups-changed", group_id).await
     }
 
     /// Call `changed(Some(group))` for every group another process changed,
     /// and `changed(None)` whenever the subscription was (re)established,
     /// when changes may have been missed. Runs until the process ends.
     pub fn watch_groups(self: &Arc<Self>, changed: impl Fn(Option<&str>) + Send + 'static) {
+        self.watch_channel("groups-changed", changed)
+    }
+
+    fn channel(&self, name: &str) -> String {
+        format!("{}:{name}", self.settings.prefix)
+    }
+
+    /// Publish `payload` on the cluster channel `name` (prefixed).
+    pub async fn publish(&self, name: &str, payload: &str) -> Result<()> {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.channel(name))
+            .arg(payload)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Call `heard(Some(payload))` for every message on the cluster channel
+    /// `name`, and `heard(None)` whenever the subscription was
+    /// (re)established, when messages may have been missed. Runs until the
+    /// process ends.
+    pub fn watch_channel(
+        self: &Arc<Self>,
+        name: &str,
+        heard: impl Fn(Option<&str>) + Send + 'static,
+    ) {
         let me = self.clone();
+        let channel = self.channel(name);
         tokio::spawn(async move {
             use futures::StreamExt;
             let mut backoff = Duration::from_millis(100);
@@ -357,30 +375,64 @@ impl Redis {
                 let subscribed = async {
                     let client = redis::Client::open(me.subscribe_url.as_str())?;
                     let mut pubsub = client.get_async_pubsub().await?;
-                    pubsub.subscribe(me.groups_channel()).await?;
+                    pubsub.subscribe(&channel).await?;
                     Ok::<_, redis::RedisError>(pubsub)
                 }
                 .await;
                 match subscribed {
                     Ok(pubsub) => {
                         backoff = Duration::from_millis(100);
-                        changed(None);
+                        heard(None);
                         let mut messages = pubsub.into_on_message();
                         while let Some(m) = messages.next().await {
-                            if let Ok(group) = m.get_payload::<String>() {
-                                changed(Some(&group));
+                            if let Ok(payload) = m.get_payload::<String>() {
+                                heard(Some(&payload));
                             }
                         }
-                        tracing::warn!("group change subscription lost; resubscribing");
+                        tracing::warn!(%channel, "subscription lost; resubscribing");
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot subscribe to group changes; retrying");
+                        tracing::warn!(%channel, error = %e, "cannot subscribe; retrying");
                     }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+    }
+
+    fn presence_key(&self, gateway: &str) -> String {
+        format!("{}:presence:{{{gateway}}}", self.settings.prefix)
+    }
+
+    /// Forget every user of `gateway` (it starts with no connections).
+    pub async fn presence_reset(&self, gateway: &str) -> Result<()> {
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.presence_key(gateway))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Record that `users` are (`online`) or are no longer on `gateway`.
+    pub async fn presence_set(&self, gateway: &str, users: &[&str], online: bool) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd(if online { "SADD" } else { "SREM" })
+            .arg(self.presence_key(gateway))
+            .arg(users)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The users with a connection on `gateway`.
+    pub async fn presence_of(&self, gateway: &str) -> Result<Vec<String>> {
+        Ok(redis::cmd("SMEMBERS")
+            .arg(self.presence_key(gateway))
+            .query_async(&mut self.conn())
+            .await?)
     }
 
     /// Cached token generation, if any.

@@ -1,0 +1,661 @@
+//! How the processes of a cluster reach each other.
+//!
+//! - **send** (door → `ingest` process): `POST /rpc/send`. The answer is
+//!   two JSON lines: `queued` once the message is in that process's
+//!   pipeline, then the ack. The door waits for the first before it takes
+//!   the client's next frame, so one client's messages enter the pipeline in
+//!   the order sent; a conversation always goes to the same ingest process
+//!   (hash of its id over the live list), so Kafka keeps that order.
+//! - **push** (`push` process → gateways): `POST /rpc/push` with a batch of
+//!   messages, each naming its recipients on that gateway. Which gateway
+//!   holds whom comes from the presence registry: a Redis set per gateway,
+//!   changes announced on a channel, each push process keeping the whole map
+//!   in memory (a lookup per recipient would cost a round trip per member
+//!   of a 10k group). Never a broadcast of every message to every gateway.
+//! - **control** (kicks, read receipts to a user's other devices): a Redis
+//!   channel every gateway listens to; they are rare.
+//!
+//! Every internal request carries the cluster secret; the RPC ports are
+//! for the cluster's own hosts, like the seed's RPC ports.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dashmap::DashMap;
+use imflow_stages::model::{AckInfo, Conversation, ImError, SendRequest};
+use imflow_stages::store::redis::Redis;
+use imflow_stages::{IngestHandle, PendingAck, Presence, PushItem};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::connections::{ConnEvent, Connections, Outbound};
+use crate::discovery::Member;
+
+const SECRET_HEADER: &str = "x-imflow-cluster-secret";
+const PRESENCE_CHANNEL: &str = "presence";
+const CONTROL_CHANNEL: &str = "control";
+/// Per gateway, deliveries waiting to be sent; beyond it they are dropped
+/// (counted): the messages are stored and the clients catch up by sync.
+const PUSH_QUEUE: usize = 65_536;
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- send
+
+#[derive(Serialize, Deserialize)]
+struct RpcSend {
+    sender: String,
+    req: SendRequest,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SendLine {
+    Queued,
+    Ok(AckInfo),
+    Error(ImError),
+}
+
+/// A door's way to the `ingest` processes of the cluster.
+#[derive(Clone)]
+pub struct RemoteIngest {
+    http: reqwest::Client,
+    members: watch::Receiver<Vec<Member>>,
+    secret: Arc<str>,
+}
+
+impl RemoteIngest {
+    pub fn new(members: watch::Receiver<Vec<Member>>, secret: &str) -> Self {
+        RemoteIngest {
+            http: http_client(),
+            members,
+            secret: secret.into(),
+        }
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.members
+            .borrow()
+            .iter()
+            .filter(|m| m.kinds.iter().any(|k| k == "ingest"))
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
+    /// Hand the message to an ingest process; resolves once it is in that
+    /// process's pipeline, with the ack to come.
+    pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
+        let conversation = match (&req.recv_id, &req.group_id) {
+            (Some(r), None) => Conversation::single(sender, r).id(),
+            (None, Some(g)) => format!("sg_{g}"),
+            _ => sender.to_string(),
+        };
+        let targets = self.targets();
+        if targets.is_empty() {
+            return Err(ImError::unavailable("no ingest process is running"));
+        }
+        let mut h = DefaultHasher::new();
+        conversation.hash(&mut h);
+        let start = (h.finish() % targets.len() as u64) as usize;
+        let body = RpcSend {
+            sender: sender.to_string(),
+            req,
+        };
+        for i in 0..targets.len() {
+            let addr = &targets[(start + i) % targets.len()];
+            let sent = self
+                .http
+                .post(format!("http://{addr}/rpc/send"))
+                .header(SECRET_HEADER, &*self.secret)
+                .json(&body)
+                .send()
+                .await;
+            let resp = match sent {
+                // Never reached that process (it died, or is restarting):
+                // the next one takes it.
+                Err(e) if e.is_connect() => {
+                    tracing::debug!(%addr, error = %e, "ingest process unreachable; trying the next");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "send to ingest process failed");
+                    return Err(ImError::unavailable(
+                        "the message may not be stored; send it again",
+                    ));
+                }
+                Ok(r) if !r.status().is_success() => {
+                    tracing::warn!(%addr, status = %r.status(), "ingest process refused a send");
+                    return Err(ImError::unavailable("the server cannot take messages now"));
+                }
+                Ok(r) => r,
+            };
+            let mut lines = Lines {
+                resp,
+                buf: Vec::new(),
+            };
+            return match lines.next().await {
+                Some(SendLine::Queued) => Ok(PendingAck::Remote(Box::pin(async move {
+                    match lines.next().await {
+                        Some(SendLine::Ok(a)) => Ok(a),
+                        Some(SendLine::Error(e)) => Err(e),
+                        _ => Err(ImError::unavailable(
+                            "the message may not be stored; send it again",
+                        )),
+                    }
+                }))),
+                Some(SendLine::Ok(a)) => Ok(PendingAck::Ready(Ok(a))),
+                Some(SendLine::Error(e)) => Err(e),
+                None => Err(ImError::unavailable(
+                    "the message may not be stored; send it again",
+                )),
+            };
+        }
+        Err(ImError::unavailable("no ingest process answers"))
+    }
+}
+
+/// JSON lines of a streamed response.
+struct Lines {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    async fn next(&mut self) -> Option<SendLine> {
+        loop {
+            if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                return serde_json::from_slice(&line[..at]).ok();
+            }
+            match self.resp.chunk().await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c),
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn line(l: &SendLine) -> Result<Bytes, std::io::Error> {
+    let mut v = serde_json::to_vec(l).map_err(std::io::Error::other)?;
+    v.push(b'\n');
+    Ok(Bytes::from(v))
+}
+
+async fn rpc_send(
+    State(s): State<RpcState>,
+    headers: HeaderMap,
+    Json(body): Json<RpcSend>,
+) -> Response {
+    if let Err(r) = s.check(&headers) {
+        return r;
+    }
+    let Some(ingest) = s.ingest.clone() else {
+        return (StatusCode::NOT_FOUND, "this process runs no ingest stage").into_response();
+    };
+    let sender: Arc<str> = body.sender.into();
+    let first = match ingest.send(&sender, body.req).await {
+        Err(e) => SendLine::Error(e),
+        Ok(PendingAck::Ready(Ok(a))) => SendLine::Ok(a),
+        Ok(PendingAck::Ready(Err(e))) => SendLine::Error(e),
+        Ok(pending) => {
+            let rest = futures::stream::once(async move {
+                line(&match pending.wait().await {
+                    Ok(a) => SendLine::Ok(a),
+                    Err(e) => SendLine::Error(e),
+                })
+            });
+            let stream = futures::StreamExt::chain(
+                futures::stream::once(async { line(&SendLine::Queued) }),
+                rest,
+            );
+            return Body::from_stream(stream).into_response();
+        }
+    };
+    Body::from_stream(futures::stream::once(async move { line(&first) })).into_response()
+}
+
+// ---------------------------------------------------------------- push
+
+#[derive(Serialize, Deserialize)]
+struct PushEntry {
+    conversation_id: Arc<str>,
+    seq: u64,
+    body: Arc<str>,
+    users: Vec<Arc<str>>,
+}
+
+/// `push`'s way to the gateways holding the recipients' connections.
+pub struct RemotePresence {
+    /// user → the gateways (internal addresses) with a connection of theirs.
+    online: DashMap<Arc<str>, Vec<Arc<str>>>,
+    /// gateway → its delivery queue.
+    queues: DashMap<Arc<str>, mpsc::Sender<PushEntry>>,
+    http: reqwest::Client,
+    secret: Arc<str>,
+    redis: Arc<Redis>,
+}
+
+impl RemotePresence {
+    /// Follow the gateways listed in `members` and the presence registry in
+    /// Redis until `stop`.
+    pub fn start(
+        redis: Arc<Redis>,
+        mut members: watch::Receiver<Vec<Member>>,
+        secret: &str,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let me = Arc::new(RemotePresence {
+            online: DashMap::new(),
+            queues: DashMap::new(),
+            http: http_client(),
+            secret: secret.into(),
+            redis: redis.clone(),
+        });
+        let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+        let events = me.clone();
+        redis.watch_channel(PRESENCE_CHANNEL, move |payload| match payload {
+            None => {
+                let _ = reload_tx.send(());
+            }
+            Some(p) => events.apply(p),
+        });
+        let follower = me.clone();
+        tokio::spawn(async move {
+            let mut known: Vec<Arc<str>> = Vec::new();
+            loop {
+                let gateways: Vec<Arc<str>> = members
+                    .borrow_and_update()
+                    .iter()
+                    .filter(|m| m.role == "gateway")
+                    .map(|m| Arc::from(m.addr.as_str()))
+                    .collect();
+                for gone in known.iter().filter(|g| !gateways.contains(g)) {
+                    follower.forget_gateway(gone);
+                }
+                let fresh: Vec<Arc<str>> = gateways
+                    .iter()
+                    .filter(|g| !known.contains(g))
+                    .cloned()
+                    .collect();
+                for g in &fresh {
+                    follower.queue_for(g);
+                }
+                follower.load(&fresh).await;
+                known = gateways;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = members.changed() => if changed.is_err() { return },
+                    Some(()) = reload_rx.recv() => follower.load(&known).await,
+                }
+            }
+        });
+        me
+    }
+
+    /// Add what the registry says about `gateways`. Only adds: an entry
+    /// that is stale costs a push the gateway ignores, a missing one a lost
+    /// push, so a reload racing a departure errs on the harmless side.
+    async fn load(&self, gateways: &[Arc<str>]) {
+        for g in gateways {
+            match self.redis.presence_of(g).await {
+                Ok(users) => {
+                    for u in users {
+                        self.add(Arc::from(u.as_str()), g.clone());
+                    }
+                }
+                Err(e) => tracing::warn!(gateway = %g, error = %e, "cannot read presence"),
+            }
+        }
+    }
+
+    fn add(&self, user: Arc<str>, gateway: Arc<str>) {
+        let mut e = self.online.entry(user).or_default();
+        if !e.contains(&gateway) {
+            e.push(gateway);
+        }
+    }
+
+    fn remove(&self, user: &str, gateway: &str) {
+        if let Some(mut e) = self.online.get_mut(user) {
+            e.retain(|g| &**g != gateway);
+        }
+        self.online.remove_if(user, |_, v| v.is_empty());
+    }
+
+    fn forget_gateway(&self, gateway: &str) {
+        self.online.retain(|_, gws| {
+            gws.retain(|g| &**g != gateway);
+            !gws.is_empty()
+        });
+        self.queues.remove(gateway);
+    }
+
+    /// One presence change: `+ GW USER`, `- GW USER` or `reset GW`.
+    fn apply(&self, payload: &str) {
+        let mut parts = payload.splitn(3, ' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("+"), Some(gw), Some(user)) => self.add(user.into(), gw.into()),
+            (Some("-"), Some(gw), Some(user)) => self.remove(user, gw),
+            (Some("reset"), Some(gw), None) => {
+                self.online.retain(|_, gws| {
+                    gws.retain(|g| &**g != gw);
+                    !gws.is_empty()
+                });
+            }
+            _ => tracing::warn!(%payload, "unknown presence change"),
+        }
+    }
+
+    fn queue_for(&self, gateway: &Arc<str>) -> mpsc::Sender<PushEntry> {
+        self.queues
+            .entry(gateway.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                tokio::spawn(forward(
+                    gateway.clone(),
+                    rx,
+                    self.http.clone(),
+                    self.secret.clone(),
+                ));
+                tx
+            })
+            .clone()
+    }
+}
+
+impl Presence for RemotePresence {
+    fn deliver(&self, user: &str, item: &PushItem) {
+        self.deliver_all(&[Arc::from(user)], item)
+    }
+
+    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem) {
+        let mut per: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        for u in users {
+            if let Some(gws) = self.online.get(u) {
+                for g in gws.iter() {
+                    per.entry(g.clone()).or_default().push(u.clone());
+                }
+            }
+        }
+        for (g, users) in per {
+            let entry = PushEntry {
+                conversation_id: item.conversation_id.clone(),
+                seq: item.seq,
+                body: item.body.clone(),
+                users,
+            };
+            if self.queue_for(&g).try_send(entry).is_err() {
+                metrics::counter!("imflow_push_dropped_total", "gateway" => g.to_string())
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// Send one gateway's deliveries in order, batched while it is busy.
+async fn forward(
+    gateway: Arc<str>,
+    mut rx: mpsc::Receiver<PushEntry>,
+    http: reqwest::Client,
+    secret: Arc<str>,
+) {
+    let url = format!("http://{gateway}/rpc/push");
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let body = match serde_json::to_vec(&batch) {
+            Ok(b) => Bytes::from(b),
+            Err(_) => continue,
+        };
+        let n = batch.len();
+        batch.clear();
+        let mut sent = false;
+        for attempt in 0..3u64 {
+            let r = http
+                .post(&url)
+                .header(SECRET_HEADER, &*secret)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => {
+                    sent = true;
+                    break;
+                }
+                Ok(resp) => {
+                    tracing::warn!(%gateway, status = %resp.status(), "gateway refused pushes")
+                }
+                Err(e) => tracing::debug!(%gateway, error = %e, "push to gateway failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        if !sent {
+            // Its clients reconnect elsewhere and catch up by sync + pull.
+            metrics::counter!("imflow_push_dropped_total", "gateway" => gateway.to_string())
+                .increment(n as u64);
+            tracing::warn!(%gateway, messages = n, "gateway unreachable; pushes dropped");
+        }
+    }
+}
+
+async fn rpc_push(
+    State(s): State<RpcState>,
+    headers: HeaderMap,
+    Json(batch): Json<Vec<PushEntry>>,
+) -> Response {
+    if let Err(r) = s.check(&headers) {
+        return r;
+    }
+    let Some(conns) = &s.conns else {
+        return (StatusCode::NOT_FOUND, "this process holds no connections").into_response();
+    };
+    for e in batch {
+        let item = PushItem {
+            conversation_id: e.conversation_id,
+            seq: e.seq,
+            body: e.body,
+        };
+        for u in &e.users {
+            conns.deliver(u, &item);
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+// ---------------------------------------------------------------- control
+
+#[derive(Serialize, Deserialize)]
+struct Control {
+    origin: String,
+    user: String,
+    #[serde(default)]
+    platform: Option<u8>,
+    #[serde(default)]
+    kick: Option<String>,
+    #[serde(default)]
+    frame: Option<String>,
+}
+
+/// A door's link to the other doors: it keeps this gateway's entries of
+/// the presence registry and carries kicks and per-user frames across.
+pub struct DoorLink {
+    redis: Arc<Redis>,
+    me: String,
+}
+
+impl DoorLink {
+    /// For a gateway: start with an empty presence set, record every
+    /// connection that opens or closes, and apply other doors' controls.
+    pub async fn gateway(
+        redis: Arc<Redis>,
+        me: &str,
+        conns: Arc<Connections>,
+    ) -> Result<Arc<DoorLink>, imflow_stages::Error> {
+        redis.presence_reset(me).await?;
+        let _ = redis.publish(PRESENCE_CHANNEL, &format!("reset {me}")).await;
+        let link = Arc::new(DoorLink {
+            redis: redis.clone(),
+            me: me.to_string(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        conns.observe(Box::new(move |e| {
+            let _ = tx.send(e);
+        }));
+        tokio::spawn(record_presence(link.clone(), rx));
+        let me_owned = me.to_string();
+        let local = conns.clone();
+        redis.watch_channel(CONTROL_CHANNEL, move |payload| {
+            let Some(Ok(c)) = payload.map(serde_json::from_str::<Control>) else {
+                return;
+            };
+            if c.origin == me_owned {
+                return;
+            }
+            if let Some(reason) = &c.kick {
+                local.kick(&c.user, c.platform, reason);
+            }
+            if let Some(frame) = c.frame {
+                local.send_to_user(&c.user, None, &Outbound::Frame(frame.into()));
+            }
+        });
+        Ok(link)
+    }
+
+    /// For the REST API process: it only publishes.
+    pub fn api(redis: Arc<Redis>, me: &str) -> Arc<DoorLink> {
+        Arc::new(DoorLink {
+            redis,
+            me: me.to_string(),
+        })
+    }
+
+    async fn control(&self, c: Control) {
+        if let Ok(text) = serde_json::to_string(&c) {
+            if let Err(e) = self.redis.publish(CONTROL_CHANNEL, &text).await {
+                tracing::warn!(error = %e, user = %c.user, "cannot reach the other gateways");
+            }
+        }
+    }
+
+    /// Kick `user`'s connections on every other gateway.
+    pub async fn kick(&self, user: &str, platform: Option<u8>, reason: &str) {
+        self.control(Control {
+            origin: self.me.clone(),
+            user: user.into(),
+            platform,
+            kick: Some(reason.into()),
+            frame: None,
+        })
+        .await
+    }
+
+    /// Queue `frame` on `user`'s connections on every other gateway.
+    pub async fn frame(&self, user: &str, frame: &str) {
+        self.control(Control {
+            origin: self.me.clone(),
+            user: user.into(),
+            platform: None,
+            kick: None,
+            frame: Some(frame.into()),
+        })
+        .await
+    }
+}
+
+async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<ConnEvent>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for e in batch.drain(..) {
+            let (user, online) = match &e {
+                ConnEvent::Opened { user, .. } => (user.clone(), true),
+                ConnEvent::LastClosed { user } => (user.clone(), false),
+            };
+            // Registry first, then the announcement: a push process that
+            // reloads after hearing it finds the entry.
+            let mut backoff = Duration::from_millis(50);
+            while let Err(err) = link.redis.presence_set(&link.me, &[&user], online).await {
+                tracing::warn!(error = %err, "cannot record presence; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            let sign = if online { "+" } else { "-" };
+            let _ = link
+                .redis
+                .publish(PRESENCE_CHANNEL, &format!("{sign} {} {user}", link.me))
+                .await;
+            if let ConnEvent::Opened { user, platform } = e {
+                link.kick(
+                    &user,
+                    Some(platform),
+                    "logged in on another device of the same platform",
+                )
+                .await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- server
+
+/// What a process's internal port serves.
+#[derive(Clone)]
+pub struct RpcState {
+    pub secret: Arc<str>,
+    /// Set in a process that runs an `ingest` stage.
+    pub ingest: Option<IngestHandle>,
+    /// Set in a gateway.
+    pub conns: Option<Arc<Connections>>,
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    pub draining: CancellationToken,
+}
+
+impl RpcState {
+    #[allow(clippy::result_large_err)]
+    fn check(&self, headers: &HeaderMap) -> Result<(), Response> {
+        match headers.get(SECRET_HEADER) {
+            Some(v) if v.as_bytes() == self.secret.as_bytes() => Ok(()),
+            _ => Err((StatusCode::FORBIDDEN, "wrong or missing cluster secret").into_response()),
+        }
+    }
+}
+
+/// The internal port of a cluster process: `/rpc/send` (ingest processes),
+/// `/rpc/push` (gateways), `/healthz` and `/metrics` (every process).
+pub fn rpc_router(state: RpcState) -> Router {
+    Router::new()
+        .route("/rpc/send", post(rpc_send))
+        .route("/rpc/push", post(rpc_push))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn healthz(State(s): State<RpcState>) -> Response {
+    if s.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn metrics_text(State(s): State<RpcState>) -> String {
+    (s.metrics)()
+}

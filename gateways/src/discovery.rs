@@ -1,0 +1,247 @@
+//! Finding the other processes of a cluster through etcd.
+//!
+//! Every process puts one key under a lease: `PREFIX/ROLE/ADDR` → its
+//! [`Member`] as JSON. The lease is kept alive while the process runs and
+//! revoked when it stops; a process that dies stops renewing it, and etcd
+//! deletes the key when the TTL runs out. Readers keep a [`watch`] of the
+//! whole prefix, re-listed on every change (processes come and go rarely, so
+//! a full list is simpler than applying deltas and cannot drift).
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+
+/// Seconds a dead process stays listed at most.
+pub const LEASE_TTL_SECS: i64 = 5;
+
+/// One running process, as it announces itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its process kind: a process group of `pipeline.yaml`, `gateway` or `api`.
+    pub role: String,
+    pub index: u32,
+    pub host: String,
+    /// Where its internal RPC (and /healthz, /metrics) listens, `host:port`.
+    pub addr: String,
+    pub pid: u32,
+    /// The stage kinds it runs, e.g. `ingest`: how doors find ingest
+    /// processes whatever their group is called.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Discovery {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+fn etcd_err(endpoints: &str, e: impl std::fmt::Display) -> Error {
+    Error::Discovery(format!("etcd.etcdAddr ({endpoints}): {e}"))
+}
+
+impl Discovery {
+    /// Connect to etcd; fails within seconds naming the setting.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Discovery, Error> {
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let mut client = tokio::time::timeout(
+            Duration::from_secs(5),
+            Client::connect(endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| etcd_err(&joined, "no answer within 5 s"))?
+        .map_err(|e| etcd_err(&joined, e))?;
+        // connect() is lazy about the server; ask it something.
+        client
+            .status()
+            .await
+            .map_err(|e| etcd_err(&joined, format!("not answering: {e}")))?;
+        Ok(Discovery {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: joined,
+        })
+    }
+
+    fn key(&self, m: &Member) -> String {
+        format!("{}/{}/{}", self.prefix, m.role, m.addr)
+    }
+
+    /// Announce `me` until `stop` is cancelled; the key is gone at once on a
+    /// clean stop and within [`LEASE_TTL_SECS`] after a crash. A lost lease
+    /// (etcd restarted, a long pause) is granted and announced again.
+    pub async fn register(
+        &self,
+        me: Member,
+        stop: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, Error> {
+        let lease = self.announce(&me).await?;
+        let d = self.clone();
+        Ok(tokio::spawn(async move {
+            let mut lease = Some(lease);
+            loop {
+                let id = match lease {
+                    Some(id) => id,
+                    None => match d.announce(&me).await {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot announce this process in etcd; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            }
+                        }
+                    },
+                };
+                match d.keep_alive(id, &stop).await {
+                    Ok(()) => {
+                        let mut c = d.client.clone();
+                        let _ = c.lease_revoke(id).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd lease lost; announcing again");
+                        lease = None;
+                    }
+                }
+            }
+        }))
+    }
+
+    async fn announce(&self, me: &Member) -> Result<i64, Error> {
+        let mut c = self.client.clone();
+        let grant = c
+            .lease_grant(LEASE_TTL_SECS, None)
+            .await
+            .map_err(|e| etcd_err(&self.endpoints, e))?;
+        let value = serde_json::to_string(me).map_err(|e| etcd_err(&self.endpoints, e))?;
+        c.put(
+            self.key(me),
+            value,
+            Some(PutOptions::new().with_lease(grant.id())),
+        )
+        .await
+        .map_err(|e| etcd_err(&self.endpoints, e))?;
+        tracing::info!(role = %me.role, addr = %me.addr, "announced in etcd");
+        Ok(grant.id())
+    }
+
+    /// Renew lease `id` every third of its TTL; Ok when stopped, Err when
+    /// the lease is gone.
+    async fn keep_alive(&self, id: i64, stop: &CancellationToken) -> Result<(), Error> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut answers) = c
+            .lease_keep_alive(id)
+            .await
+            .map_err(|e| etcd_err(&self.endpoints, e))?;
+        let every = Duration::from_millis((LEASE_TTL_SECS as u64 * 1000) / 3);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(every) => {}
+            }
+            keeper
+                .keep_alive()
+                .await
+                .map_err(|e| etcd_err(&self.endpoints, e))?;
+            match answers.message().await {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(_) => return Err(etcd_err(&self.endpoints, "the lease expired")),
+                Err(e) => return Err(etcd_err(&self.endpoints, e)),
+            }
+        }
+    }
+
+    /// Every process announced now.
+    pub async fn members(&self) -> Result<(Vec<Member>, i64), Error> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(
+                format!("{}/", self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| etcd_err(&self.endpoints, e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut out: Vec<Member> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect();
+        out.sort_by(|a, b| (&a.role, &a.addr).cmp(&(&b.role, &b.addr)));
+        Ok((out, revision))
+    }
+
+    /// A live list of every announced process, kept current until `stop`.
+    pub async fn watch(
+        &self,
+        stop: CancellationToken,
+    ) -> Result<watch::Receiver<Vec<Member>>, Error> {
+        let (first, revision) = self.members().await?;
+        let (tx, rx) = watch::channel(first);
+        let d = self.clone();
+        tokio::spawn(async move {
+            let mut from = revision + 1;
+            loop {
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = d.follow(from, &tx) => r,
+                };
+                match outcome {
+                    Ok(next) => from = next,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd watch lost; listing again");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        if let Ok((list, rev)) = d.members().await {
+                            tx.send_replace(list);
+                            from = rev + 1;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Watch from revision `from` and re-list on every change; returns the
+    /// next revision to watch from when the stream ends.
+    async fn follow(&self, from: i64, tx: &watch::Sender<Vec<Member>>) -> Result<i64, Error> {
+        let mut c = self.client.clone();
+        let mut stream = c
+            .watch(
+                format!("{}/", self.prefix),
+                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            )
+            .await
+            .map_err(|e| etcd_err(&self.endpoints, e))?;
+        let mut next = from;
+        while let Some(resp) = stream
+            .message()
+            .await
+            .map_err(|e| etcd_err(&self.endpoints, e))?
+        {
+            if resp.canceled() {
+                break;
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            let (list, rev) = self.members().await?;
+            tx.send_replace(list);
+            next = rev + 1;
+        }
+        Ok(next)
+    }
+}
