@@ -47,6 +47,19 @@ pub struct Config {
     pub mysql: Option<MysqlConfig>,
     pub mongo: Option<MongoConfig>,
     pub redis: Option<RedisConfig>,
+    /// The cluster's hosts and what each runs (`imflow plan`,
+    /// script/start_all.sh). A host without `processes` runs every process
+    /// kind: the groups of pipeline.yaml, `gateway` and `api`.
+    pub hosts: Vec<HostConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The address this host's processes listen on and announce.
+    pub addr: String,
+    #[serde(default)]
+    pub processes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +205,9 @@ pub struct Listen {
     pub gateway: SocketAddr,
     /// REST API (the seed's 10002).
     pub api: SocketAddr,
+    /// A cluster gateway's internal port (pushes from `push` processes,
+    /// /healthz, /metrics); the seed's message gateway RPC port.
+    pub gateway_rpc: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +235,7 @@ impl Default for Listen {
         Listen {
             gateway: SocketAddr::from(([0, 0, 0, 0], 10001)),
             api: SocketAddr::from(([0, 0, 0, 0], 10002)),
+            gateway_rpc: 10140,
         }
     }
 }
@@ -239,6 +256,7 @@ impl Default for Config {
             mysql: None,
             mongo: None,
             redis: None,
+            hosts: Vec::new(),
         }
     }
 }
@@ -292,6 +310,14 @@ impl Config {
         }
         if self.websocket.max_connections == 0 {
             bail!("{file}: websocket.max_connections must be at least 1");
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.addr.parse::<std::net::IpAddr>().is_err() {
+                bail!("{file}: hosts[{i}].addr `{}` is not an IP address; give the address this host's processes listen on, e.g. 10.0.0.5", h.addr);
+            }
+            if self.hosts[..i].iter().any(|o| o.addr == h.addr) {
+                bail!("{file}: hosts[{i}].addr `{}` is listed twice", h.addr);
+            }
         }
         if let Some(k) = &self.kafka {
             if k.addr.is_empty()

@@ -3,6 +3,8 @@
 //! end-to-end tests can run a real server in-process on ephemeral ports.
 
 pub mod config;
+pub mod process;
+pub mod supervise;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -55,7 +57,42 @@ pub fn load_pipeline(
     compile(&name, &text, registry).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn prometheus() -> &'static PrometheusHandle {
+/// The Kafka edges' settings, when the config has `kafka`.
+pub fn kafka_settings(cfg: &Config) -> Option<imflow_runtime::KafkaSettings> {
+    cfg.kafka.as_ref().map(|k| imflow_runtime::KafkaSettings {
+        brokers: k.addr.join(","),
+        group_prefix: k.group_prefix.clone(),
+        linger_ms: k.linger_ms,
+        fetch_wait_ms: k.fetch_wait_ms.max(1),
+        batch_messages: k.batch_messages.clamp(1, 1_000_000),
+        ..Default::default()
+    })
+}
+
+/// Create the pipeline's missing topics; errors name `kafka.addr`.
+pub async fn ensure_topics(
+    k: &imflow_runtime::KafkaSettings,
+    pipeline: &CompiledPipeline,
+) -> anyhow::Result<()> {
+    let created = tokio::time::timeout(
+        Duration::from_secs(10),
+        imflow_runtime::kafka::ensure_topics(k, pipeline),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("kafka.addr: no answer from {} within 10 s", k.brokers))?
+    .with_context(|| {
+        format!(
+            "kafka.addr: cannot create the pipeline's topics on {}",
+            k.brokers
+        )
+    })?;
+    if !created.is_empty() {
+        tracing::info!(?created, "kafka topics created");
+    }
+    Ok(())
+}
+
+pub(crate) fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new().build_recorder();
@@ -122,30 +159,9 @@ impl Server {
         let gateway_addr = ws_listener.local_addr()?;
         let api_addr = api_listener.local_addr()?;
 
-        let kafka = cfg.kafka.as_ref().map(|k| imflow_runtime::KafkaSettings {
-            brokers: k.addr.join(","),
-            group_prefix: k.group_prefix.clone(),
-            linger_ms: k.linger_ms,
-            fetch_wait_ms: k.fetch_wait_ms.max(1),
-            batch_messages: k.batch_messages.clamp(1, 1_000_000),
-            ..Default::default()
-        });
+        let kafka = kafka_settings(&cfg);
         if let Some(k) = &kafka {
-            let created = tokio::time::timeout(
-                Duration::from_secs(10),
-                imflow_runtime::kafka::ensure_topics(k, &pipeline),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("kafka.addr: no answer from {} within 10 s", k.brokers))?
-            .with_context(|| {
-                format!(
-                    "kafka.addr: cannot create the pipeline's topics on {}",
-                    k.brokers
-                )
-            })?;
-            if !created.is_empty() {
-                tracing::info!(?created, "kafka topics created");
-            }
+            ensure_topics(k, &pipeline).await?;
         }
         let mut topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
         if kafka.is_some() {

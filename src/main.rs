@@ -28,11 +28,42 @@ enum Command {
         #[arg(default_value = "pipeline.yaml")]
         file: PathBuf,
     },
-    /// Print the pipeline as a Graphviz DOT graph (`imflow graph | dot -Tsvg`).
+    /// Print the pipeline as a Graphviz DOT graph (`imflow graph | dot -Tsvg`),
+    /// process groups as clusters.
     Graph {
         #[arg(default_value = "pipeline.yaml")]
         file: PathBuf,
     },
+    /// List the processes a host runs: `PROCESS INDEX PORT` per line.
+    Plan(PlanArgs),
+    /// Report each process of a host (pid, port, up or down); exit 1 if any is down.
+    Check(CheckArgs),
+    /// Run a command, restarting it whenever it dies, until SIGTERM/SIGINT
+    /// (forwarded to it). Used by script/start_all.sh.
+    Supervise(imflow::supervise::SuperviseArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    #[arg(long, short, default_value = "config/config.yaml")]
+    config: PathBuf,
+    /// This host's address (one of the config's `hosts`).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    #[arg(long, short, default_value = "config/config.yaml")]
+    config: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Where start_all.sh keeps this host's pid files.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Print nothing; only the exit status tells.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args, Default)]
@@ -52,6 +83,17 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Run one process of a cluster: a process group of the pipeline,
+    /// `gateway` or `api` (see `imflow plan`). Without it, everything runs
+    /// in this one process.
+    #[arg(long)]
+    process: Option<String>,
+    /// Which instance of the process group (0-based).
+    #[arg(long, default_value_t = 0, requires = "process")]
+    index: u32,
+    /// The address this host's processes listen on and announce.
+    #[arg(long, requires = "process")]
+    host: Option<std::net::IpAddr>,
 }
 
 fn init_logs(json: bool) {
@@ -73,13 +115,20 @@ fn init_logs(json: bool) {
 async fn check_pipeline(
     file: &std::path::Path,
 ) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
+    check_pipeline_at(file, true).await
+}
+
+async fn check_pipeline_at(
+    file: &std::path::Path,
+    required: bool,
+) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
     let tmp = std::env::temp_dir().join(format!("imflow-validate-{}", std::process::id()));
     let store = imflow_stages::store::SqliteStore::open(&tmp, Default::default()).await?;
     let backends = imflow_stages::Backends::embedded(store, 0);
     let conns = std::sync::Arc::new(imflow_gateways::connections::Connections::new(1));
     let services = imflow_stages::Services::new(backends.clone(), conns);
     let registry = kinds_for_checking(&services);
-    let result = load_pipeline(file, true, &registry);
+    let result = load_pipeline(file, required, &registry);
     backends.close().await;
     let _ = std::fs::remove_dir_all(&tmp);
     result
@@ -101,15 +150,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.api_addr {
         cfg.listen.api = a;
     }
-    let mut server = Server::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    if let Some(process) = args.process {
+        let placement = imflow::process::Placement {
+            process,
+            index: args.index,
+            host: args
+                .host
+                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        };
+        let mut server = imflow::process::ProcessServer::start(cfg, placement).await?;
+        tokio::select! {
+            r = server.wait() => return r,
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+            _ = term.recv() => tracing::info!("terminated; shutting down"),
+        }
+        return server.stop().await;
+    }
+    let mut server = Server::start(cfg).await?;
     tokio::select! {
         r = server.wait() => return r,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
     }
     server.stop().await
+}
+
+async fn host_plan(
+    config: &std::path::Path,
+    host: &str,
+) -> anyhow::Result<(Config, Vec<imflow::process::Planned>)> {
+    let cfg = Config::load(config, true)?;
+    let pipeline = check_pipeline_at(&cfg.pipeline, false).await?;
+    let plan = imflow::process::plan(&cfg, &pipeline, host)?;
+    Ok((cfg, plan))
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,6 +212,23 @@ fn main() -> std::process::ExitCode {
                 print!("{}", p.to_dot());
                 Ok(())
             }
+            Command::Plan(a) => {
+                let (_, plan) = host_plan(&a.config, &a.host).await?;
+                for p in plan {
+                    let port = p.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    println!("{} {} {}", p.process, p.index, port);
+                }
+                Ok(())
+            }
+            Command::Check(a) => {
+                let (cfg, plan) = host_plan(&a.config, &a.host).await?;
+                let down = imflow::supervise::check(&cfg, &plan, &a.host, &a.run_dir, a.quiet).await?;
+                if down > 0 {
+                    anyhow::bail!("{down} process(es) down on {}", a.host);
+                }
+                Ok(())
+            }
+            Command::Supervise(a) => imflow::supervise::run(a).await,
         }
     });
     match result {

@@ -1,0 +1,357 @@
+//! One process of a cluster: a process group of `pipeline.yaml`, a
+//! gateway, or the REST API, on one host. `imflow serve --process NAME
+//! --index I --host ADDR` runs it; `imflow plan` lists what a host runs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use imflow_gateways::api::{Api, ClusterDoor};
+use imflow_gateways::auth::Auth;
+use imflow_gateways::cluster::{rpc_router, DoorLink, RemoteIngest, RemotePresence, RpcState};
+use imflow_gateways::connections::Connections;
+use imflow_gateways::discovery::{Discovery, Member};
+use imflow_gateways::rest::{router, RestState};
+use imflow_runtime::{CompiledPipeline, RunningTopology};
+use imflow_stages::{Backends, Presence, Resends, Services};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{kafka_settings, kinds_for_checking, load_pipeline, prometheus, Config};
+
+/// Which process this is.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub process: String,
+    pub index: u32,
+    pub host: IpAddr,
+}
+
+/// One line of a host's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub process: String,
+    pub index: u32,
+    /// The port a health check reaches (none for a `count` group).
+    pub port: Option<u16>,
+}
+
+/// The processes `host` runs: every group of the pipeline and both doors,
+/// or the subset its `hosts` entry names.
+pub fn plan(cfg: &Config, pipeline: &CompiledPipeline, host: &str) -> anyhow::Result<Vec<Planned>> {
+    let subset = match cfg.hosts.iter().find(|h| h.addr == host) {
+        Some(h) => h.processes.clone(),
+        None if cfg.hosts.is_empty() => None,
+        None => {
+            let known: Vec<&str> = cfg.hosts.iter().map(|h| h.addr.as_str()).collect();
+            bail!(
+                "host {host} is not in the config's `hosts` ({}); add it or pass one of those",
+                known.join(", ")
+            );
+        }
+    };
+    let mut all: Vec<Planned> = Vec::new();
+    for g in &pipeline.processes {
+        for i in 0..g.instances() {
+            all.push(Planned {
+                process: g.name.clone(),
+                index: i,
+                port: g.port(i),
+            });
+        }
+    }
+    all.push(Planned {
+        process: "gateway".into(),
+        index: 0,
+        port: Some(cfg.listen.gateway.port()),
+    });
+    all.push(Planned {
+        process: "api".into(),
+        index: 0,
+        port: Some(cfg.listen.api.port()),
+    });
+    if let Some(names) = subset {
+        for n in &names {
+            if !all.iter().any(|p| &p.process == n) {
+                bail!("hosts: host {host} lists process `{n}`, which is neither a process group of {} nor gateway/api", pipeline.file);
+            }
+        }
+        all.retain(|p| names.contains(&p.process));
+    }
+    Ok(all)
+}
+
+/// A running cluster process.
+pub struct ProcessServer {
+    /// Where it serves: its internal port, or the door's public port.
+    pub addr: SocketAddr,
+    pub placement: Placement,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// A `Presence` for processes that push to nobody.
+struct Nobody;
+impl Presence for Nobody {
+    fn deliver(&self, _: &str, _: &imflow_stages::PushItem) {}
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
+impl ProcessServer {
+    pub async fn start(cfg: Config, placement: Placement) -> anyhow::Result<ProcessServer> {
+        let prom = prometheus();
+        let settings = cfg.cluster_settings().context(
+            "a cluster process needs the cluster stores: mysql, mongo and redis in the config",
+        )?;
+        let kafka = kafka_settings(&cfg).context("a cluster process needs `kafka` in the config")?;
+        let etcd = cfg
+            .etcd
+            .clone()
+            .context("a cluster process needs `etcd` in the config")?;
+        let backends = Backends::cluster(&settings).await?;
+        let Resends::Redis(redis) = backends.resends.clone() else {
+            bail!("cluster stores without Redis");
+        };
+        let discovery = Discovery::connect(&etcd.etcd_addr, &etcd.etcd_schema).await?;
+        let stop = CancellationToken::new();
+        let members = discovery.watch(stop.clone()).await?;
+        let secret = cfg.admin_secret.clone();
+        let host = placement.host;
+        let draining = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
+        let metrics = Arc::new(move || prom.render());
+
+        let mut topology = None;
+        let mut servers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let accept_stop = CancellationToken::new();
+        let mut kinds = Vec::new();
+        let addr;
+        let door = |services: Services, link: Arc<DoorLink>| async {
+            let auth = Auth::new(
+                services.directory.clone(),
+                cfg.admin_secret.clone(),
+                cfg.token_ttl_secs,
+            )
+            .await?;
+            anyhow::Ok(Arc::new(Api {
+                services,
+                auth,
+                conns: conns.clone(),
+                cluster: Some(ClusterDoor {
+                    ingest: RemoteIngest::new(members.clone(), &secret),
+                    link,
+                }),
+            }))
+        };
+        match placement.process.as_str() {
+            "gateway" => {
+                let services = Services::open(backends.clone(), conns.clone()).await?;
+                let ws = bind(
+                    SocketAddr::new(host, cfg.listen.gateway.port()),
+                    "listen.gateway",
+                )
+                .await?;
+                let rpc = bind(
+                    SocketAddr::new(host, cfg.listen.gateway_rpc),
+                    "listen.gateway_rpc",
+                )
+                .await?;
+                addr = rpc.local_addr()?;
+                let link = DoorLink::gateway(redis.clone(), &addr.to_string(), conns.clone()).await?;
+                let api = door(services, link).await?;
+                servers.push(tokio::spawn({
+                    let f = imflow_gateways::ws::serve(
+                        ws,
+                        api,
+                        cfg.websocket.clone(),
+                        accept_stop.clone(),
+                        tracker.clone(),
+                    );
+                    async move {
+                        let _ = f.await;
+                    }
+                }));
+                servers.push(serve_http(
+                    rpc,
+                    rpc_router(RpcState {
+                        secret: secret.as_str().into(),
+                        ingest: None,
+                        conns: Some(conns.clone()),
+                        metrics: metrics.clone(),
+                        draining: draining.clone(),
+                    }),
+                    accept_stop.clone(),
+                ));
+            }
+            "api" => {
+                let services = Services::open(backends.clone(), conns.clone()).await?;
+                let listener =
+                    bind(SocketAddr::new(host, cfg.listen.api.port()), "listen.api").await?;
+                addr = listener.local_addr()?;
+                let api = door(services, DoorLink::api(redis.clone(), &addr.to_string())).await?;
+                servers.push(serve_http(
+                    listener,
+                    router(RestState {
+                        api,
+                        metrics: metrics.clone(),
+                        draining: draining.clone(),
+                    }),
+                    accept_stop.clone(),
+                ));
+            }
+            group => {
+                let pipeline_probe = {
+                    let services = Services::new(backends.clone(), conns.clone());
+                    load_pipeline(&cfg.pipeline, false, &kinds_for_checking(&services))?
+                };
+                let Some(g) = pipeline_probe.process(group).cloned() else {
+                    let mut names: Vec<&str> = pipeline_probe
+                        .processes
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    names.extend(["gateway", "api"]);
+                    bail!(
+                        "--process {group}: no such process in {}; processes: {}",
+                        pipeline_probe.file,
+                        names.join(", ")
+                    );
+                };
+                if placement.index >= g.instances() {
+                    bail!(
+                        "--index {}: process `{group}` has {} instances (0..{})",
+                        placement.index,
+                        g.instances(),
+                        g.instances() - 1
+                    );
+                }
+                let presence: Arc<dyn Presence> =
+                    if pipeline_probe.group_has_kind(group, "push") {
+                        RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
+                    } else {
+                        Arc::new(Nobody)
+                    };
+                let services = Services::open(backends.clone(), presence).await?;
+                let registry = kinds_for_checking(&services);
+                let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
+                for s in &g.stages {
+                    if let Some(n) = pipeline.graph.node_weights().find(|n| &n.name == s) {
+                        kinds.push(n.kind.clone());
+                    }
+                }
+                crate::ensure_topics(&kafka, &pipeline).await?;
+                let port = g.port(placement.index).unwrap_or(0);
+                let rpc = bind(SocketAddr::new(host, port), &format!("processes.{group}.ports")).await?;
+                addr = rpc.local_addr()?;
+                let t = RunningTopology::start_group(&pipeline, &registry, &kafka, group)?;
+                if tokio::time::timeout(Duration::from_secs(30), t.ready())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("some kafka consumers have no partitions after 30 s (more processes than partitions?)");
+                }
+                let has_ingest = kinds.iter().any(|k| k == "ingest");
+                servers.push(serve_http(
+                    rpc,
+                    rpc_router(RpcState {
+                        secret: secret.as_str().into(),
+                        ingest: has_ingest.then(|| services.ingest.clone()),
+                        conns: None,
+                        metrics: metrics.clone(),
+                        draining: draining.clone(),
+                    }),
+                    accept_stop.clone(),
+                ));
+                topology = Some(t);
+            }
+        }
+        let registration = discovery
+            .register(
+                Member {
+                    role: placement.process.clone(),
+                    index: placement.index,
+                    host: host.to_string(),
+                    addr: addr.to_string(),
+                    pid: std::process::id(),
+                    kinds,
+                },
+                stop.clone(),
+            )
+            .await?;
+        tracing::info!(process = %placement.process, index = placement.index, %addr, "imflow process serving");
+
+        let deadline = Duration::from_secs(cfg.shutdown_deadline_secs);
+        let stop_signal = stop.clone();
+        let done = tokio::spawn(async move {
+            let failure = match &mut topology {
+                Some(t) => tokio::select! {
+                    _ = stop_signal.cancelled() => None,
+                    (stage, why) = t.failed() => Some(format!("stage `{stage}` failed: {why}")),
+                },
+                None => {
+                    stop_signal.cancelled().await;
+                    None
+                }
+            };
+            if let Some(f) = &failure {
+                tracing::error!(error = %f, "pipeline failed; shutting down");
+            }
+            // Out of etcd first, so no door sends here any more.
+            stop_signal.cancel();
+            let _ = registration.await;
+            draining.cancel();
+            accept_stop.cancel();
+            let drained = match topology {
+                Some(t) => t.shutdown(deadline).await,
+                None => true,
+            };
+            conns.close_all();
+            tracker.close();
+            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+            for s in servers {
+                let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+            }
+            backends.close().await;
+            tracing::info!(drained, "imflow process stopped");
+            match failure {
+                Some(f) => Err(anyhow::anyhow!(f)),
+                None => Ok(()),
+            }
+        });
+        Ok(ProcessServer {
+            addr,
+            placement,
+            stop,
+            done,
+        })
+    }
+
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.done).await?
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.done.await?
+    }
+}
+
+fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    })
+}
