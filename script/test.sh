@@ -23,6 +23,8 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # rdkafka builds the bundled librdkafka with cmake.
 command -v cmake >/dev/null || need_apt+=(cmake)
 [[ -e /usr/include/x86_64-linux-gnu/curl/curl.h || -e /usr/include/curl/curl.h ]] || need_apt+=(libcurl4-openssl-dev)
+# etcd-client compiles etcd's protobuf definitions with protoc.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -156,9 +156,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let placement = imflow::process::Placement {
             process,
             index: args.index,
-            host: args
-                .host
-                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+            host: args.host.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
         };
         let mut server = imflow::process::ProcessServer::start(cfg, placement).await?;
         tokio::select! {
@@ -222,7 +220,8 @@ fn main() -> std::process::ExitCode {
             }
             Command::Check(a) => {
                 let (cfg, plan) = host_plan(&a.config, &a.host).await?;
-                let down = imflow::supervise::check(&cfg, &plan, &a.host, &a.run_dir, a.quiet).await?;
+                let down =
+                    imflow::supervise::check(&cfg, &plan, &a.host, &a.run_dir, a.quiet).await?;
                 if down > 0 {
                     anyhow::bail!("{down} process(es) down on {}", a.host);
                 }

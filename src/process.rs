@@ -110,7 +110,8 @@ impl ProcessServer {
         let settings = cfg.cluster_settings().context(
             "a cluster process needs the cluster stores: mysql, mongo and redis in the config",
         )?;
-        let kafka = kafka_settings(&cfg).context("a cluster process needs `kafka` in the config")?;
+        let kafka =
+            kafka_settings(&cfg).context("a cluster process needs `kafka` in the config")?;
         let etcd = cfg
             .etcd
             .clone()
@@ -165,7 +166,8 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let link = DoorLink::gateway(redis.clone(), &addr.to_string(), conns.clone()).await?;
+                let link =
+                    DoorLink::gateway(redis.clone(), &addr.to_string(), conns.clone()).await?;
                 let api = door(services, link).await?;
                 servers.push(tokio::spawn({
                     let f = imflow_gateways::ws::serve(
@@ -233,12 +235,11 @@ impl ProcessServer {
                         g.instances() - 1
                     );
                 }
-                let presence: Arc<dyn Presence> =
-                    if pipeline_probe.group_has_kind(group, "push") {
-                        RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
-                    } else {
-                        Arc::new(Nobody)
-                    };
+                let presence: Arc<dyn Presence> = if pipeline_probe.group_has_kind(group, "push") {
+                    RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
+                } else {
+                    Arc::new(Nobody)
+                };
                 let services = Services::open(backends.clone(), presence).await?;
                 let registry = kinds_for_checking(&services);
                 let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
@@ -249,7 +250,11 @@ impl ProcessServer {
                 }
                 crate::ensure_topics(&kafka, &pipeline).await?;
                 let port = g.port(placement.index).unwrap_or(0);
-                let rpc = bind(SocketAddr::new(host, port), &format!("processes.{group}.ports")).await?;
+                let rpc = bind(
+                    SocketAddr::new(host, port),
+                    &format!("processes.{group}.ports"),
+                )
+                .await?;
                 addr = rpc.local_addr()?;
                 let t = RunningTopology::start_group(&pipeline, &registry, &kafka, group)?;
                 if tokio::time::timeout(Duration::from_secs(30), t.ready())

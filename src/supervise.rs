@@ -68,11 +68,9 @@ pub async fn run(args: SuperviseArgs) -> anyhow::Result<()> {
         };
         if stop {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            let waited = tokio::time::timeout(
-                Duration::from_secs(args.stop_timeout_secs),
-                child.wait(),
-            )
-            .await;
+            let waited =
+                tokio::time::timeout(Duration::from_secs(args.stop_timeout_secs), child.wait())
+                    .await;
             if waited.is_err() {
                 tracing::warn!(pid, "child did not stop in time; killing it");
                 let _ = child.kill().await;
@@ -134,8 +132,8 @@ pub async fn check(
         .unwrap_or_default();
     if !quiet {
         println!(
-            "{:<18} {:>5} {:>8} {:>6}  {}",
-            "PROCESS", "INDEX", "PID", "PORT", "STATUS"
+            "{:<18} {:>5} {:>8} {:>6}  STATUS",
+            "PROCESS", "INDEX", "PID", "PORT"
         );
     }
     let mut down = 0;

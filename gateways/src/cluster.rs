@@ -510,7 +510,9 @@ impl DoorLink {
         conns: Arc<Connections>,
     ) -> Result<Arc<DoorLink>, imflow_stages::Error> {
         redis.presence_reset(me).await?;
-        let _ = redis.publish(PRESENCE_CHANNEL, &format!("reset {me}")).await;
+        let _ = redis
+            .publish(PRESENCE_CHANNEL, &format!("reset {me}"))
+            .await;
         let link = Arc::new(DoorLink {
             redis: redis.clone(),
             me: me.to_string(),

@@ -82,9 +82,14 @@ impl ConnHandle {
 /// A change a cluster's presence registry must hear about.
 #[derive(Debug, Clone)]
 pub enum ConnEvent {
-    Opened { user: Arc<str>, platform: u8 },
+    Opened {
+        user: Arc<str>,
+        platform: u8,
+    },
     /// The user's last connection on this gateway closed.
-    LastClosed { user: Arc<str> },
+    LastClosed {
+        user: Arc<str>,
+    },
 }
 
 type Observer = Box<dyn Fn(ConnEvent) + Send + Sync>;

@@ -411,11 +411,17 @@ fn check_processes(
             );
         }
         if groups.iter().any(|g: &ProcessGroup| g.name == *name) {
-            cx.err(&*path, format!("process `{name}` is declared more than once"));
+            cx.err(
+                &*path,
+                format!("process `{name}` is declared more than once"),
+            );
             continue;
         }
         if p.stages.is_empty() {
-            cx.err(format!("{path}.stages"), "a process group needs at least one stage");
+            cx.err(
+                format!("{path}.stages"),
+                "a process group needs at least one stage",
+            );
         }
         for (i, s) in p.stages.iter().enumerate() {
             if !graph.node_weights().any(|n| n.name == *s) {
@@ -432,11 +438,17 @@ fn check_processes(
         }
         let count = match (&p.ports, p.count) {
             (Some(_), Some(_)) => {
-                cx.err(&*path, "give either `ports` (one process per port) or `count`, not both");
+                cx.err(
+                    &*path,
+                    "give either `ports` (one process per port) or `count`, not both",
+                );
                 0
             }
             (None, None) => {
-                cx.err(&*path, "give `ports: [..]` (one process per port) or `count: N`");
+                cx.err(
+                    &*path,
+                    "give `ports: [..]` (one process per port) or `count: N`",
+                );
                 0
             }
             (Some(list), None) => {
@@ -932,7 +944,9 @@ processes:
         assert!(p.group_has_kind("back", "sink"));
         assert!(!p.group_has_kind("front", "sink"));
         assert!(p.to_dot().contains("subgraph cluster_0"));
-        assert!(p.to_string().contains("process front ×2: s (ports 10130, 10131)"));
+        assert!(p
+            .to_string()
+            .contains("process front ×2: s (ports 10130, 10131)"));
     }
 
     #[test]
@@ -943,7 +957,12 @@ processes:
         );
         let errs = errors(&text);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].message.contains("c -> k crosses from process `back` to process `sinks`"), "{errs:?}");
+        assert!(
+            errs[0]
+                .message
+                .contains("c -> k crosses from process `back` to process `sinks`"),
+            "{errs:?}"
+        );
         assert_eq!(errs[0].path, "stages.k.inputs[0]");
         assert_eq!(errs[0].line, Some(12));
     }
@@ -954,14 +973,28 @@ processes:
             .replace("stages: [s]", "stages: [s, nope, c]")
             .replace("count: 4", "count: 4\n    ports: [10130]")
             .replace("back:", "gateway:");
-        let msgs: Vec<String> = errors(&text).into_iter().map(|d| format!("{}: {}", d.path, d.message)).collect();
+        let msgs: Vec<String> = errors(&text)
+            .into_iter()
+            .map(|d| format!("{}: {}", d.path, d.message))
+            .collect();
         let all = msgs.join("\n");
         assert!(all.contains("`nope` names no stage"), "{all}");
-        assert!(all.contains("stage `c` is already placed in process `front`"), "{all}");
+        assert!(
+            all.contains("stage `c` is already placed in process `front`"),
+            "{all}"
+        );
         assert!(all.contains("name of a door process"), "{all}");
-        assert!(all.contains("either `ports` (one process per port) or `count`"), "{all}");
+        assert!(
+            all.contains("either `ports` (one process per port) or `count`"),
+            "{all}"
+        );
         let unplaced = PLACED.replace("stages: [c, k]", "stages: [c]");
         let errs = errors(&unplaced);
-        assert!(errs[0].message.contains("stage `k` is placed in no process"), "{errs:?}");
+        assert!(
+            errs[0]
+                .message
+                .contains("stage `k` is placed in no process"),
+            "{errs:?}"
+        );
     }
 }

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod faults;
+
 pub const ADMIN: &str = "test-admin-secret";
 /// How long a test waits for an event before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
