@@ -25,6 +25,11 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 [[ -e /usr/include/x86_64-linux-gnu/curl/curl.h || -e /usr/include/curl/curl.h ]] || need_apt+=(libcurl4-openssl-dev)
 # etcd-client compiles etcd's protobuf definitions with protoc.
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# The nginx test: TLS for its clients (native-tls), a self-signed
+# certificate, and the real nginx.
+[[ -e /usr/include/openssl/ssl.h ]] || need_apt+=(libssl-dev)
+command -v openssl >/dev/null || need_apt+=(openssl)
+[[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || need_apt+=(nginx)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

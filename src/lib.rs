@@ -3,6 +3,7 @@
 //! end-to-end tests can run a real server in-process on ephemeral ports.
 
 pub mod config;
+pub mod nginx;
 pub mod process;
 pub mod supervise;
 

@@ -41,6 +41,9 @@ enum Command {
     /// Run a command, restarting it whenever it dies, until SIGTERM/SIGINT
     /// (forwarded to it). Used by script/start_all.sh.
     Supervise(imflow::supervise::SuperviseArgs),
+    /// Print the nginx config for the cluster: TLS on the seed's ports,
+    /// upstreams of every host's gateway and API.
+    Nginx(imflow::nginx::NginxArgs),
 }
 
 #[derive(clap::Args)]
@@ -228,6 +231,14 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Supervise(a) => imflow::supervise::run(a).await,
+            Command::Nginx(a) => {
+                let cfg = Config::load(&a.config, true)?;
+                print!(
+                    "{}",
+                    imflow::nginx::render(&cfg, &a.config.display().to_string(), &a)
+                );
+                Ok(())
+            }
         }
     });
     match result {

@@ -151,6 +151,189 @@ impl Drop for Cluster {
     }
 }
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Nginx {
+    _child: tokio::process::Child,
+    api: String,
+    ws: String,
+    cert: Vec<u8>,
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, not the SIGKILL of kill_on_drop: nginx's master then takes
+    /// its workers down with it.
+    fn drop(&mut self) {
+        if let Some(pid) = self._child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            for _ in 0..50 {
+                if matches!(self._child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Nginx {
+    /// The real nginx on 127.0.0.1 with a self-signed certificate, its
+    /// config rendered by `imflow nginx` from the cluster config.
+    async fn start(cluster: &Cluster) -> Nginx {
+        let dir = cluster.dir.path().join("nginx");
+        for d in ["logs", "temp"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl")
+            .success();
+        assert!(ok, "openssl made no certificate");
+        let (ws_port, api_port) = (free_port(), free_port());
+        let rendered = std::process::Command::new(env!("CARGO_BIN_EXE_imflow"))
+            .arg("nginx")
+            .arg("--config")
+            .arg(&cluster.config)
+            .args(["--listen-addr", "127.0.0.1"])
+            .args(["--ws-port", &ws_port.to_string()])
+            .args(["--api-port", &api_port.to_string()])
+            .arg("--cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"))
+            .output()
+            .expect("imflow nginx");
+        assert!(rendered.status.success());
+        let text = String::from_utf8(rendered.stdout).unwrap();
+        for h in HOSTS {
+            assert!(text.contains(&format!("server {h}:10001 ")), "{text}");
+            assert!(text.contains(&format!("server {h}:10002 ")), "{text}");
+        }
+        std::fs::write(dir.join("nginx.conf"), text).unwrap();
+        let bin = if Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx"
+        } else {
+            "nginx"
+        };
+        let child = tokio::process::Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nginx starts");
+        let cert = std::fs::read(dir.join("cert.pem")).unwrap();
+        let me = Nginx {
+            _child: child,
+            api: format!("https://127.0.0.1:{api_port}"),
+            ws: format!("wss://127.0.0.1:{ws_port}/ws"),
+            cert,
+        };
+        let http = me.https();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !http
+            .get(format!("{}/healthz", me.api))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        me
+    }
+
+    fn https(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.cert).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    /// A TestServer whose REST calls go through nginx over https.
+    fn api(&self) -> TestServer {
+        let mut s = TestServer::attach("unused:1", "unused:1");
+        s.api = self.api.clone();
+        s.http = self.https();
+        s
+    }
+
+    async fn connect(&self, token: &str) -> Client {
+        let tls = native_tls::TlsConnector::builder()
+            .add_root_certificate(native_tls::Certificate::from_pem(&self.cert).unwrap())
+            .build()
+            .unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            format!("{}?token={token}", self.ws),
+            None,
+            false,
+            Some(tokio_tungstenite::Connector::NativeTls(tls)),
+        )
+        .await
+        .expect("wss through nginx");
+        Client::from_stream(ws)
+    }
+}
+
+/// Two users connected through nginx (wss; nginx spreads them over the
+/// two gateways), set up over https: single and group chat both ways.
+async fn through_nginx(cluster: &Cluster) {
+    let nginx = Nginx::start(cluster).await;
+    let api = nginx.api();
+    api.register(&["zed", "yan"]).await;
+    let tz = api.token("zed", 1).await;
+    let ty = api.token("yan", 1).await;
+    let mut zed = nginx.connect(&tz).await;
+    let mut yan = nginx.connect(&ty).await;
+    await_presence(&mut zed, &mut yan, Target::User("yan"), "tz").await;
+    await_presence(&mut yan, &mut zed, Target::User("zed"), "ty").await;
+    for i in 0..5 {
+        let ack = zed
+            .send_text(Target::User("yan"), &format!("n{i}"), &format!("tls {i}"))
+            .await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+    }
+    let got: Vec<String> = pushed_with(&mut yan, "n", 5)
+        .await
+        .into_iter()
+        .map(|m| m["content"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, (0..5).map(|i| format!("tls {i}")).collect::<Vec<_>>());
+    let t2 = api.token("yan", 2).await;
+    assert_eq!(api.create_group(&t2, "tlsroom", &["zed"]).await, 201);
+    let ack = yan
+        .send_text(Target::Group("tlsroom"), "q0", "to the room")
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let m = pushed_with(&mut zed, "q", 1).await;
+    assert_eq!(m[0]["content"]["text"], "to the room");
+}
+
 /// The next `n` pushed messages whose client_msg_id starts with `prefix`
 /// (the greetings and a sender's own pushes are skipped).
 async fn pushed_with(c: &mut Client, prefix: &str, n: usize) -> Vec<serde_json::Value> {
@@ -330,6 +513,8 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
 
     drop(alice);
     drop(bob);
+
+    through_nginx(&cluster).await;
 
     // The fault part in conversations of its own (the checks want every
     // message of a conversation to come from the load): dave on host A
