@@ -93,3 +93,74 @@ fn an_unreachable_kafka_fails_start_up_naming_the_setting() {
     assert_eq!(code, 1);
     assert!(err.contains("kafka.addr"), "{err}");
 }
+
+#[test]
+fn plan_lists_the_seeds_processes_per_host_and_subsets() {
+    let (code, out, err) = imflow(&["plan", "--config", "config/config.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let count = |kind: &str| {
+        out.lines()
+            .filter(|l| l.starts_with(&format!("{kind} ")))
+            .count()
+    };
+    assert_eq!(count("im_msg"), 6, "{out}");
+    assert_eq!(count("im_msg_transfer"), 4, "{out}");
+    assert_eq!(count("im_push"), 5, "{out}");
+    assert!(out.contains("im_msg 5 10135\n"), "{out}");
+    assert!(out.contains("im_push 0 10170\n"), "{out}");
+    assert!(out.contains("im_msg_transfer 3 -\n"), "{out}");
+    assert!(out.contains("gateway 0 10001\n") && out.contains("api 0 10002\n"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "hosts:\n  - addr: 10.0.0.1\n  - addr: 10.0.0.2\n    processes: [gateway, im_push]\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = imflow(&["plan", "--config", cfg, "--host", "10.0.0.2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    let (code, _, err) = imflow(&["plan", "--config", cfg, "--host", "10.0.0.9"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not in the config's `hosts` (10.0.0.1, 10.0.0.2)"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "hosts:\n  - addr: 10.0.0.1\n    processes: [im_mgs]\n",
+    )
+    .unwrap();
+    let (code, _, err) = imflow(&[
+        "plan",
+        "--config",
+        dir.path().join("bad.yaml").to_str().unwrap(),
+        "--host",
+        "10.0.0.1",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("lists process `im_mgs`"), "{err}");
+}
+
+#[test]
+fn every_operator_script_has_help() {
+    for s in [
+        "start_all.sh",
+        "stop_all.sh",
+        "check_all.sh",
+        "batch_build_all_service.sh",
+    ] {
+        let out = Command::new(format!("{}/script/{s}", env!("CARGO_MANIFEST_DIR")))
+            .arg("--help")
+            .output()
+            .expect("run script");
+        assert!(out.status.success(), "{s} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{s} --help prints usage"
+        );
+    }
+}
