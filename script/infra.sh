@@ -108,7 +108,7 @@ up() {
       --skip-test-db >"$dir/mysql-install.log" 2>&1
   fi
   start mysql mariadbd --user=root --datadir="$dir/mysql" --port=13306 --bind-address=127.0.0.1 \
-    --socket="$dir/mysql/mysqld.sock" --skip-log-bin
+    --socket="$dir/mysql/mysqld.sock" --skip-log-bin --max-connections=2000
   start redis redis-server --port 16379 --bind 127.0.0.1 --save "" --appendonly no --dir "$dir"
   start etcd etcd --data-dir "$dir/etcd" --listen-client-urls http://127.0.0.1:2379 \
     --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \

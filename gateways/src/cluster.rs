@@ -348,8 +348,14 @@ impl RemotePresence {
         self.queues.remove(gateway);
     }
 
-    /// One presence change: `+ GW USER`, `- GW USER` or `reset GW`.
+    /// Presence changes, one per line: `+ GW USER`, `- GW USER`, `reset GW`.
     fn apply(&self, payload: &str) {
+        for line in payload.lines() {
+            self.apply_one(line);
+        }
+    }
+
+    fn apply_one(&self, payload: &str) {
         let mut parts = payload.splitn(3, ' ');
         match (parts.next(), parts.next(), parts.next()) {
             (Some("+"), Some(gw), Some(user)) => self.add(user.into(), gw.into()),
@@ -525,17 +531,27 @@ impl DoorLink {
         let me_owned = me.to_string();
         let local = conns.clone();
         redis.watch_channel(CONTROL_CHANNEL, move |payload| {
-            let Some(Ok(c)) = payload.map(serde_json::from_str::<Control>) else {
-                return;
+            let Some(payload) = payload else { return };
+            let controls = match serde_json::from_str::<Vec<Control>>(payload) {
+                Ok(list) => list,
+                Err(_) => match serde_json::from_str::<Control>(payload) {
+                    Ok(c) => vec![c],
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unreadable control message");
+                        return;
+                    }
+                },
             };
-            if c.origin == me_owned {
-                return;
-            }
-            if let Some(reason) = &c.kick {
-                local.kick(&c.user, c.platform, reason);
-            }
-            if let Some(frame) = c.frame {
-                local.send_to_user(&c.user, None, &Outbound::Frame(frame.into()));
+            for c in controls {
+                if c.origin == me_owned {
+                    continue;
+                }
+                if let Some(reason) = &c.kick {
+                    local.kick(&c.user, c.platform, reason);
+                }
+                if let Some(frame) = c.frame {
+                    local.send_to_user(&c.user, None, &Outbound::Frame(frame.into()));
+                }
             }
         });
         Ok(link)
@@ -582,34 +598,64 @@ impl DoorLink {
     }
 }
 
+/// Record connections in the registry, many per round trip: a gateway
+/// coming up takes thousands of logins within seconds, and a push process
+/// misses the pushes of a user until it has heard of them.
 async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<ConnEvent>) {
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    let mut batch = Vec::with_capacity(1024);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        // Net effect per user, in order: the last event wins.
+        let mut last: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut kicks = Vec::new();
         for e in batch.drain(..) {
-            let (user, online) = match &e {
-                ConnEvent::Opened { user, .. } => (user.clone(), true),
-                ConnEvent::LastClosed { user } => (user.clone(), false),
-            };
+            match e {
+                ConnEvent::Opened { user, platform } => {
+                    kicks.push(Control {
+                        origin: link.me.clone(),
+                        user: user.to_string(),
+                        platform: Some(platform),
+                        kick: Some("logged in on another device of the same platform".into()),
+                        frame: None,
+                    });
+                    last.insert(user, true);
+                }
+                ConnEvent::LastClosed { user } => {
+                    last.insert(user, false);
+                }
+            }
+        }
+        for online in [true, false] {
+            let users: Vec<&str> = last
+                .iter()
+                .filter(|(_, o)| **o == online)
+                .map(|(u, _)| &**u)
+                .collect();
+            if users.is_empty() {
+                continue;
+            }
             // Registry first, then the announcement: a push process that
-            // reloads after hearing it finds the entry.
+            // reloads after hearing it finds the entries.
             let mut backoff = Duration::from_millis(50);
-            while let Err(err) = link.redis.presence_set(&link.me, &[&user], online).await {
+            while let Err(err) = link.redis.presence_set(&link.me, &users, online).await {
                 tracing::warn!(error = %err, "cannot record presence; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
             let sign = if online { "+" } else { "-" };
+            let lines: Vec<String> = users
+                .iter()
+                .map(|u| format!("{sign} {} {u}", link.me))
+                .collect();
             let _ = link
                 .redis
-                .publish(PRESENCE_CHANNEL, &format!("{sign} {} {user}", link.me))
+                .publish(PRESENCE_CHANNEL, &lines.join("\n"))
                 .await;
-            if let ConnEvent::Opened { user, platform } = e {
-                link.kick(
-                    &user,
-                    Some(platform),
-                    "logged in on another device of the same platform",
-                )
-                .await;
+        }
+        if !kicks.is_empty() {
+            if let Ok(text) = serde_json::to_string(&kicks) {
+                if let Err(e) = link.redis.publish(CONTROL_CHANNEL, &text).await {
+                    tracing::warn!(error = %e, "cannot reach the other gateways");
+                }
             }
         }
     }

@@ -112,6 +112,8 @@ async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPoo
     MySqlPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
+        // A host runs many processes; connections a burst opened go back.
+        .idle_timeout(Duration::from_secs(60))
         .connect_with(opts.database(db))
         .await
         .map_err(|e| fail(e.to_string()))
@@ -132,10 +134,20 @@ impl MysqlDirectory {
             )
         })?;
         let master = pool(settings, master_addr, settings.max_connections).await?;
-        sqlx::migrate!("./migrations-mysql")
-            .run(&master)
-            .await
-            .map_err(|e| Error::Backend(format!("mysql migrations: {e}")))?;
+        // A cluster's processes start together and migrate the same fresh
+        // database; the losers of that race find the work done next time.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match sqlx::migrate!("./migrations-mysql").run(&master).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    tracing::info!(error = %e, attempt, "mysql migrations raced another process; trying again");
+                    tokio::time::sleep(Duration::from_millis(300 * attempt)).await;
+                }
+                Err(e) => return Err(Error::Backend(format!("mysql migrations: {e}"))),
+            }
+        }
         let replica = match settings.addrs.get(1) {
             Some(addr) => pool(settings, addr, settings.max_connections).await?,
             None => master.clone(),
