@@ -191,7 +191,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             addr: vec!["127.0.0.1:9092".into()],
             group_prefix: "imflow".into(),
-            linger_ms: 2,
+            linger_ms: 10,
             fetch_wait_ms: 100,
             batch_messages: 10_000,
         }

@@ -153,7 +153,9 @@ impl RemoteIngest {
             };
             return match lines.next().await {
                 Some(SendLine::Queued) => Ok(PendingAck::Remote(Box::pin(async move {
-                    match lines.next().await {
+                    let last = lines.next().await;
+                    lines.finish().await;
+                    match last {
                         Some(SendLine::Ok(a)) => Ok(a),
                         Some(SendLine::Error(e)) => Err(e),
                         _ => Err(ImError::unavailable(
@@ -161,8 +163,14 @@ impl RemoteIngest {
                         )),
                     }
                 }))),
-                Some(SendLine::Ok(a)) => Ok(PendingAck::Ready(Ok(a))),
-                Some(SendLine::Error(e)) => Err(e),
+                Some(SendLine::Ok(a)) => {
+                    lines.finish().await;
+                    Ok(PendingAck::Ready(Ok(a)))
+                }
+                Some(SendLine::Error(e)) => {
+                    lines.finish().await;
+                    Err(e)
+                }
                 None => Err(ImError::unavailable(
                     "the message may not be stored; send it again",
                 )),
@@ -179,6 +187,12 @@ struct Lines {
 }
 
 impl Lines {
+    /// Read the body to its end: a response dropped half-read closes its
+    /// connection, and the next send would pay a new TCP handshake.
+    async fn finish(mut self) {
+        while let Ok(Some(_)) = self.resp.chunk().await {}
+    }
+
     async fn next(&mut self) -> Option<SendLine> {
         loop {
             if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {

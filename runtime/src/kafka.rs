@@ -60,7 +60,7 @@ impl Default for KafkaSettings {
         KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
             group_prefix: "imflow".into(),
-            linger_ms: 2,
+            linger_ms: 10,
             fetch_wait_ms: 100,
             batch_messages: 10_000,
             commit_interval: Duration::from_millis(200),
