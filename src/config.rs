@@ -150,6 +150,9 @@ pub struct RedisConfig {
     pub hot_messages: usize,
     /// How long a resend is recognised (s).
     pub resend_ttl_secs: u64,
+    /// After how long a resend may take over a first copy that never
+    /// became durable (its ingest process died) (s).
+    pub resend_takeover_secs: u64,
     /// How long a message replayed from Kafka after a crash is recognised
     /// and keeps its seq (s); Redis holds ~100 bytes per message this long.
     pub replay_ttl_secs: u64,
@@ -166,6 +169,7 @@ impl Default for RedisConfig {
             key_prefix: d.prefix,
             hot_messages: d.hot_keep,
             resend_ttl_secs: d.resend_ttl.as_secs(),
+            resend_takeover_secs: d.resend_takeover.as_secs(),
             replay_ttl_secs: d.replay_ttl.as_secs(),
         }
     }
@@ -374,6 +378,9 @@ impl Config {
             if r.resend_ttl_secs == 0 {
                 bail!("{file}: redis.resendTtlSecs must be at least 1, e.g. 86400");
             }
+            if r.resend_takeover_secs == 0 || r.resend_takeover_secs > 300 {
+                bail!("{file}: redis.resendTakeoverSecs must be between 1 and 300, e.g. 10");
+            }
             if r.replay_ttl_secs < 60 {
                 bail!("{file}: redis.replayTtlSecs must be at least 60, e.g. 3600 (a crashed process restarted later than this may store its last uncommitted messages twice)");
             }
@@ -423,6 +430,7 @@ impl Config {
                 hot_keep: r.hot_messages,
                 resend_ttl: std::time::Duration::from_secs(r.resend_ttl_secs),
                 replay_ttl: std::time::Duration::from_secs(r.replay_ttl_secs),
+                resend_takeover: std::time::Duration::from_secs(r.resend_takeover_secs),
                 ..RedisSettings::default()
             },
         })

@@ -151,6 +151,25 @@ impl Drop for Cluster {
     }
 }
 
+/// The im_msg process a conversation's sends go through: the gateways hash
+/// the conversation id over the live list of ingest processes (sorted by
+/// address), as `RemoteIngest` does. If that ever changes, the kill below
+/// hits another im_msg and the test is weaker, not wrong.
+fn ingest_for(conversation: &str) -> (&'static str, String) {
+    use std::hash::{Hash, Hasher};
+    let mut addrs: Vec<(&'static str, u16)> = Vec::new();
+    for h in HOSTS {
+        for p in 10130..=10135 {
+            addrs.push((h, p));
+        }
+    }
+    addrs.sort_by_key(|(h, p)| format!("{h}:{p}"));
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    conversation.hash(&mut hasher);
+    let (host, port) = addrs[(hasher.finish() % addrs.len() as u64) as usize];
+    (host, format!("im_msg-{}", port - 10130))
+}
+
 /// A port nothing listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -550,6 +569,37 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
     .await;
     sent.acked.extend(more.acked);
     let mut erin = connect(&b, "erin", 1).await;
+    check_everything(&mut dave, &mut erin, &sent, false).await;
+
+    // Kill host B's first im_push under load: what it had fetched and not
+    // pushed is pushed again by whoever takes its partitions (each
+    // connection still gets each message once), or found by sync + pull.
+    let victim = cluster.child_pid(HOSTS[1], "im_push-0");
+    let more = send_steadily_to(&mut dave, ("erin", "hall"), "y", 40, 10, || async move {
+        sigkill(victim);
+    })
+    .await;
+    sent.acked.extend(more.acked);
+    let out = cluster.all_up(HOSTS[1]).await;
+    assert_ne!(
+        cluster.child_pid(HOSTS[1], "im_push-0"),
+        victim,
+        "restarted by its supervisor:\n{out}"
+    );
+    check_everything(&mut dave, &mut erin, &sent, false).await;
+
+    // Kill the im_msg process dave's single chat goes through, under load:
+    // sends in flight there fail, dave resends, the gateway takes the next
+    // im_msg, and the resend takes over the dead one's claim with its ids.
+    let (host, name) = ingest_for("si_dave_erin");
+    let victim = cluster.child_pid(host, &name);
+    let more = send_steadily_to(&mut dave, ("erin", "hall"), "z", 40, 10, || async move {
+        sigkill(victim);
+    })
+    .await;
+    sent.acked.extend(more.acked);
+    let out = cluster.all_up(host).await;
+    assert_ne!(cluster.child_pid(host, &name), victim, "restarted:\n{out}");
     check_everything(&mut dave, &mut erin, &sent, false).await;
 
     // stop_all.sh leaves nothing behind; a second start_all.sh works.

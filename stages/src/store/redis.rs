@@ -46,7 +46,11 @@ pub struct RedisSettings {
     /// ~100 bytes per message for this long.
     pub replay_ttl: Duration,
     /// A resend claim still pending after this long is taken over (its
-    /// first sender died before the message was durable).
+    /// first sender, or the ingest process it went through, died before the
+    /// message was durable). Safe even if the first copy is only slow: the
+    /// takeover reuses its server_msg_id, which seq-assign recognises, so
+    /// both copies become one message; a shorter wait only risks that
+    /// duplicate work.
     pub resend_takeover: Duration,
 }
 
@@ -62,7 +66,7 @@ impl Default for RedisSettings {
             hot_ttl: Duration::from_secs(3 * 24 * 3600),
             resend_ttl: Duration::from_secs(24 * 3600),
             replay_ttl: Duration::from_secs(600),
-            resend_takeover: Duration::from_secs(30),
+            resend_takeover: Duration::from_secs(10),
         }
     }
 }
