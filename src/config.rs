@@ -71,6 +71,13 @@ pub struct EtcdConfig {
     pub password: String,
 }
 
+impl EtcdConfig {
+    /// The credentials, when `userName` is set (etcd with auth on).
+    pub fn user(&self) -> Option<(&str, &str)> {
+        (!self.user_name.is_empty()).then_some((self.user_name.as_str(), self.password.as_str()))
+    }
+}
+
 impl Default for EtcdConfig {
     fn default() -> Self {
         EtcdConfig {

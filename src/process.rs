@@ -120,7 +120,7 @@ impl ProcessServer {
         let Resends::Redis(redis) = backends.resends.clone() else {
             bail!("cluster stores without Redis");
         };
-        let discovery = Discovery::connect(&etcd.etcd_addr, &etcd.etcd_schema).await?;
+        let discovery = Discovery::connect(&etcd.etcd_addr, &etcd.etcd_schema, etcd.user()).await?;
         let stop = CancellationToken::new();
         let members = discovery.watch(stop.clone()).await?;
         let secret = cfg.admin_secret.clone();

@@ -115,7 +115,7 @@ pub async fn check(
     quiet: bool,
 ) -> anyhow::Result<usize> {
     let members = match &cfg.etcd {
-        Some(e) => match Discovery::connect(&e.etcd_addr, &e.etcd_schema).await {
+        Some(e) => match Discovery::connect(&e.etcd_addr, &e.etcd_schema, e.user()).await {
             Ok(d) => d.members().await.map(|(m, _)| m).unwrap_or_default(),
             Err(err) => {
                 if !quiet {

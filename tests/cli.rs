@@ -164,3 +164,29 @@ fn every_operator_script_has_help() {
         );
     }
 }
+
+/// Needs the servers of `script/infra.sh up` (MySQL, MongoDB, Redis, Kafka
+/// on the seed's ports): only etcd is wrong here.
+#[test]
+fn a_cluster_process_with_an_unreachable_etcd_fails_fast_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/config/config.yaml"))
+        .unwrap()
+        .replace("etcdAddr: [ 127.0.0.1:2379 ]", "etcdAddr: [ 127.0.0.1:1 ]");
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = imflow(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--process",
+        "api",
+        "--host",
+        "127.0.0.1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("etcd.etcdAddr (127.0.0.1:1)"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}

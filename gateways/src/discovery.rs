@@ -47,12 +47,20 @@ fn etcd_err(endpoints: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Discovery {
-    /// Connect to etcd; fails within seconds naming the setting.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Discovery, Error> {
+    /// Connect to etcd (with `user`, a name and password, when its auth is
+    /// on); fails within seconds naming the setting.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        user: Option<(&str, &str)>,
+    ) -> Result<Discovery, Error> {
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
+        if let Some((name, password)) = user {
+            options = options.with_user(name, password);
+        }
         let mut client = tokio::time::timeout(
             Duration::from_secs(5),
             Client::connect(endpoints, Some(options)),
