@@ -5,6 +5,7 @@
 pub mod config;
 pub mod nginx;
 pub mod process;
+mod running;
 pub mod supervise;
 
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use running::{Parts, Running};
 
 pub use config::Config;
 
@@ -108,8 +111,7 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
 pub struct Server {
     pub gateway_addr: SocketAddr,
     pub api_addr: SocketAddr,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: Running,
 }
 
 impl Server {
@@ -164,14 +166,9 @@ impl Server {
         if let Some(k) = &kafka {
             ensure_topics(k, &pipeline).await?;
         }
-        let mut topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
+        let topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
         if kafka.is_some() {
-            // Not ready before the consumers consume: a message sent now
-            // would wait in Kafka for the group to settle.
-            let wait = Duration::from_secs(30);
-            if tokio::time::timeout(wait, topology.ready()).await.is_err() {
-                tracing::warn!("some kafka consumers have no partitions after 30 s; serving anyway (more consumers than partitions?)");
-            }
+            running::wait_for_consumers(&topology).await;
         }
         let gauges = topology.queue_gauges();
         let draining = CancellationToken::new();
@@ -184,73 +181,55 @@ impl Server {
             draining: draining.clone(),
         });
 
-        let stop = CancellationToken::new();
         let accept_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let ws_task = tokio::spawn(imflow_gateways::ws::serve(
+        let ws = imflow_gateways::ws::serve(
             ws_listener,
             api.clone(),
             cfg.websocket.clone(),
             accept_stop.clone(),
             tracker.clone(),
-        ));
-        let rest_stop = accept_stop.clone();
-        let rest_task = tokio::spawn(async move {
-            axum::serve(api_listener, rest)
-                .with_graceful_shutdown(async move { rest_stop.cancelled().await })
-                .await
-        });
+        );
+        let servers = vec![
+            tokio::spawn(async move {
+                let _ = ws.await;
+            }),
+            running::serve_http(api_listener, rest, accept_stop.clone()),
+        ];
         tracing::info!(gateway = %gateway_addr, api = %api_addr, stores = cfg.stores_description(), "imflow serving");
 
-        let deadline = Duration::from_secs(cfg.shutdown_deadline_secs);
-        let stop_signal = stop.clone();
-        let done = tokio::spawn(async move {
-            let failure = tokio::select! {
-                _ = stop_signal.cancelled() => None,
-                (stage, why) = topology.failed() => Some(format!("stage `{stage}` failed: {why}")),
-            };
-            if let Some(f) = &failure {
-                tracing::error!(error = %f, "pipeline failed; shutting down");
-            }
-            // 1. No new connections or requests; /healthz says so.
-            draining.cancel();
-            accept_stop.cancel();
-            // 2. Drain the pipeline: ingest stops, queued messages are stored,
-            //    acked and pushed.
-            let drained = topology.shutdown(deadline).await;
-            // 3. Close the connections, then the store.
-            conns.close_all();
-            tracker.close();
-            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-            let _ = ws_task.await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), rest_task).await;
-            backends.close().await;
-            tracing::info!(drained, "imflow stopped");
-            match failure {
-                Some(f) => Err(anyhow::anyhow!(f)),
-                None => Ok(()),
-            }
-        });
+        let running = Running::start(
+            CancellationToken::new(),
+            Parts {
+                leave: None,
+                draining,
+                accept_stop,
+                topology: Some(topology),
+                deadline: Duration::from_secs(cfg.shutdown_deadline_secs),
+                conns,
+                tracker,
+                servers,
+                backends,
+            },
+        );
         Ok(Server {
             gateway_addr,
             api_addr,
-            stop,
-            done,
+            running,
         })
     }
 
     /// Wait until the server stops on its own (a pipeline failure).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.done).await?
+        self.running.wait().await
     }
 
     /// Graceful shutdown.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.done.await?
+        self.running.stop().await
     }
 
     pub fn is_finished(&self) -> bool {
-        self.done.is_finished()
+        self.running.is_finished()
     }
 }

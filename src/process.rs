@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::running::{serve_http, wait_for_consumers, Parts, Running};
 use crate::{kafka_settings, kinds_for_checking, load_pipeline, prometheus, Config};
 
 /// Which process this is.
@@ -88,8 +89,7 @@ pub struct ProcessServer {
     /// Where it serves: its internal port, or the door's public port.
     pub addr: SocketAddr,
     pub placement: Placement,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: Running,
 }
 
 /// A `Presence` for processes that push to nobody.
@@ -210,20 +210,20 @@ impl ProcessServer {
                 ));
             }
             group => {
-                let pipeline_probe = {
+                // Compiled before the services exist (whether the group
+                // pushes decides their presence); compiling only checks kinds
+                // and options, so the same graph then runs on the real ones.
+                let pipeline = {
                     let services = Services::new(backends.clone(), conns.clone());
                     load_pipeline(&cfg.pipeline, false, &kinds_for_checking(&services))?
                 };
-                let Some(g) = pipeline_probe.process(group).cloned() else {
-                    let mut names: Vec<&str> = pipeline_probe
-                        .processes
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect();
+                let Some(g) = pipeline.process(group).cloned() else {
+                    let mut names: Vec<&str> =
+                        pipeline.processes.iter().map(|p| p.name.as_str()).collect();
                     names.extend(["gateway", "api"]);
                     bail!(
                         "--process {group}: no such process in {}; processes: {}",
-                        pipeline_probe.file,
+                        pipeline.file,
                         names.join(", ")
                     );
                 };
@@ -235,14 +235,13 @@ impl ProcessServer {
                         g.instances() - 1
                     );
                 }
-                let presence: Arc<dyn Presence> = if pipeline_probe.group_has_kind(group, "push") {
+                let presence: Arc<dyn Presence> = if pipeline.group_has_kind(group, "push") {
                     RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
                 } else {
                     Arc::new(Nobody)
                 };
                 let services = Services::open(backends.clone(), presence).await?;
                 let registry = kinds_for_checking(&services);
-                let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
                 for s in &g.stages {
                     if let Some(n) = pipeline.graph.node_weights().find(|n| &n.name == s) {
                         kinds.push(n.kind.clone());
@@ -257,12 +256,7 @@ impl ProcessServer {
                 .await?;
                 addr = rpc.local_addr()?;
                 let t = RunningTopology::start_group(&pipeline, &registry, &kafka, group)?;
-                if tokio::time::timeout(Duration::from_secs(30), t.ready())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("some kafka consumers have no partitions after 30 s (more processes than partitions?)");
-                }
+                wait_for_consumers(&t).await;
                 let has_ingest = kinds.iter().any(|k| k == "ingest");
                 servers.push(serve_http(
                     rpc,
@@ -293,70 +287,34 @@ impl ProcessServer {
             .await?;
         tracing::info!(process = %placement.process, index = placement.index, %addr, "imflow process serving");
 
-        let deadline = Duration::from_secs(cfg.shutdown_deadline_secs);
-        let stop_signal = stop.clone();
-        let done = tokio::spawn(async move {
-            let failure = match &mut topology {
-                Some(t) => tokio::select! {
-                    _ = stop_signal.cancelled() => None,
-                    (stage, why) = t.failed() => Some(format!("stage `{stage}` failed: {why}")),
-                },
-                None => {
-                    stop_signal.cancelled().await;
-                    None
-                }
-            };
-            if let Some(f) = &failure {
-                tracing::error!(error = %f, "pipeline failed; shutting down");
-            }
-            // Out of etcd first, so no door sends here any more.
-            stop_signal.cancel();
-            let _ = registration.await;
-            draining.cancel();
-            accept_stop.cancel();
-            let drained = match topology {
-                Some(t) => t.shutdown(deadline).await,
-                None => true,
-            };
-            conns.close_all();
-            tracker.close();
-            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-            for s in servers {
-                let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
-            }
-            backends.close().await;
-            tracing::info!(drained, "imflow process stopped");
-            match failure {
-                Some(f) => Err(anyhow::anyhow!(f)),
-                None => Ok(()),
-            }
-        });
+        let running = Running::start(
+            stop,
+            Parts {
+                leave: Some(registration),
+                draining,
+                accept_stop,
+                topology,
+                deadline: Duration::from_secs(cfg.shutdown_deadline_secs),
+                conns,
+                tracker,
+                servers,
+                backends,
+            },
+        );
         Ok(ProcessServer {
             addr,
             placement,
-            stop,
-            done,
+            running,
         })
     }
 
+    /// Wait until the process stops on its own (a pipeline failure).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.done).await?
+        self.running.wait().await
     }
 
+    /// Graceful shutdown: out of etcd first, then drain.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.done.await?
+        self.running.stop().await
     }
-}
-
-fn serve_http(
-    listener: TcpListener,
-    app: axum::Router,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-    })
 }

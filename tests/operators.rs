@@ -57,24 +57,26 @@ impl Cluster {
         self.dir.path().join(format!("run-{host}"))
     }
 
-    /// Run one of the operators' scripts for `host`: (success, stdout).
-    async fn script(&self, name: &str, host: &str) -> (bool, String) {
+    /// One of the operators' scripts for `host`, with this cluster's config,
+    /// binary, pid files and logs, waiting at most `timeout` seconds.
+    fn command(&self, name: &str, host: &str, timeout: u32) -> std::process::Command {
         let root = env!("CARGO_MANIFEST_DIR");
-        let out = tokio::process::Command::new(format!("{root}/script/{name}"))
-            .args(["--config", &self.config.display().to_string()])
+        let mut cmd = std::process::Command::new(format!("{root}/script/{name}"));
+        cmd.arg("--config")
+            .arg(&self.config)
             .args(["--host", host])
             .args(["--bin", env!("CARGO_BIN_EXE_imflow")])
-            .args(["--run-dir", &self.run_dir(host).display().to_string()])
-            .args([
-                "--log-dir",
-                &self
-                    .dir
-                    .path()
-                    .join(format!("logs-{host}"))
-                    .display()
-                    .to_string(),
-            ])
-            .args(["--timeout", "120"])
+            .arg("--run-dir")
+            .arg(self.run_dir(host))
+            .arg("--log-dir")
+            .arg(self.dir.path().join(format!("logs-{host}")))
+            .args(["--timeout", &timeout.to_string()]);
+        cmd
+    }
+
+    /// Run one of the operators' scripts for `host`: (success, stdout).
+    async fn script(&self, name: &str, host: &str) -> (bool, String) {
+        let out = tokio::process::Command::from(self.command(name, host, 120))
             .output()
             .await
             .expect("run script");
@@ -137,14 +139,9 @@ impl Drop for Cluster {
     /// A failed test must not leave its processes behind (the next run
     /// needs the ports).
     fn drop(&mut self) {
-        let root = env!("CARGO_MANIFEST_DIR");
         for h in HOSTS {
-            let _ = std::process::Command::new(format!("{root}/script/stop_all.sh"))
-                .args(["--config", &self.config.display().to_string()])
-                .args(["--host", h])
-                .args(["--bin", env!("CARGO_BIN_EXE_imflow")])
-                .args(["--run-dir", &self.run_dir(h).display().to_string()])
-                .args(["--timeout", "20"])
+            let _ = self
+                .command("stop_all.sh", h, 20)
                 .stdout(std::process::Stdio::null())
                 .status();
         }
