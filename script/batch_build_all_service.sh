@@ -11,10 +11,6 @@ case "${1:-}" in
   *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
-if ! command -v protoc >/dev/null; then
-  echo "protoc is missing (etcd-client needs it): apt-get install -y protobuf-compiler" >&2
-  exit 1
-fi
 if cargo build --release --bin imflow; then
   echo "all services build success"
 else

