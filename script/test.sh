@@ -59,4 +59,6 @@ echo "== cargo test (standalone, and the runtime's Kafka edges)"
 cargo test --workspace --all-targets
 echo "== cargo test: the end-to-end tests again on the cluster data plane"
 echo "   (Kafka edges, MySQL, MongoDB, Redis of script/infra.sh)"
-IMFLOW_TEST_MODE=cluster cargo test --test protocol --test slow_client --test kafka_mode
+# --workspace as above: the same package selection unifies features the same
+# way, so this pass reuses the first build instead of compiling again.
+IMFLOW_TEST_MODE=cluster cargo test --workspace --test protocol --test slow_client --test kafka_mode

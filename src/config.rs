@@ -195,16 +195,25 @@ pub struct KafkaConfig {
     pub fetch_wait_ms: u32,
     /// Most messages in one produce batch per partition.
     pub batch_messages: u32,
+    /// How long a producer keeps trying one write before failing it (ms);
+    /// the item is then handed to its stage again.
+    pub message_timeout_ms: u64,
+    /// How long the broker waits for a silent consumer before moving its
+    /// partitions to the others (ms).
+    pub session_timeout_ms: u64,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
+        let d = imflow_runtime::KafkaSettings::default();
         KafkaConfig {
-            addr: vec!["127.0.0.1:9092".into()],
-            group_prefix: "imflow".into(),
-            linger_ms: 10,
-            fetch_wait_ms: 100,
-            batch_messages: 10_000,
+            addr: vec![d.brokers],
+            group_prefix: d.group_prefix,
+            linger_ms: d.linger_ms,
+            fetch_wait_ms: d.fetch_wait_ms,
+            batch_messages: d.batch_messages,
+            message_timeout_ms: d.message_timeout.as_millis() as u64,
+            session_timeout_ms: d.session_timeout.as_millis() as u64,
         }
     }
 }
@@ -337,6 +346,12 @@ impl Config {
                     .any(|a| a.trim().is_empty() || !a.contains(':'))
             {
                 bail!("{file}: kafka.addr must list brokers as host:port, e.g. [127.0.0.1:9092]");
+            }
+            if k.message_timeout_ms < 1000 {
+                bail!("{file}: kafka.message_timeout_ms must be at least 1000, e.g. 30000");
+            }
+            if !(1000..=300_000).contains(&k.session_timeout_ms) {
+                bail!("{file}: kafka.session_timeout_ms must be between 1000 and 300000 (and within the broker's group.min/max.session.timeout.ms), e.g. 10000");
             }
         }
         let cluster = [

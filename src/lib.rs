@@ -69,6 +69,8 @@ pub fn kafka_settings(cfg: &Config) -> Option<imflow_runtime::KafkaSettings> {
         linger_ms: k.linger_ms,
         fetch_wait_ms: k.fetch_wait_ms.max(1),
         batch_messages: k.batch_messages.clamp(1, 1_000_000),
+        message_timeout: Duration::from_millis(k.message_timeout_ms.max(1)),
+        session_timeout: Duration::from_millis(k.session_timeout_ms.max(1)),
         ..Default::default()
     })
 }

@@ -34,6 +34,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use imflow_stages::model::{AckInfo, Conversation, ImError, SendRequest};
 use imflow_stages::store::redis::Redis;
+use imflow_runtime::Ack;
 use imflow_stages::{IngestHandle, PendingAck, Presence, PushItem};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -260,8 +261,9 @@ struct PushEntry {
 pub struct RemotePresence {
     /// user → the gateways (internal addresses) with a connection of theirs.
     online: DashMap<Arc<str>, Vec<Arc<str>>>,
-    /// gateway → its delivery queue.
-    queues: DashMap<Arc<str>, mpsc::Sender<PushEntry>>,
+    /// gateway → its delivery queue (each entry with its message's ack,
+    /// released once the gateway took it).
+    queues: DashMap<Arc<str>, mpsc::Sender<(PushEntry, Ack)>>,
     http: reqwest::Client,
     secret: Arc<str>,
     redis: Arc<Redis>,
@@ -384,7 +386,7 @@ impl RemotePresence {
         }
     }
 
-    fn queue_for(&self, gateway: &Arc<str>) -> mpsc::Sender<PushEntry> {
+    fn queue_for(&self, gateway: &Arc<str>) -> mpsc::Sender<(PushEntry, Ack)> {
         self.queues
             .entry(gateway.clone())
             .or_insert_with(|| {
@@ -403,10 +405,10 @@ impl RemotePresence {
 
 impl Presence for RemotePresence {
     fn deliver(&self, user: &str, item: &PushItem) {
-        self.deliver_all(&[Arc::from(user)], item)
+        self.deliver_all(&[Arc::from(user)], item, Ack::none())
     }
 
-    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem) {
+    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem, done: Ack) {
         let mut per: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
         for u in users {
             if let Some(gws) = self.online.get(u) {
@@ -422,30 +424,35 @@ impl Presence for RemotePresence {
                 body: item.body.clone(),
                 users,
             };
-            if self.queue_for(&g).try_send(entry).is_err() {
+            if let Err(e) = self.queue_for(&g).try_send((entry, done.clone())) {
                 metrics::counter!("imflow_push_dropped_total", "gateway" => g.to_string())
                     .increment(1);
+                let (_, ack) = e.into_inner();
+                ack.release();
             }
         }
+        done.release();
     }
 }
 
-/// Send one gateway's deliveries in order, batched while it is busy.
+/// Send one gateway's deliveries in order, batched while it is busy; each
+/// entry's ack is released once the gateway answered (or is given up on:
+/// its clients reconnect elsewhere and catch up by sync + pull).
 async fn forward(
     gateway: Arc<str>,
-    mut rx: mpsc::Receiver<PushEntry>,
+    mut rx: mpsc::Receiver<(PushEntry, Ack)>,
     http: reqwest::Client,
     secret: Arc<str>,
 ) {
     let url = format!("http://{gateway}/rpc/push");
     let mut batch = Vec::with_capacity(512);
     while rx.recv_many(&mut batch, 512).await > 0 {
-        let body = match serde_json::to_vec(&batch) {
+        let (entries, acks): (Vec<PushEntry>, Vec<Ack>) = batch.drain(..).unzip();
+        let body = match serde_json::to_vec(&entries) {
             Ok(b) => Bytes::from(b),
             Err(_) => continue,
         };
-        let n = batch.len();
-        batch.clear();
+        let n = entries.len();
         let mut sent = false;
         for attempt in 0..3u64 {
             let r = http
@@ -468,10 +475,12 @@ async fn forward(
             tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
         if !sent {
-            // Its clients reconnect elsewhere and catch up by sync + pull.
             metrics::counter!("imflow_push_dropped_total", "gateway" => gateway.to_string())
                 .increment(n as u64);
             tracing::warn!(%gateway, messages = n, "gateway unreachable; pushes dropped");
+        }
+        for a in acks {
+            a.release();
         }
     }
 }

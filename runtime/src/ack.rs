@@ -7,6 +7,15 @@
 //! durable releases the ack only after its write is committed; a stage that
 //! merely transforms an item moves the ack along with it. The status reported
 //! is the worst any holder set: a single failed branch fails the whole item.
+//!
+//! Two parties wait on items, at different points. A Kafka consumer may
+//! commit an offset only once everything the item became downstream is
+//! itself durable (so a crash between two stages loses nothing): its ack
+//! fires when the last holder releases, at the end of the pipeline. A client
+//! waiting for its "ack" must hear as soon as the message is durable, not
+//! after its push: an ack made with [`Ack::until_durable`] also fires when a
+//! stage calls [`Ack::durable`], and then not again. So a durable stage
+//! marks the item durable and forwards the same ack, never a fresh one.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -37,6 +46,17 @@ type Callback = Box<dyn FnOnce(AckStatus) + Send>;
 
 struct Inner {
     state: Mutex<(AckStatus, Option<Callback>)>,
+    /// The callback fires at the durable point too (see the module docs).
+    at_durable: bool,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (AckStatus, Option<Callback>)> {
+        match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -97,10 +117,24 @@ impl Ack {
         Ack::default()
     }
 
+    /// An ack whose callback runs when the last holder releases it (what a
+    /// Kafka consumer's offset waits for).
     pub fn new(callback: impl FnOnce(AckStatus) + Send + 'static) -> Self {
+        Self::make(callback, false)
+    }
+
+    /// An ack whose callback runs as soon as a stage marks the item
+    /// [`durable`](Ack::durable) (what a client's "ack" waits for), or at the
+    /// last release if that comes first.
+    pub fn until_durable(callback: impl FnOnce(AckStatus) + Send + 'static) -> Self {
+        Self::make(callback, true)
+    }
+
+    fn make(callback: impl FnOnce(AckStatus) + Send + 'static, at_durable: bool) -> Self {
         Ack {
             inner: Some(Arc::new(Inner {
                 state: Mutex::new((AckStatus::Delivered, Some(Box::new(callback)))),
+                at_durable,
             })),
             released: false,
         }
@@ -109,13 +143,27 @@ impl Ack {
     /// Record a status; the worst one set by any holder is reported.
     pub fn set(&self, status: AckStatus) {
         if let Some(inner) = &self.inner {
-            let mut state = match inner.state.lock() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut state = inner.lock();
             if status.rank() > state.0.rank() {
                 state.0 = status;
             }
+        }
+    }
+
+    /// The item is durable: an ack made with [`until_durable`](Ack::until_durable)
+    /// reports its status now; any other keeps waiting for its last release.
+    /// The holder keeps its share and still releases it as usual.
+    pub fn durable(&self) {
+        let Some(inner) = &self.inner else { return };
+        if !inner.at_durable {
+            return;
+        }
+        let fire = {
+            let mut state = inner.lock();
+            state.1.take().map(|cb| (cb, state.0.clone()))
+        };
+        if let Some((cb, status)) = fire {
+            cb(status);
         }
     }
 
@@ -167,6 +215,26 @@ mod tests {
         a.release();
         b.release();
         assert_eq!(rx.recv().unwrap(), AckStatus::Failed("disk full".into()));
+    }
+
+    #[test]
+    fn a_client_hears_at_the_durable_point_and_an_offset_at_the_end() {
+        let (tx, rx) = mpsc::channel();
+        let client = Ack::until_durable(move |s| tx.send(s).unwrap());
+        client.durable();
+        assert_eq!(rx.try_recv().unwrap(), AckStatus::Delivered);
+        client.fail("a later stage failed");
+        client.release();
+        assert!(rx.try_recv().is_err(), "answered once, at the durable point");
+
+        let (tx, rx) = mpsc::channel();
+        let offset = Ack::new(move |s| tx.send(s).unwrap());
+        let downstream = offset.clone();
+        offset.durable();
+        offset.release();
+        assert!(rx.try_recv().is_err(), "an offset waits for the whole chain");
+        downstream.release();
+        assert_eq!(rx.try_recv().unwrap(), AckStatus::Delivered);
     }
 
     #[test]

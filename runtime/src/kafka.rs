@@ -53,6 +53,13 @@ pub struct KafkaSettings {
     pub batch_messages: u32,
     /// How often consumers commit finished offsets.
     pub commit_interval: Duration,
+    /// How long a producer keeps trying to write an item before failing it
+    /// (`message.timeout.ms`); the consumer that handed it over then hands
+    /// it to the stage again.
+    pub message_timeout: Duration,
+    /// How long the broker waits for a consumer that stopped answering
+    /// before giving its partitions to the others (`session.timeout.ms`).
+    pub session_timeout: Duration,
 }
 
 impl Default for KafkaSettings {
@@ -64,6 +71,8 @@ impl Default for KafkaSettings {
             fetch_wait_ms: 100,
             batch_messages: 10_000,
             commit_interval: Duration::from_millis(200),
+            message_timeout: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -87,7 +96,10 @@ pub(crate) fn producer(
         .set("enable.idempotence", "true")
         .set("linger.ms", settings.linger_ms.to_string())
         .set("batch.num.messages", settings.batch_messages.to_string())
-        .set("message.timeout.ms", "30000")
+        .set(
+            "message.timeout.ms",
+            settings.message_timeout.as_millis().max(1).to_string(),
+        )
         .create()?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(DeliveryFuture, Ack)>();
     // Settles acks as the broker confirms writes. It ends once the edge is
@@ -178,7 +190,7 @@ impl KafkaOut {
 enum State {
     Pending,
     Done,
-    /// Failed downstream: never committed past, so it is replayed.
+    /// Failed downstream: never committed past; handed to the stage again.
     Failed,
 }
 
@@ -215,24 +227,45 @@ impl Readiness {
     }
 }
 
+/// One item handed to the stage: its offset, what became of it, and what
+/// it takes to hand it over again (kept until it is done).
+struct Tracked {
+    offset: i64,
+    state: State,
+    key: u64,
+    payload: Arc<[u8]>,
+    /// How many times it failed so far (its next retry waits longer).
+    failures: u32,
+}
+
 /// Offsets handed to the stage and what became of each, per partition.
 #[derive(Default)]
 struct Offsets {
-    parts: HashMap<i32, VecDeque<(i64, State)>>,
+    parts: HashMap<i32, VecDeque<Tracked>>,
 }
 
 impl Offsets {
-    fn track(&mut self, partition: i32, offset: i64) {
-        self.parts
-            .entry(partition)
-            .or_default()
-            .push_back((offset, State::Pending));
+    fn track(&mut self, partition: i32, offset: i64, key: u64, payload: Arc<[u8]>) {
+        self.parts.entry(partition).or_default().push_back(Tracked {
+            offset,
+            state: State::Pending,
+            key,
+            payload,
+            failures: 0,
+        });
+    }
+
+    fn get(&mut self, partition: i32, offset: i64) -> Option<&mut Tracked> {
+        let q = self.parts.get_mut(&partition)?;
+        let i = q.binary_search_by_key(&offset, |t| t.offset).ok()?;
+        q.get_mut(i)
     }
 
     fn mark(&mut self, partition: i32, offset: i64, state: State) {
-        if let Some(q) = self.parts.get_mut(&partition) {
-            if let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) {
-                q[i].1 = state;
+        if let Some(t) = self.get(partition, offset) {
+            t.state = state;
+            if state == State::Failed {
+                t.failures += 1;
             }
         }
     }
@@ -243,8 +276,13 @@ impl Offsets {
         let mut out = Vec::new();
         for (p, q) in self.parts.iter_mut() {
             let mut last = None;
-            while let Some((o, State::Done)) = q.front() {
-                last = Some(*o);
+            while let Some(Tracked {
+                offset,
+                state: State::Done,
+                ..
+            }) = q.front()
+            {
+                last = Some(*offset);
                 q.pop_front();
             }
             if let Some(o) = last {
@@ -259,9 +297,15 @@ impl Offsets {
         self.parts
             .values()
             .flat_map(|q| q.iter())
-            .filter(|(_, s)| *s == State::Pending)
+            .filter(|t| t.state == State::Pending)
             .count()
     }
+}
+
+/// Delay before a failed item is handed over again: 100 ms doubling to 10 s.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(8).saturating_sub(1)))
+        .min(Duration::from_secs(10))
 }
 
 fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
@@ -289,7 +333,10 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         .set("group.id", format!("{}.{}", settings.group_prefix, stage))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout.as_millis().max(1).to_string(),
+        )
         .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
         .create()?;
     consumer.subscribe(&[topic])?;
@@ -302,9 +349,36 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
     ready.one_more();
     Ok(Box::pin(async move {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
+        // Items whose ack failed, to hand to the stage again.
+        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64)>();
+        let retried = metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
         let mut tick = tokio::time::interval(every);
         let mut assigned = false;
         let n = queues.len().max(1) as i32;
+        // The ack of one handed-over item: done, or failed and retried.
+        let ack_for = |partition: i32, offset: i64| {
+            let marks = offsets.clone();
+            let failed = failed_tx.clone();
+            Ack::new(move |status| match status {
+                AckStatus::Failed(why) => {
+                    tracing::warn!(partition, offset, reason = %why, "item failed downstream; it will be handed over again");
+                    lock(&marks).mark(partition, offset, State::Failed);
+                    let _ = failed.send((partition, offset));
+                }
+                _ => lock(&marks).mark(partition, offset, State::Done),
+            })
+        };
+        let decode = |payload: &[u8], partition: i32, offset: i64| -> Option<T> {
+            match serde_json::from_slice(payload) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    errors.increment(1);
+                    tracing::error!(%stage, %topic, partition, offset, error = %e, "undecodable item skipped");
+                    None
+                }
+            }
+        };
+        let mut retries = futures::stream::FuturesUnordered::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -314,6 +388,33 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         assigned = true;
                         tracing::info!(%stage, %topic, "kafka consumer has its partitions");
                         ready.one_done();
+                    }
+                }
+                Some((partition, offset)) = failed_rx.recv() => {
+                    let failures = lock(&offsets).get(partition, offset).map(|t| t.failures).unwrap_or(1);
+                    retries.push(async move {
+                        tokio::time::sleep(retry_delay(failures)).await;
+                        (partition, offset)
+                    });
+                }
+                Some((partition, offset)) = retries.next(), if !retries.is_empty() => {
+                    let again = {
+                        let mut o = lock(&offsets);
+                        o.get(partition, offset).map(|t| {
+                            t.state = State::Pending;
+                            (t.key, t.payload.clone())
+                        })
+                    };
+                    let Some((key, payload)) = again else { continue };
+                    let Some(item) = decode(&payload, partition, offset) else {
+                        lock(&offsets).mark(partition, offset, State::Done);
+                        continue;
+                    };
+                    retried.increment(1);
+                    let q = &queues[(partition.rem_euclid(n)) as usize];
+                    tokio::select! {
+                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset))) => if sent.is_err() { break },
+                        _ = shutdown.cancelled() => break,
                     }
                 }
                 msg = consumer.recv() => {
@@ -326,41 +427,27 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         }
                     };
                     let (partition, offset) = (msg.partition(), msg.offset());
-                    lock(&offsets).track(partition, offset);
-                    let item: Option<T> = msg.payload().and_then(|p| match serde_json::from_slice(p) {
-                        Ok(v) => Some(v),
-                        Err(e) => {
-                            errors.increment(1);
-                            tracing::error!(%stage, %topic, partition, offset, error = %e, "undecodable item skipped");
-                            None
-                        }
-                    });
-                    let Some(item) = item else {
-                        lock(&offsets).mark(partition, offset, State::Done);
-                        continue;
-                    };
                     let key = msg
                         .key()
                         .and_then(|k| <[u8; 8]>::try_from(k).ok())
                         .map(u64::from_be_bytes)
                         .unwrap_or(partition as u64);
-                    let marks = offsets.clone();
-                    let ack = Ack::new(move |status| match status {
-                        AckStatus::Failed(why) => {
-                            tracing::warn!(partition, offset, reason = %why, "item failed downstream; it will be replayed");
-                            lock(&marks).mark(partition, offset, State::Failed);
-                        }
-                        _ => lock(&marks).mark(partition, offset, State::Done),
-                    });
+                    let payload: Arc<[u8]> = Arc::from(msg.payload().unwrap_or_default());
+                    lock(&offsets).track(partition, offset, key, payload.clone());
+                    let Some(item) = decode(&payload, partition, offset) else {
+                        lock(&offsets).mark(partition, offset, State::Done);
+                        continue;
+                    };
                     let q = &queues[(partition.rem_euclid(n)) as usize];
                     tokio::select! {
-                        sent = q.send(Envelope::new(key, item, ack)) => if sent.is_err() { break },
+                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset))) => if sent.is_err() { break },
                         _ = shutdown.cancelled() => break,
                     }
                 }
             }
         }
         // Let the stage drain what it was given, then commit what finished.
+        // (A failed item is not retried any more: the next run replays it.)
         drop(queues);
         while lock(&offsets).pending() > 0 {
             commit(&consumer, &topic, &offsets, CommitMode::Async);
@@ -429,13 +516,14 @@ pub async fn ensure_topics(
 
 #[cfg(test)]
 mod tests {
-    use super::{Offsets, State};
+    use super::{retry_delay, Offsets, State};
+    use std::sync::Arc;
 
     #[test]
     fn commits_only_the_finished_prefix_and_never_past_a_failure() {
         let mut o = Offsets::default();
         for off in 10..16 {
-            o.track(0, off);
+            o.track(0, off, 0, Arc::from(&b"{}"[..]));
         }
         o.mark(0, 11, State::Done);
         assert!(o.committable().is_empty(), "10 is not finished yet");
@@ -447,7 +535,19 @@ mod tests {
         o.mark(0, 13, State::Failed);
         assert_eq!(o.committable(), vec![(0, 13)]);
         o.mark(0, 15, State::Done);
-        assert!(o.committable().is_empty(), "13 failed: it must be replayed");
+        assert!(o.committable().is_empty(), "13 failed: not committed past");
         assert_eq!(o.pending(), 0);
+        // Handed over again and done this time: the partition moves on.
+        o.mark(0, 13, State::Done);
+        assert_eq!(o.committable(), vec![(0, 16)]);
+    }
+
+    #[test]
+    fn retries_back_off_to_ten_seconds() {
+        let ms: Vec<u128> = [1, 2, 3, 8, 30]
+            .into_iter()
+            .map(|f| retry_delay(f).as_millis())
+            .collect();
+        assert_eq!(ms, [100, 200, 400, 10_000, 10_000]);
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod kafka;
 pub mod locate;
 pub mod registry;
+pub mod retry;
 pub mod topology;
 
 pub use ack::{Ack, AckStatus};
@@ -22,5 +23,6 @@ pub use edge::{Envelope, Input, Output, Payload};
 pub use error::{BuildError, CompileErrors, Diagnostic};
 pub use kafka::KafkaSettings;
 pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
+pub use retry::{retry, Backoff};
 pub use tokio_util::sync::CancellationToken;
 pub use topology::{QueueGauges, RunningTopology};

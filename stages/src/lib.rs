@@ -15,7 +15,7 @@ pub mod store;
 
 use std::sync::Arc;
 
-use imflow_runtime::Registry;
+use imflow_runtime::{Ack, Registry};
 
 pub use error::Error;
 pub use kinds::ingest::{IngestHandle, PendingAck};
@@ -40,11 +40,15 @@ pub trait Presence: Send + Sync + 'static {
 
     /// Queue `item` for every one of `users` (one message's recipients); an
     /// implementation that forwards to other processes sends it once per
-    /// process instead of once per user.
-    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem) {
+    /// process instead of once per user. `done` is released once the item
+    /// is as far as this process can take it (queued on local connections,
+    /// or accepted by every gateway it went to): with Kafka edges, the
+    /// offset of the message commits only then.
+    fn deliver_all(&self, users: &[Arc<str>], item: &PushItem, done: Ack) {
         for u in users {
             self.deliver(u, item);
         }
+        done.release();
     }
 }
 

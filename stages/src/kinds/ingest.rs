@@ -154,7 +154,7 @@ impl IngestHandle {
                     return Ok(PendingAck::Ready(Ok(first)));
                 }
                 let info = msg.ack_info();
-                Ack::new(move |status| {
+                Ack::until_durable(move |status| {
                     let _ = tx.send(answer(info, status));
                 })
             }
@@ -277,11 +277,11 @@ fn settle_in_redis(
     let sender = msg.sender.clone();
     let client_msg_id = msg.client_msg_id.clone();
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return Ack::new(move |status| {
+        return Ack::until_durable(move |status| {
             let _ = tx.send(answer(info, status));
         });
     };
-    Ack::new(move |status| {
+    Ack::until_durable(move |status| {
         rt.spawn(async move {
             let done = match &status {
                 AckStatus::Delivered => redis.resend_durable(&sender, &client_msg_id, &info).await,

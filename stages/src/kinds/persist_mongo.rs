@@ -1,24 +1,29 @@
 //! `persist-mongo`: writes the durable history in batches, idempotently, and
-//! only then releases each message's ack (the client's "ack" frame, or with
-//! Kafka edges the offset commit of its input). The history is MongoDB in
-//! cluster mode and the embedded store in standalone mode. A single chat's
-//! first message also makes the chat appear in both users' conversation
-//! lists, before the ack.
+//! only then marks each message durable (the client's "ack" frame). The
+//! message goes on downstream with the same ack, so with Kafka edges its
+//! input offset commits only once what it became downstream is durable too
+//! (the `ms2ps_chat` write): a crash between the two replays it rather than
+//! losing its push. The history is MongoDB in cluster mode and the embedded
+//! store in standalone mode. A single chat's first message also makes the
+//! chat appear in both users' conversation lists, before the ack.
 //!
 //! A failed commit is retried, never skipped: skipping would leave a hole in
 //! the conversation's seqs. While it retries, backpressure stops the senders.
+//! A seq the history finds taken by another message (a counter that was
+//! behind) is never taken as done: the message gets a new seq from the
+//! sequencer and is committed again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::CancellationToken;
 use imflow_runtime::{
-    Ack, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
 };
 use serde::Deserialize;
 
 use crate::model::{Sequenced, Target};
-use crate::store::{Directory, History};
+use crate::store::{Directory, History, Sequencer};
 use crate::{Resends, Services};
 
 #[derive(Deserialize)]
@@ -43,6 +48,7 @@ pub struct PersistMongo {
 struct Stores {
     history: Arc<dyn History>,
     directory: Arc<dyn Directory>,
+    sequencer: Arc<dyn Sequencer>,
     resends: Resends,
 }
 
@@ -52,6 +58,7 @@ impl PersistMongo {
             stores: Stores {
                 history: services.history.clone(),
                 directory: services.directory.clone(),
+                sequencer: services.sequencer.clone(),
                 resends: services.resends.clone(),
             },
         }
@@ -102,29 +109,37 @@ async fn run(
     shutdown: CancellationToken,
 ) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(max_batch);
+    let reassigned = metrics::counter!("imflow_seq_reassigned_total");
     while input.recv_batch(&mut batch, max_batch).await {
-        let items: Vec<Sequenced> = batch.iter().map(|e| e.item.clone()).collect();
-        let opened: Vec<Arc<str>> = items
-            .iter()
-            .filter(|m| m.seq == 1 && matches!(m.msg.target, Target::User(_)))
-            .map(|m| m.msg.conversation_id.clone())
-            .collect();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let result = match stores.history.commit(items.clone()).await {
-                Ok(()) if opened.is_empty() => Ok(()),
-                Ok(()) => stores
-                    .directory
-                    .open_single_chats(&opened)
-                    .await
-                    .map_err(|e| e.to_string()),
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        // Positions in `batch` still to store.
+        let mut todo: Vec<usize> = (0..batch.len()).collect();
+        let mut moved = false;
+        while !todo.is_empty() {
+            let items: Vec<Sequenced> = todo.iter().map(|&i| batch[i].item.clone()).collect();
+            let result = match stores.history.commit(items).await {
+                Ok(taken) if taken.is_empty() => Ok(Vec::new()),
+                Ok(taken) => {
+                    let again: Vec<usize> = taken.iter().filter_map(|&t| todo.get(t).copied()).collect();
+                    reassign(&stores, &mut batch, &again)
+                        .await
+                        .map(|()| again)
+                        .map_err(|e| format!("reassigning taken seqs: {e}"))
+                }
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => break,
+                Ok(again) => {
+                    if !again.is_empty() {
+                        reassigned.increment(again.len() as u64);
+                        moved = true;
+                    }
+                    todo = again;
+                    backoff.reset();
+                }
                 Err(e) => {
                     errors.increment(1);
-                    if shutdown.is_cancelled() && backoff >= Duration::from_secs(2) {
+                    if shutdown.is_cancelled() && backoff.at_cap() {
                         // Shutting down and the store will not take them: the
                         // senders were never acked and are told to resend.
                         for env in batch.drain(..) {
@@ -136,25 +151,71 @@ async fn run(
                         }
                         return Err(format!("history commit failed: {e}").into());
                     }
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "history commit failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "history commit failed; retrying");
+                    backoff.wait().await;
                 }
             }
         }
-        for env in batch.drain(..) {
-            let Envelope { key, item, ack } = env;
-            if let Resends::Local(index) = &stores.resends {
-                index.mark_durable(&item.msg);
+        let opened: Vec<Arc<str>> = batch
+            .iter()
+            .filter(|e| e.item.seq == 1 && matches!(e.item.msg.target, Target::User(_)))
+            .map(|e| e.item.msg.conversation_id.clone())
+            .collect();
+        if !opened.is_empty() {
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            while let Err(e) = stores.directory.open_single_chats(&opened).await {
+                errors.increment(1);
+                tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording new single chats failed; retrying");
+                backoff.wait().await;
             }
-            ack.release();
-            if out
-                .send(Envelope::new(key, item, Ack::none()))
-                .await
-                .is_err()
-            {
+        }
+        if moved {
+            // A message that got a new seq goes after the others of its
+            // conversation: downstream (the hot cache, pushes) sees seq order.
+            batch.sort_by_key(|e| e.item.seq);
+        }
+        for env in batch.drain(..) {
+            if let Resends::Local(index) = &stores.resends {
+                index.mark_durable(&env.item.msg);
+            }
+            env.ack.durable();
+            if out.send(env).await.is_err() {
                 return Err("downstream of persist-mongo stopped".into());
             }
+        }
+    }
+    Ok(())
+}
+
+/// Give new seqs to the messages at `positions` of `batch` (their seqs were
+/// taken in the history), above what the history holds now.
+async fn reassign(
+    stores: &Stores,
+    batch: &mut [Envelope<Sequenced>],
+    positions: &[usize],
+) -> crate::error::Result<()> {
+    let mut by_conv: Vec<(Arc<str>, Vec<usize>)> = Vec::new();
+    for &i in positions {
+        let c = &batch[i].item.msg.conversation_id;
+        match by_conv.iter_mut().find(|(k, _)| k == c) {
+            Some((_, v)) => v.push(i),
+            None => by_conv.push((c.clone(), vec![i])),
+        }
+    }
+    let convs: Vec<Arc<str>> = by_conv.iter().map(|(c, _)| c.clone()).collect();
+    let stored = stores.history.max_seqs(&convs).await?;
+    for (conv, idx) in by_conv {
+        let ids: Vec<Arc<str>> = idx
+            .iter()
+            .map(|&i| batch[i].item.msg.server_msg_id.clone())
+            .collect();
+        let max = stored.get(&conv).copied().unwrap_or(0);
+        let seqs = stores.sequencer.reassign(&conv, &ids, max).await?;
+        for (&i, seq) in idx.iter().zip(seqs) {
+            let item = &mut batch[i].item;
+            tracing::warn!(conversation = %conv, server_msg_id = %item.msg.server_msg_id, taken = item.seq, seq, "seq already taken in the history (a counter was behind it); given a new one");
+            item.seq = seq;
+            item.body = item.msg.render(seq).into();
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::{
-    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
 };
 use serde::Deserialize;
 
@@ -73,12 +73,11 @@ async fn run(
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
         let items: Vec<&Sequenced> = batch.iter().map(|e| &e.item).collect();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         while let Err(e) = hot.insert(&items).await {
             errors.increment(1);
-            tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "hot cache write failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "hot cache write failed; retrying");
+            backoff.wait().await;
         }
         drop(items);
         for env in batch.drain(..) {

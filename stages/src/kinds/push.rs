@@ -1,6 +1,8 @@
 //! `push`: hands each delivery to the connections of its recipients that are
-//! online on this host. It never waits for a connection: a client that does
-//! not read is cut off by its gateway, not allowed to slow everyone else.
+//! online (on this host, or through the gateways that hold them). It never
+//! waits for a connection: a client that does not read is cut off by its
+//! gateway, not allowed to slow everyone else. The item's ack goes with it
+//! and is released once the gateways took it.
 
 use std::sync::Arc;
 
@@ -64,8 +66,7 @@ async fn run(
                 seq: item.seq,
                 body: item.body,
             };
-            presence.deliver_all(&item.recipients, &push);
-            ack.release();
+            presence.deliver_all(&item.recipients, &push, ack);
             // A batch from Kafka can hold hundreds of messages for one
             // user: let the connections drain between them, or a bounded
             // outgoing queue would overflow for a client that reads fine.

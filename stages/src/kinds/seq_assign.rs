@@ -2,23 +2,24 @@
 //! drops resends.
 //!
 //! Each task owns the conversations of its partition, so counters need no
-//! lock. A counter starts from the store's committed max the first time the
-//! task meets the conversation, which keeps seqs gap-free and unrepeated
-//! across restarts: anything assigned but not committed before a crash was
-//! never acknowledged nor pushed.
+//! lock. A counter starts from the history's max the first time the task
+//! meets the conversation (see `store::Sequencer`), which keeps seqs
+//! gap-free across restarts and whatever a cache says; a seq that turns out
+//! to be taken is refused by the history and given again by `persist-mongo`.
+//! The task's memory of conversations is bounded (`remember`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::{
-    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind,
+    StageTask,
 };
 use serde::Deserialize;
 
 use crate::dedup::Claim;
 use crate::model::{Sequenced, Stamped};
-use crate::store::Sequencer;
+use crate::store::{seq_memory, SeqMemory, Sequencer};
 use crate::{Resends, Services};
 
 #[derive(Deserialize)]
@@ -26,11 +27,17 @@ use crate::{Resends, Services};
 struct Options {
     /// Most messages handled per batch.
     max_batch: usize,
+    /// Conversations each partition task remembers the last seq of; one it
+    /// forgot costs a history read when it comes back.
+    remember: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_batch: 512 }
+        Options {
+            max_batch: 512,
+            remember: 65_536,
+        }
     }
 }
 
@@ -75,7 +82,7 @@ impl StageKind for SeqAssign {
                 out: out.clone(),
                 sequencer: self.sequencer.clone(),
                 resends: self.resends.clone(),
-                last: HashMap::new(),
+                last: seq_memory(opts.remember),
                 max_batch: opts.max_batch.max(1),
                 errors: errors.clone(),
             };
@@ -91,7 +98,7 @@ struct Partition {
     sequencer: Arc<dyn Sequencer>,
     resends: Resends,
     /// Last seq this task gave out per conversation.
-    last: HashMap<Arc<str>, u64>,
+    last: SeqMemory,
     max_batch: usize,
     errors: metrics::Counter,
 }
@@ -149,15 +156,14 @@ impl Partition {
             .iter()
             .map(|e| (e.item.conversation_id.clone(), e.item.server_msg_id.clone()))
             .collect();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             match self.sequencer.assign(&mut self.last, &ids).await {
                 Ok(seqs) => return seqs,
                 Err(e) => {
                     self.errors.increment(1);
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "assigning seqs failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "assigning seqs failed; retrying");
+                    backoff.wait().await;
                 }
             }
         }

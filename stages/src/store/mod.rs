@@ -185,13 +185,21 @@ pub async fn members_page(
     Ok((page, g.members.len()))
 }
 
+/// What a commit found: the positions (in the committed batch) of messages
+/// whose `(conversation, seq)` is already stored under another
+/// `server_msg_id`. Such a message is not stored: its seq was handed out
+/// twice (a counter behind the history) and it needs a new one.
+pub type Taken = Vec<usize>;
+
 /// The durable message history.
 #[async_trait]
 pub trait History: Send + Sync + 'static {
     /// Store a batch durably. Idempotent: a message already stored with the
-    /// same (conversation, seq) is left as it is, so a replay stores nothing
-    /// twice. Errors are strings: they are shared by every waiting batch.
-    async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<(), String>;
+    /// same (conversation, seq) and the same server_msg_id is left as it is,
+    /// so a replay stores nothing twice; one stored under another
+    /// server_msg_id is reported in [`Taken`], never taken as done. Errors
+    /// are strings: they are shared by every waiting batch.
+    async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<Taken, String>;
     /// Bodies of `from..=to` of `conversation`, ascending; absent seqs are
     /// left out.
     async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>>;
@@ -219,9 +227,30 @@ pub trait Hot: Send + Sync + 'static {
     async fn max_seqs(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, u64>;
 }
 
+/// What a seq-assign task remembers of the conversations it met: the last
+/// seq it gave each. Bounded: a conversation it forgets is treated as new
+/// (its floor read from the history again), which is always safe.
+pub type SeqMemory = lru::LruCache<Arc<str>, u64>;
+
+/// Conversations a seq-assign task remembers by default.
+pub const SEQ_MEMORY: usize = 100_000;
+
+pub fn seq_memory(entries: usize) -> SeqMemory {
+    lru::LruCache::new(std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN))
+}
+
 /// Hands out seqs. Each seq-assign task owns the conversations of its
 /// partition and passes its memory of the last seq it gave per conversation
 /// (`last`), which the sequencer keeps current.
+///
+/// The history is the truth. A conversation the task meets for the first
+/// time (after a start, a partition moving here, or being forgotten) starts
+/// from the history's max, whatever a counter says: a counter behind it (a
+/// Redis restored from an old snapshot, a failover to a lagging replica)
+/// would hand out stored seqs, one ahead of it would leave a hole. Seqs
+/// handed out but not yet stored when the task starts (still in a Kafka
+/// topic) may then be handed out again; the history refuses the second
+/// (`Taken`) and [`reassign`](Sequencer::reassign) gives it a new one.
 #[async_trait]
 pub trait Sequencer: Send + Sync + 'static {
     /// The seqs of `messages` (conversation, server_msg_id), in order. A
@@ -229,21 +258,60 @@ pub trait Sequencer: Send + Sync + 'static {
     /// that seq again.
     async fn assign(
         &self,
-        last: &mut HashMap<Arc<str>, u64>,
+        last: &mut SeqMemory,
         messages: &[(Arc<str>, Arc<str>)],
+    ) -> Result<Vec<u64>>;
+
+    /// New seqs for messages of `conversation` whose seqs the history found
+    /// taken: above `stored_max` (the history's max, read after the refusal)
+    /// and above every seq handed out since; a replay of one of them then
+    /// gets its new seq.
+    async fn reassign(
+        &self,
+        conversation: &Arc<str>,
+        server_msg_ids: &[Arc<str>],
+        stored_max: u64,
     ) -> Result<Vec<u64>>;
 }
 
-/// Counters kept by the seq-assign task itself, started from the history's
-/// max the first time it meets a conversation: right when one task owns a
-/// conversation for the life of the history (standalone).
+/// Conversations of `messages` that `last` does not know, once each.
+pub(crate) fn unknown_conversations(
+    last: &SeqMemory,
+    messages: &[(Arc<str>, Arc<str>)],
+) -> Vec<Arc<str>> {
+    let mut unknown: Vec<Arc<str>> = messages
+        .iter()
+        .map(|(c, _)| c.clone())
+        .filter(|c| !last.contains(c))
+        .collect();
+    unknown.sort();
+    unknown.dedup();
+    unknown
+}
+
+/// Counters in this process (standalone), shared by every seq-assign task
+/// and by `persist-mongo`'s reassignments. A conversation not met before
+/// starts from the history's max.
 pub struct LocalSequencer {
     history: Arc<dyn History>,
+    /// Highest seq handed out per conversation, for reassignments (which
+    /// come from another stage than the task that owns the conversation).
+    given: std::sync::Mutex<SeqMemory>,
 }
 
 impl LocalSequencer {
     pub fn new(history: Arc<dyn History>) -> Self {
-        LocalSequencer { history }
+        LocalSequencer {
+            history,
+            given: std::sync::Mutex::new(seq_memory(SEQ_MEMORY)),
+        }
+    }
+
+    fn given(&self) -> std::sync::MutexGuard<'_, SeqMemory> {
+        match self.given.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
     }
 }
 
@@ -251,23 +319,41 @@ impl LocalSequencer {
 impl Sequencer for LocalSequencer {
     async fn assign(
         &self,
-        last: &mut HashMap<Arc<str>, u64>,
+        last: &mut SeqMemory,
         messages: &[(Arc<str>, Arc<str>)],
     ) -> Result<Vec<u64>> {
-        let mut unknown: Vec<Arc<str>> = messages
-            .iter()
-            .map(|(c, _)| c.clone())
-            .filter(|c| !last.contains_key(c))
-            .collect();
+        let unknown = unknown_conversations(last, messages);
         if !unknown.is_empty() {
-            unknown.sort();
-            unknown.dedup();
-            last.extend(self.history.max_seqs(&unknown).await?);
+            for (c, max) in self.history.max_seqs(&unknown).await? {
+                last.put(c, max);
+            }
         }
+        let mut given = self.given();
         Ok(messages
             .iter()
             .map(|(c, _)| {
-                let n = last.entry(c.clone()).or_insert(0);
+                // A reassignment may have gone past what this task gave.
+                let floor = given.get(c).copied().unwrap_or(0);
+                let n = last.get_or_insert_mut(c.clone(), || 0);
+                *n = (*n).max(floor) + 1;
+                given.put(c.clone(), *n);
+                *n
+            })
+            .collect())
+    }
+
+    async fn reassign(
+        &self,
+        conversation: &Arc<str>,
+        server_msg_ids: &[Arc<str>],
+        stored_max: u64,
+    ) -> Result<Vec<u64>> {
+        let mut given = self.given();
+        let n = given.get_or_insert_mut(conversation.clone(), || 0);
+        *n = (*n).max(stored_max);
+        Ok(server_msg_ids
+            .iter()
+            .map(|_| {
                 *n += 1;
                 *n
             })

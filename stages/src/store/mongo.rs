@@ -6,9 +6,11 @@
 //! document; that makes every write a read-modify-write of a growing array
 //! (`$push` with upsert), which cannot be retried blindly and serialises
 //! every writer of a block. Independent documents make a batch one unordered
-//! `insert_many`: a replayed batch only meets duplicate-key errors, which
-//! mean "already stored" and are ignored, so the write is idempotent, and a
-//! range read is one index scan sorted by seq.
+//! `insert_many`: a replayed batch only meets duplicate-key errors, and a
+//! range read is one index scan sorted by seq. A duplicate key means
+//! "already stored" only when the stored message has the same
+//! `server_msg_id`; under another one the seq was handed out twice, and the
+//! message is reported as taken (never as stored).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,11 +19,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, FindOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::History;
+use super::{History, Taken};
 use crate::error::{Error, Result};
 use crate::model::Sequenced;
 
@@ -135,24 +137,25 @@ impl MongoHistory {
     }
 }
 
-fn only_duplicates(e: &mongodb::error::Error) -> bool {
+/// The positions of the batch that met a duplicate key, when those are the
+/// only errors (anything else is a failed write, retried whole).
+fn duplicates(e: &mongodb::error::Error) -> Option<Vec<usize>> {
     match &*e.kind {
-        ErrorKind::InsertMany(m) => {
-            m.write_concern_error.is_none()
-                && m.write_errors
-                    .as_ref()
-                    .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+        ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => {
+            let w = m.write_errors.as_ref()?;
+            w.iter()
+                .all(|w| w.code == DUPLICATE_KEY)
+                .then(|| w.iter().map(|w| w.index).collect())
         }
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        _ => false,
+        _ => None,
     }
 }
 
 #[async_trait]
 impl History for MongoHistory {
-    async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<(), String> {
+    async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<Taken, String> {
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Taken::new());
         }
         let docs: Vec<Document> = messages
             .iter()
@@ -179,15 +182,23 @@ impl History for MongoHistory {
         .await;
         metrics::histogram!("imflow_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("imflow_store_commit_messages").record(messages.len() as f64);
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if only_duplicates(&e) => Ok(()),
-            Ok(Err(e)) => Err(format!("mongodb insert: {e}")),
-            Err(_) => Err(format!(
-                "mongodb insert: no answer within {} s",
-                COMMIT_TIMEOUT.as_secs()
-            )),
-        }
+        let dups = match result {
+            Ok(Ok(_)) => return Ok(Taken::new()),
+            Ok(Err(e)) => match duplicates(&e) {
+                Some(d) => d,
+                None => return Err(format!("mongodb insert: {e}")),
+            },
+            Err(_) => {
+                return Err(format!(
+                    "mongodb insert: no answer within {} s",
+                    COMMIT_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        tokio::time::timeout(READ_TIMEOUT, self.taken(&messages, &dups))
+            .await
+            .map_err(|_| "mongodb: no answer to a read within 5 s".to_string())?
+            .map_err(|e| e.to_string())
     }
 
     async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>> {
@@ -204,6 +215,48 @@ impl History for MongoHistory {
 }
 
 impl MongoHistory {
+    /// Of the messages at `dups` (duplicate keys), those whose seq is held
+    /// by another server_msg_id.
+    async fn taken(&self, messages: &[Sequenced], dups: &[usize]) -> Result<Taken> {
+        let keys: Vec<Document> = dups
+            .iter()
+            .filter_map(|&i| messages.get(i))
+            .map(|m| doc! {"conversation_id": &*m.msg.conversation_id, "seq": m.seq as i64})
+            .collect();
+        let cursor = self
+            .messages
+            .find(doc! {"$or": keys})
+            .with_options(
+                FindOptions::builder()
+                    .projection(doc! {"_id": 0, "conversation_id": 1, "seq": 1, "server_msg_id": 1})
+                    .build(),
+            )
+            .await
+            .map_err(mongo_err)?;
+        let stored: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        let mut holder: HashMap<(String, i64), String> = HashMap::new();
+        for d in stored {
+            if let (Ok(c), Ok(seq), Ok(id)) = (
+                d.get_str("conversation_id"),
+                d.get_i64("seq"),
+                d.get_str("server_msg_id"),
+            ) {
+                holder.insert((c.to_string(), seq), id.to_string());
+            }
+        }
+        Ok(dups
+            .iter()
+            .copied()
+            .filter(|&i| {
+                messages.get(i).is_some_and(|m| {
+                    holder
+                        .get(&(m.msg.conversation_id.to_string(), m.seq as i64))
+                        .is_some_and(|id| *id != *m.msg.server_msg_id)
+                })
+            })
+            .collect())
+    }
+
     async fn range_now(
         &self,
         conversation: &str,

@@ -20,7 +20,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::{History, Hot, Sequencer};
+use super::{unknown_conversations, History, Hot, SeqMemory, Sequencer};
 use crate::error::{Error, Result};
 use crate::model::{now_ms, AckInfo, Sequenced, Stamped};
 
@@ -118,20 +118,30 @@ pub struct Redis {
 
 const SEQ_LUA: &str = r#"
 -- KEYS[1]: the conversation's counter; KEYS[2..]: one replay mark per message.
--- ARGV[1]: floor (no seq at or below it may be given); ARGV[2]: '1' if the
--- floor includes the history's max; ARGV[3]: replay mark TTL (s).
+-- ARGV[1]: floor; ARGV[2]: mode; ARGV[3]: replay mark TTL (s).
+--   set:      the floor is the history's max: the counter becomes it (a
+--             counter behind the history would hand out stored seqs, one
+--             ahead of it would leave a hole)
+--   raise:    the counter is raised to the floor (the last seq the task
+--             gave); a missing counter is refused ({-1}) so the caller
+--             reads the history first
+--   reassign: raise, and give every message a new seq even if it has a mark
+--             (its seq was found taken in the history)
 local cur = redis.call('GET', KEYS[1])
 local floor = tonumber(ARGV[1])
-if not cur then
-  if ARGV[2] ~= '1' then return {-1} end
+local mode = ARGV[2]
+if mode == 'set' then
+  cur = floor
+elseif not cur then
+  if mode == 'raise' then return {-1} end
   cur = floor
 else
-  cur = tonumber(cur)
-  if cur < floor then cur = floor end
+  cur = math.max(tonumber(cur), floor)
 end
 local out = {}
 for i = 2, #KEYS do
-  local had = redis.call('GET', KEYS[i])
+  local had = false
+  if mode ~= 'reassign' then had = redis.call('GET', KEYS[i]) end
   if had then
     out[#out + 1] = tonumber(had)
   else
@@ -466,27 +476,54 @@ impl Redis {
         Ok(())
     }
 
-    /// Run one seq script for a conversation; `None` when its counter is
-    /// missing and `floor` does not include the history.
+    /// Run one seq script for a conversation (see `SEQ_LUA` for `mode`);
+    /// `None` when its counter is missing and `mode` is `raise`.
     async fn assign_one(
         &self,
         conversation: &str,
         ids: &[&str],
         floor: u64,
-        authoritative: bool,
+        mode: SeqMode,
     ) -> Result<Option<Vec<u64>>> {
         let mut inv = self.seq_script.key(self.key("seq", conversation));
         for id in ids {
             inv.key(format!("{}:{id}", self.key("seqof", conversation)));
         }
         inv.arg(floor)
-            .arg(if authoritative { "1" } else { "0" })
+            .arg(mode.as_str())
             .arg(self.settings.replay_ttl.as_secs().max(1));
         let out: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
         if out.first() == Some(&-1) {
             return Ok(None);
         }
         Ok(Some(out.into_iter().map(|s| s.max(0) as u64).collect()))
+    }
+
+    /// The counter of `conversation` as Redis holds it (for tests and
+    /// operators), if any.
+    pub async fn seq_counter(&self, conversation: &str) -> Result<Option<u64>> {
+        Ok(redis::cmd("GET")
+            .arg(self.key("seq", conversation))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+}
+
+/// How the seq script treats its floor (see `SEQ_LUA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqMode {
+    Set,
+    Raise,
+    Reassign,
+}
+
+impl SeqMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SeqMode::Set => "set",
+            SeqMode::Raise => "raise",
+            SeqMode::Reassign => "reassign",
+        }
     }
 }
 
@@ -498,9 +535,10 @@ impl From<redis::RedisError> for Error {
 
 /// Seq counters in Redis, one Lua script per conversation per batch: the
 /// allocation is atomic in Redis, and a message replayed from Kafka (same
-/// server_msg_id) gets the seq it got before. A counter found missing (new
-/// conversation, flushed or evicted Redis) is rebuilt from the history's
-/// max, raised to what this task itself gave last, before any seq is given.
+/// server_msg_id) gets the seq it got before. A conversation the task meets
+/// for the first time starts from the history's max (see [`Sequencer`]);
+/// after that the floor is the last seq the task gave, so a counter that
+/// Redis lost or restored from an older snapshot meanwhile is raised back.
 pub struct RedisSequencer {
     redis: Arc<Redis>,
     history: Arc<dyn History>,
@@ -516,7 +554,7 @@ impl RedisSequencer {
 impl Sequencer for RedisSequencer {
     async fn assign(
         &self,
-        last: &mut HashMap<Arc<str>, u64>,
+        last: &mut SeqMemory,
         messages: &[(Arc<str>, Arc<str>)],
     ) -> Result<Vec<u64>> {
         // Group by conversation, keeping each one's order.
@@ -529,18 +567,27 @@ impl Sequencer for RedisSequencer {
             });
             groups[g].1.push(i);
         }
-        let run = |floors: Vec<(usize, u64, bool)>| {
+        let unknown = unknown_conversations(last, messages);
+        let stored = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            self.history.max_seqs(&unknown).await?
+        };
+        let run = |floors: Vec<(usize, u64, SeqMode)>| {
             let groups = &groups;
-            join_all(floors.into_iter().map(move |(g, floor, auth)| {
+            join_all(floors.into_iter().map(move |(g, floor, mode)| {
                 let (conv, idx) = &groups[g];
                 let ids: Vec<&str> = idx.iter().map(|&i| &*messages[i].1).collect();
-                async move { (g, self.redis.assign_one(conv, &ids, floor, auth).await) }
+                async move { (g, self.redis.assign_one(conv, &ids, floor, mode).await) }
             }))
         };
         let first = run(groups
             .iter()
             .enumerate()
-            .map(|(g, (c, _))| (g, last.get(c).copied().unwrap_or(0), false))
+            .map(|(g, (c, _))| match (last.peek(c), stored.get(c)) {
+                (Some(&n), _) => (g, n, SeqMode::Raise),
+                (None, max) => (g, max.copied().unwrap_or(0), SeqMode::Set),
+            })
             .collect())
         .await;
         let mut seqs = vec![0u64; messages.len()];
@@ -552,11 +599,13 @@ impl Sequencer for RedisSequencer {
             }
         }
         if !rebuild.is_empty() {
+            // Counters Redis lost while the task knew them: the history's
+            // max, raised to what the task itself gave last.
             let convs: Vec<Arc<str>> = rebuild.iter().map(|&g| groups[g].0.clone()).collect();
             let max = self.history.max_seqs(&convs).await?;
-            tracing::debug!(
+            tracing::info!(
                 conversations = convs.len(),
-                "seq counters rebuilt from the history"
+                "seq counters missing in redis; rebuilt from the history"
             );
             let second = run(rebuild
                 .iter()
@@ -566,8 +615,8 @@ impl Sequencer for RedisSequencer {
                         .get(c)
                         .copied()
                         .unwrap_or(0)
-                        .max(last.get(c).copied().unwrap_or(0));
-                    (g, floor, true)
+                        .max(last.peek(c).copied().unwrap_or(0));
+                    (g, floor, SeqMode::Set)
                 })
                 .collect())
             .await;
@@ -584,11 +633,24 @@ impl Sequencer for RedisSequencer {
         }
         for (c, idx) in &groups {
             if let Some(top) = idx.iter().map(|&i| seqs[i]).max() {
-                let e = last.entry(c.clone()).or_insert(0);
+                let e = last.get_or_insert_mut(c.clone(), || 0);
                 *e = (*e).max(top);
             }
         }
         Ok(seqs)
+    }
+
+    async fn reassign(
+        &self,
+        conversation: &Arc<str>,
+        server_msg_ids: &[Arc<str>],
+        stored_max: u64,
+    ) -> Result<Vec<u64>> {
+        let ids: Vec<&str> = server_msg_ids.iter().map(|s| &**s).collect();
+        self.redis
+            .assign_one(conversation, &ids, stored_max, SeqMode::Reassign)
+            .await?
+            .ok_or_else(|| Error::Backend("redis: seq script refused a reassignment".into()))
     }
 }
 

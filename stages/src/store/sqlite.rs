@@ -22,12 +22,12 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 
-use super::{Directory, Durability, GroupState, History, Role};
+use super::{Directory, Durability, GroupState, History, Role, Taken};
 use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced};
 
 struct WriteJob {
     messages: Vec<Sequenced>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<Taken, String>>,
 }
 
 pub struct SqliteStore {
@@ -396,8 +396,9 @@ impl Directory for SqliteStore {
 impl History for SqliteStore {
     /// Commit a batch of messages durably (shared with every other batch
     /// waiting at the same time). Idempotent: a message already stored with
-    /// the same (conversation, seq) is left as it is.
-    async fn commit(&self, messages: Vec<Sequenced>) -> Result<(), String> {
+    /// the same (conversation, seq) and server_msg_id is left as it is; one
+    /// whose seq another message holds is reported, not stored.
+    async fn commit(&self, messages: Vec<Sequenced>) -> Result<Taken, String> {
         let (done, wait) = oneshot::channel();
         self.writer
             .send(WriteJob { messages, done })
@@ -520,16 +521,30 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
         if let Err(e) = &result {
             tracing::error!(error = %e, messages = total, "message commit failed");
         }
+        let mut at = 0;
         for j in jobs.drain(..) {
-            let _ = j.done.send(result.clone());
+            let n = j.messages.len();
+            let answer = result.as_ref().map_err(Clone::clone).map(|taken| {
+                taken[at..at + n]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| **t)
+                    .map(|(i, _)| i)
+                    .collect()
+            });
+            at += n;
+            let _ = j.done.send(answer);
         }
     }
 }
 
-async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
+/// Write every job's messages in one transaction; for each message, whether
+/// its seq is taken by another message (so it was not written).
+async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> {
     let all: Vec<&Sequenced> = jobs.iter().flat_map(|j| j.messages.iter()).collect();
+    let mut taken = vec![false; all.len()];
     let mut tx = pool.begin().await?;
-    for chunk in all.chunks(ROWS_PER_STATEMENT) {
+    for (c, chunk) in all.chunks(ROWS_PER_STATEMENT).enumerate() {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) ",
         );
@@ -543,8 +558,24 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<()> {
                 .push_bind(&*m.body);
         });
         q.push(" ON CONFLICT DO NOTHING");
-        q.build().execute(&mut *tx).await?;
+        let written = q.build().execute(&mut *tx).await?.rows_affected();
+        if written as usize == chunk.len() {
+            continue;
+        }
+        // Some were there already: a replay (same server_msg_id, done) or a
+        // seq handed out twice (another message holds it: not done).
+        for (i, m) in chunk.iter().enumerate() {
+            let holder: Option<String> = sqlx::query_scalar(
+                "SELECT server_msg_id FROM messages WHERE conversation_id = ? AND seq = ?",
+            )
+            .bind(&*m.msg.conversation_id)
+            .bind(m.seq as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            taken[c * ROWS_PER_STATEMENT + i] =
+                holder.is_some_and(|h| h != *m.msg.server_msg_id);
+        }
     }
     tx.commit().await?;
-    Ok(())
+    Ok(taken)
 }
