@@ -69,12 +69,23 @@ impl<T> Clone for Output<T> {
 struct OutputInner<T> {
     edges: Vec<EdgeSenders<T>>,
     sent: Counter,
+    /// Fault injection (`crate::fault`): never send.
+    stalled: bool,
 }
 
 impl<T: Payload> Output<T> {
+    #[cfg(test)]
     pub(crate) fn new(edges: Vec<EdgeSenders<T>>, sent: Counter) -> Self {
+        Self::with_fault(edges, sent, false)
+    }
+
+    pub(crate) fn with_fault(edges: Vec<EdgeSenders<T>>, sent: Counter, stalled: bool) -> Self {
         Output {
-            inner: Arc::new(OutputInner { edges, sent }),
+            inner: Arc::new(OutputInner {
+                edges,
+                sent,
+                stalled,
+            }),
         }
     }
 
@@ -82,6 +93,10 @@ impl<T: Payload> Output<T> {
     /// target partition is full. If a consumer is gone, the item's ack is
     /// failed and `Closed` returned.
     pub async fn send(&self, env: Envelope<T>) -> Result<(), Closed> {
+        if self.inner.stalled {
+            let _held = env;
+            return std::future::pending().await;
+        }
         let edges = &self.inner.edges;
         let Some((last, rest)) = edges.split_last() else {
             // A stage whose output nobody consumes: the item ends here.

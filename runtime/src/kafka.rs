@@ -292,6 +292,11 @@ impl Offsets {
         out
     }
 
+    /// Items handed over whose offsets are not committed yet.
+    fn uncommitted(&self) -> usize {
+        self.parts.values().map(VecDeque::len).sum()
+    }
+
     /// Items the stage still holds.
     fn pending(&self) -> usize {
         self.parts
@@ -352,6 +357,9 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         // Items whose ack failed, to hand to the stage again.
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64)>();
         let retried = metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
+        // Zero once everything handed over is committed; a partition that
+        // never gets there is stuck.
+        let uncommitted = metrics::gauge!("imflow_kafka_uncommitted", "stage" => stage.clone(), "topic" => topic.clone());
         let mut tick = tokio::time::interval(every);
         let mut assigned = false;
         let n = queues.len().max(1) as i32;
@@ -384,6 +392,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
                     commit(&consumer, &topic, &offsets, CommitMode::Async);
+                    uncommitted.set(lock(&offsets).uncommitted() as f64);
                     if !assigned && consumer.assignment().is_ok_and(|a| a.count() > 0) {
                         assigned = true;
                         tracing::info!(%stage, %topic, "kafka consumer has its partitions");

@@ -11,6 +11,7 @@ pub mod compile;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod fault;
 pub mod kafka;
 pub mod locate;
 pub mod registry;

@@ -228,7 +228,11 @@ impl BuildContext<'_> {
             });
         }
         let sent = metrics::counter!("imflow_stage_out_total", "stage" => self.name.to_string());
-        Ok(Output::new(edges, sent))
+        Ok(Output::with_fault(
+            edges,
+            sent,
+            crate::fault::output_stalled(self.name),
+        ))
     }
 
     /// Take every partition of every input edge of this stage.

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod faults;
+pub mod load;
 
 pub const ADMIN: &str = "test-admin-secret";
 /// How long a test waits for an event before it fails.
@@ -172,9 +173,19 @@ impl TestServer {
 
     /// Stop gracefully and start again on the same data directory.
     pub async fn restart(&mut self) {
+        self.stop_server().await;
+        self.start_again().await;
+    }
+
+    /// Stop gracefully (the stores stay, for a test to tamper with).
+    pub async fn stop_server(&mut self) {
         if let Some(s) = self.server.take() {
             s.stop().await.expect("clean stop");
         }
+    }
+
+    /// Start again on the same config and stores, at new addresses.
+    pub async fn start_again(&mut self) {
         let server = Server::start(self.cfg.clone())
             .await
             .expect("server restarts");
