@@ -686,9 +686,9 @@ async fn a_counter_behind_or_ahead_of_the_history_loses_nothing_and_leaves_no_ho
     drop(a);
     let endpoint = Endpoint::new(&s.ws, &s.api);
     // And the same under a pipelined load over 24 conversations.
-    let load = Load::start(&endpoint, "sc", "p1", 24, 20.0, 4).await;
+    let load = Load::start(&endpoint, "sc", "p1", 24, 20.0, 4, &[]).await;
     load.wait_acked(24 * 10).await;
-    let first = load.finish(&[]).await;
+    let first = load.finish().await;
 
     s.stop_server().await;
     set_counter(&s, "si_alice_bob", 3).await;
@@ -713,8 +713,89 @@ async fn a_counter_behind_or_ahead_of_the_history_loses_nothing_and_leaves_no_ho
         .await;
     common::load::check_stored("si_alice_bob", r["messages"].as_array().unwrap(), &acked);
 
-    let load = Load::start(&endpoint, "sc", "p2", 24, 20.0, 4).await;
+    let load = Load::start(&endpoint, "sc", "p2", 24, 20.0, 4, &first).await;
     load.wait_acked(24 * 10).await;
-    let second = load.finish(&first).await;
+    let second = load.finish().await;
     assert!(common::load::acked(&second) >= 240);
+}
+
+/// The value of metric `name` (with `label` in its labels, if given),
+/// summed over its series, from a server's /metrics.
+async fn metric(s: &TestServer, name: &str, label: &str) -> f64 {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.api))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its_partition() {
+    use common::load::{Endpoint, Load};
+    let kafka = Private::kafka().await;
+    let mongo = Private::mongo().await;
+    let (k_addr, m_addr) = (kafka.addr(), mongo.addr());
+    let s = cluster_server(|c| {
+        if let Some(k) = c.kafka.as_mut() {
+            k.addr = vec![k_addr.clone()];
+            // Writes fail soon after the broker stops answering.
+            k.message_timeout_ms = 1500;
+        }
+        if let Some(m) = c.mongo.as_mut() {
+            m.db_address = vec![m_addr.clone()];
+        }
+    })
+    .await;
+    let endpoint = Endpoint::new(&s.ws, &s.api);
+    let load = Load::start(&endpoint, "mt", "p", 16, 20.0, 4, &[]).await;
+    load.wait_acked(16 * 5).await;
+    // Items pile up in the history stage (fetched from msg_to_mongo, not
+    // yet stored) while MongoDB is away ...
+    mongo.signal("-STOP");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while metric(&s, "imflow_kafka_uncommitted", "stage=\"history\"").await < 50.0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing piled up in the history stage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and when it is back, the broker is away: their writes onward
+    // (ms2ps_chat) time out, and the consumer hands them over again (and
+    // again, while the broker is away).
+    kafka.signal("-STOP");
+    mongo.signal("-CONT");
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    while metric(&s, "imflow_kafka_items_retried_total", "").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no item was ever handed over again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kafka.signal("-CONT");
+    // Everything acked is stored once, and each receiver got the last
+    // message by push. (Not necessarily every push: a write that timed out
+    // is retried after later ones of its conversation went through, and
+    // the receiver's connection drops a push below one it already had.)
+    let _ = load.finish().await;
+    // Every partition's offsets move past the failures: nothing handed over
+    // stays uncommitted (a wedged partition would hold it forever and
+    // replay everything since after a restart).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let left = metric(&s, "imflow_kafka_uncommitted", "").await;
+        if left == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} items stay uncommitted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_before_the_broker(s).await;
 }

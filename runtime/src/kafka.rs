@@ -24,7 +24,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -79,10 +79,69 @@ impl Default for KafkaSettings {
 
 /// The producing end of one Kafka edge.
 pub(crate) struct KafkaOut {
-    producer: FutureProducer,
+    shared: Arc<Producing>,
     topic: String,
     partitions: u32,
-    deliveries: mpsc::UnboundedSender<(DeliveryFuture, Ack)>,
+    deliveries: mpsc::UnboundedSender<(DeliveryFuture, Ack, (u64, FutureProducer))>,
+}
+
+/// The edge's producer, replaced when it hits a fatal error. An idempotent
+/// producer whose writes timed out (a broker away longer than
+/// `message.timeout.ms`) may be fenced for good (`ProducerFenced`) and fail
+/// every later write: without a new one, the edge would stay down after the
+/// broker came back.
+struct Producing {
+    config: ClientConfig,
+    current: std::sync::RwLock<(u64, FutureProducer)>,
+    replaced: Counter,
+}
+
+impl Producing {
+    fn get(&self) -> (u64, FutureProducer) {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// If generation `seen` is still current and its producer hit a fatal
+    /// error (or `error` says it was fenced, which some brokers answer for
+    /// good after a timed-out write), replace it (once, whoever notices
+    /// first).
+    fn replace_if_fatal(&self, seen: u64, producer: &FutureProducer, error: Option<&KafkaError>) {
+        let fenced = error.and_then(KafkaError::rdkafka_error_code).filter(|c| {
+            matches!(
+                c,
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        });
+        let Some((code, why)) = producer
+            .client()
+            .fatal_error()
+            .or_else(|| fenced.map(|c| (c, "the broker fenced this producer".to_string())))
+        else {
+            return;
+        };
+        let mut cur = match self.current.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if cur.0 != seen {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(error = %code, reason = %why, "kafka producer hit a fatal error; replaced by a new one");
+                self.replaced.increment(1);
+                *cur = (seen + 1, fresh);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot replace a failed kafka producer"),
+        }
+    }
 }
 
 pub(crate) fn producer(
@@ -90,7 +149,8 @@ pub(crate) fn producer(
     topic: &str,
     partitions: u32,
 ) -> Result<KafkaOut, KafkaError> {
-    let producer: FutureProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &settings.brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
@@ -99,31 +159,43 @@ pub(crate) fn producer(
         .set(
             "message.timeout.ms",
             settings.message_timeout.as_millis().max(1).to_string(),
-        )
-        .create()?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<(DeliveryFuture, Ack)>();
+        );
+    let producer: FutureProducer = config.create()?;
+    let shared = Arc::new(Producing {
+        config,
+        current: std::sync::RwLock::new((0, producer)),
+        replaced: metrics::counter!("imflow_kafka_producers_replaced_total", "topic" => topic.to_string()),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel::<(DeliveryFuture, Ack, (u64, FutureProducer))>();
     // Settles acks as the broker confirms writes. It ends once the edge is
-    // dropped and every write in flight is settled; until then it keeps the
-    // producer (and its delivery thread) alive.
-    let keep = producer.clone();
+    // dropped and every write in flight is settled; each write keeps the
+    // producer it went through (and its delivery thread) alive until then.
+    let watcher = shared.clone();
     tokio::spawn(async move {
         let mut inflight = FuturesUnordered::new();
+        let settle = |res: DeliveryOutcome, ack: Ack, (generation, producer): (u64, FutureProducer)| {
+            match &res {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => watcher.replace_if_fatal(generation, &producer, Some(e)),
+                Err(_) => watcher.replace_if_fatal(generation, &producer, None),
+            }
+            settle(res, ack);
+        };
         loop {
             tokio::select! {
                 next = rx.recv() => match next {
-                    Some((fut, ack)) => inflight.push(async move { (fut.await, ack) }),
+                    Some((fut, ack, p)) => inflight.push(async move { (fut.await, ack, p) }),
                     None => break,
                 },
-                Some((res, ack)) = inflight.next(), if !inflight.is_empty() => settle(res, ack),
+                Some((res, ack, p)) = inflight.next(), if !inflight.is_empty() => settle(res, ack, p),
             }
         }
-        while let Some((res, ack)) = inflight.next().await {
-            settle(res, ack);
+        while let Some((res, ack, p)) = inflight.next().await {
+            settle(res, ack, p);
         }
-        drop(keep);
     });
     Ok(KafkaOut {
-        producer,
+        shared,
         topic: topic.to_string(),
         partitions: partitions.max(1),
         deliveries: tx,
@@ -157,14 +229,15 @@ impl KafkaOut {
         let key = env.key.to_be_bytes();
         let partition = (env.key % self.partitions as u64) as i32;
         loop {
+            let (generation, producer) = self.shared.get();
             let record = FutureRecord::to(&self.topic)
                 .partition(partition)
                 .key(&key[..])
                 .payload(&payload);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(fut) => {
-                    return self.deliveries.send((fut, env.ack)).map_err(
-                        |mpsc::error::SendError((_, ack))| {
+                    return self.deliveries.send((fut, env.ack, (generation, producer))).map_err(
+                        |mpsc::error::SendError((_, ack, _))| {
                             ack.fail("kafka edge closed");
                             ack.release();
                             Closed
@@ -177,6 +250,7 @@ impl KafkaOut {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, _)) => {
+                    self.shared.replace_if_fatal(generation, &producer, Some(&e));
                     env.ack.fail(format!("kafka produce failed: {e}"));
                     env.ack.release();
                     return Ok(());

@@ -87,6 +87,7 @@ impl Load {
         pairs: usize,
         rate: f64,
         in_flight: usize,
+        earlier: &[PairLog],
     ) -> Load {
         let http = reqwest::Client::new();
         let (_, api) = endpoint.get();
@@ -112,13 +113,19 @@ impl Load {
         let tasks = (0..pairs)
             .map(|i| {
                 let (s, r) = pair_users(prefix, i);
+                let conv = conversation(&s, &r);
+                let mut before = BTreeMap::new();
+                for e in earlier.iter().filter(|e| e.conversation == conv) {
+                    before.extend(e.acked.clone());
+                }
                 let pair = Pair {
+                    earlier: before,
                     endpoint: endpoint.clone(),
                     http: http.clone(),
                     prefix: format!("{phase}-"),
                     acked: acked.clone(),
                     log: PairLog {
-                        conversation: conversation(&s, &r),
+                        conversation: conv,
                         sender: s,
                         receiver: r,
                         ..Default::default()
@@ -154,22 +161,15 @@ impl Load {
         self.acked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stop sending, wait for every message to be acked and pushed, and
-    /// check what the receivers can read: seqs 1..n, each acked message once
-    /// with its acked id (`earlier`: the logs of loads on the same
-    /// conversations before this one, whose messages are there too).
-    pub async fn finish(self, earlier: &[PairLog]) -> Vec<PairLog> {
+    /// Stop sending, wait for every message to be acked and the last one
+    /// pushed, and check what the receivers can read: seqs 1..n, each acked
+    /// message (of this load and the `earlier` ones it was started with)
+    /// once with its acked id.
+    pub async fn finish(self) -> Vec<PairLog> {
         let _ = self.stop.send(true);
         let mut logs = Vec::new();
         for t in self.tasks {
             logs.push(t.await.expect("a load task panicked"));
-        }
-        for l in &logs {
-            let mut acked = l.acked.clone();
-            for e in earlier.iter().filter(|e| e.conversation == l.conversation) {
-                acked.extend(e.acked.clone());
-            }
-            check_stored(&l.conversation, &l.stored, &acked);
         }
         logs
     }
@@ -199,6 +199,9 @@ async fn send_message(ws: &mut Ws, rid: &mut u64, cmid: &str, receiver: &str) ->
 }
 
 struct Pair {
+    /// Messages of earlier loads in this conversation (client_msg_id →
+    /// server_msg_id).
+    earlier: BTreeMap<String, String>,
     endpoint: Endpoint,
     http: reqwest::Client,
     prefix: String,
@@ -369,6 +372,9 @@ impl Pair {
             }
         }
         self.log.stored = self.read_all(&mut rx).await;
+        let mut all = self.earlier.clone();
+        all.extend(self.log.acked.clone());
+        check_stored(&self.log.conversation, &self.log.stored, &all);
         if !self.log.receiver_reconnected {
             let mut seen = HashSet::new();
             for (_, seq, _) in &self.log.pushes {
@@ -382,15 +388,17 @@ impl Pair {
         self.log
     }
 
-    /// Every acked message has been pushed to the receiver (or, if it was
-    /// reconnected meanwhile, the pushes have caught up with the acks).
+    /// The receiver was pushed the conversation's last message (seq n, n
+    /// the messages acked in it): it knows of every message (a push that
+    /// came out of order after a fault is dropped by its connection, and
+    /// the client fills the gap it sees by pull). A receiver that was
+    /// reconnected finds what it missed by pull.
     fn all_pushed(&self) -> bool {
-        let ids: HashSet<&str> = self.log.pushes.iter().map(|(_, _, id)| id.as_str()).collect();
         if self.log.receiver_reconnected {
-            // Pushed while it was away are found by pull in verify().
             return true;
         }
-        self.log.acked.values().all(|id| ids.contains(id.as_str()))
+        let n = (self.earlier.len() + self.log.acked.len()) as u64;
+        self.log.pushes.iter().any(|(_, seq, _)| *seq >= n)
     }
 
     /// Every message of the conversation, by pull, until a page is empty.

@@ -265,8 +265,9 @@ async fn claim(redis: &Redis, msg: &mut Stamped) -> Result<Result<String, AckInf
 }
 
 /// The ack of a message claimed in Redis: once durable, the claim says so
-/// (later resends get the ids at once); if it fails, the claim is released
-/// so a resend can try again.
+/// (later resends get the ids at once); if it fails, the claim says so and a
+/// resend goes on at once with the same server_msg_id (a failed write may
+/// still have reached the broker: the two copies then become one message).
 fn settle_in_redis(
     redis: Arc<Redis>,
     msg: &Stamped,
@@ -285,7 +286,7 @@ fn settle_in_redis(
         rt.spawn(async move {
             let done = match &status {
                 AckStatus::Delivered => redis.resend_durable(&sender, &client_msg_id, &info).await,
-                AckStatus::Failed(_) => redis.resend_release(&sender, &client_msg_id, &token).await,
+                AckStatus::Failed(_) => redis.resend_failed(&sender, &client_msg_id, &token).await,
                 AckStatus::Duplicate(_) => Ok(()),
             };
             if let Err(e) = done {

@@ -113,7 +113,7 @@ pub struct Redis {
     settings: RedisSettings,
     seq_script: Script,
     claim_script: Script,
-    release_script: Script,
+    failed_script: Script,
 }
 
 const SEQ_LUA: &str = r#"
@@ -157,10 +157,18 @@ return out
 const CLAIM_LUA: &str = r#"
 -- KEYS[1]: the resend key. ARGV[1]: pending value 'p:<ms>:<json>';
 -- ARGV[2]: TTL (s); ARGV[3]: now (ms); ARGV[4]: takeover after (ms).
+-- Values: 'p:' pending, 'd:' durable, 'f:' failed with an unknown outcome
+-- (taken over at once, with the first's ids).
 local v = redis.call('GET', KEYS[1])
 if not v then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   return {'new', ARGV[1]}
+end
+if string.sub(v, 1, 1) == 'f' then
+  local json = string.match(v, '^f:%d+:(.*)$')
+  local nv = 'p:' .. ARGV[3] .. ':' .. json
+  redis.call('SET', KEYS[1], nv, 'EX', ARGV[2])
+  return {'takeover', nv}
 end
 if string.sub(v, 1, 1) == 'p' then
   local at = tonumber(string.match(v, '^p:(%d+):'))
@@ -174,9 +182,13 @@ end
 return {'held', v}
 "#;
 
-const RELEASE_LUA: &str = r#"
+const FAILED_LUA: &str = r#"
+-- KEYS[1]: the resend key; ARGV[1]: the claim's token ('p:<ms>:<json>');
+-- ARGV[2]: TTL (s); ARGV[3]: now (ms).
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  local json = string.match(ARGV[1], '^p:%d+:(.*)$')
+  redis.call('SET', KEYS[1], 'f:' .. ARGV[3] .. ':' .. json, 'EX', ARGV[2])
+  return 1
 end
 return 0
 "#;
@@ -256,7 +268,7 @@ impl Redis {
             settings,
             seq_script: Script::new(SEQ_LUA),
             claim_script: Script::new(CLAIM_LUA),
-            release_script: Script::new(RELEASE_LUA),
+            failed_script: Script::new(FAILED_LUA),
         }))
     }
 
@@ -328,17 +340,22 @@ impl Redis {
         Ok(())
     }
 
-    /// The message of a claim will not be stored: a resend may try again.
-    pub async fn resend_release(
+    /// The message of a claim failed with an unknown outcome (a write that
+    /// timed out may still have reached the broker): a resend goes on at
+    /// once, but with the first's server_msg_id, so if the first was stored
+    /// after all, the two are one message (seq-assign recognises the id).
+    pub async fn resend_failed(
         &self,
         sender: &str,
         client_msg_id: &str,
         token: &str,
     ) -> Result<()> {
         let _: i64 = self
-            .release_script
+            .failed_script
             .key(self.resend_key(sender, client_msg_id))
             .arg(token)
+            .arg(self.settings.resend_ttl.as_secs().max(1))
+            .arg(now_ms())
             .invoke_async(&mut self.conn())
             .await?;
         Ok(())
