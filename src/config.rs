@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use imflow_gateways::http::HttpLimits;
 use imflow_gateways::ws::WsSettings;
 use imflow_stages::store::mongo::MongoSettings;
 use imflow_stages::store::mysql::MysqlSettings;
@@ -30,10 +31,17 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Secret for admin calls (`X-Admin-Secret`). `IMFLOW_ADMIN_SECRET` overrides it.
     pub admin_secret: String,
+    /// Secret the processes of a cluster present to each other's internal
+    /// ports; never the admin secret. `IMFLOW_CLUSTER_SECRET` overrides it.
+    /// Required by `serve --process`.
+    pub cluster_secret: String,
     pub listen: Listen,
     pub token_ttl_secs: i64,
     pub store: StoreConfig,
     pub websocket: WsSettings,
+    /// Limits of the REST API and the internal ports: connections, header
+    /// and request deadlines, requests per user.
+    pub rest: HttpLimits,
     /// How long a graceful shutdown may take to drain the pipeline.
     pub shutdown_deadline_secs: u64,
     /// When set, the pipeline's edges that name a topic are carried by Kafka
@@ -58,6 +66,11 @@ pub struct Config {
 pub struct HostConfig {
     /// The address this host's processes listen on and announce.
     pub addr: String,
+    /// Where this host's internal ports (10130+, 10140, 10170+) listen and
+    /// are announced: an address of the cluster's private network. Default:
+    /// `addr`.
+    #[serde(default)]
+    pub private_addr: Option<String>,
     #[serde(default)]
     pub processes: Option<Vec<String>>,
 }
@@ -266,10 +279,12 @@ impl Default for Config {
             pipeline: PathBuf::from("pipeline.yaml"),
             data_dir: PathBuf::from("data"),
             admin_secret: DEFAULT_ADMIN_SECRET.to_string(),
+            cluster_secret: String::new(),
             listen: Listen::default(),
             token_ttl_secs: 7 * 24 * 3600,
             store: StoreConfig::default(),
             websocket: WsSettings::default(),
+            rest: HttpLimits::default(),
             shutdown_deadline_secs: 10,
             kafka: None,
             etcd: None,
@@ -319,6 +334,11 @@ impl Config {
                 self.admin_secret = s;
             }
         }
+        if let Ok(s) = std::env::var("IMFLOW_CLUSTER_SECRET") {
+            if !s.is_empty() {
+                self.cluster_secret = s;
+            }
+        }
     }
 
     pub fn check(&self, file: &str) -> anyhow::Result<()> {
@@ -337,6 +357,11 @@ impl Config {
             }
             if self.hosts[..i].iter().any(|o| o.addr == h.addr) {
                 bail!("{file}: hosts[{i}].addr `{}` is listed twice", h.addr);
+            }
+            if let Some(p) = &h.private_addr {
+                if p.parse::<std::net::IpAddr>().is_err() {
+                    bail!("{file}: hosts[{i}].private_addr `{p}` is not an IP address; give this host's address on the cluster's private network, e.g. 10.0.0.5");
+                }
             }
         }
         if let Some(k) = &self.kafka {
@@ -410,6 +435,9 @@ impl Config {
         if let Some(e) = &self.etcd {
             addrs(file, "etcd.etcdAddr", &e.etcd_addr, "127.0.0.1:2379")?;
         }
+        if self.rest.max_connections == 0 {
+            bail!("{file}: rest.max_connections must be at least 1, e.g. 10000");
+        }
         if self.websocket.outgoing_queue == 0 || self.websocket.max_pending_acks == 0 {
             bail!("{file}: websocket.outgoing_queue and websocket.max_pending_acks must be at least 1");
         }
@@ -418,6 +446,31 @@ impl Config {
 }
 
 impl Config {
+    /// What one process of a multi-process cluster needs beyond `check`:
+    /// its internal ports are guarded by the cluster secret, so neither the
+    /// shipped admin secret nor a missing or reused cluster secret will do.
+    pub fn check_cluster_process(&self, file: &str) -> anyhow::Result<()> {
+        if self.admin_secret == DEFAULT_ADMIN_SECRET {
+            bail!("{file}: admin_secret is the shipped default `{DEFAULT_ADMIN_SECRET}`, which a cluster's processes refuse: set your own (or IMFLOW_ADMIN_SECRET), the same on every host");
+        }
+        if self.cluster_secret.len() < 16 {
+            bail!("{file}: cluster_secret must be set, at least 16 characters (or IMFLOW_CLUSTER_SECRET), the same on every host; it guards the processes' internal ports");
+        }
+        if self.cluster_secret == self.admin_secret {
+            bail!("{file}: cluster_secret must differ from admin_secret: a process's internal ports must not accept the admin's secret, nor the API the cluster's");
+        }
+        Ok(())
+    }
+
+    /// Where `host`'s internal ports listen and are announced.
+    pub fn private_addr(&self, host: std::net::IpAddr) -> std::net::IpAddr {
+        self.hosts
+            .iter()
+            .find(|h| h.addr.parse::<std::net::IpAddr>().ok() == Some(host))
+            .and_then(|h| h.private_addr.as_ref()?.parse().ok())
+            .unwrap_or(host)
+    }
+
     /// The cluster's servers, when the config names them.
     pub fn cluster_settings(&self) -> Option<ClusterSettings> {
         let (m, g, r) = (

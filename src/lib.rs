@@ -181,6 +181,7 @@ impl Server {
                 prom.render()
             }),
             draining: draining.clone(),
+            per_user: imflow_gateways::rest::user_rate(&cfg.rest),
         });
 
         let accept_stop = CancellationToken::new();
@@ -196,7 +197,7 @@ impl Server {
             tokio::spawn(async move {
                 let _ = ws.await;
             }),
-            running::serve_http(api_listener, rest, accept_stop.clone()),
+            running::serve_http(api_listener, rest, accept_stop.clone(), &cfg.rest),
         ];
         tracing::info!(gateway = %gateway_addr, api = %api_addr, stores = cfg.stores_description(), "imflow serving");
 

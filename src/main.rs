@@ -156,6 +156,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     if let Some(process) = args.process {
+        cfg.check_cluster_process(&path.display().to_string())?;
         let placement = imflow::process::Placement {
             process,
             index: args.index,

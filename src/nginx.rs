@@ -147,10 +147,12 @@ mod tests {
             hosts: vec![
                 HostConfig {
                     addr: "10.0.0.1".into(),
+                    private_addr: None,
                     processes: None,
                 },
                 HostConfig {
                     addr: "10.0.0.2".into(),
+                    private_addr: None,
                     processes: Some(vec!["api".into(), "im_msg".into()]),
                 },
             ],

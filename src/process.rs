@@ -106,6 +106,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 impl ProcessServer {
     pub async fn start(cfg: Config, placement: Placement) -> anyhow::Result<ProcessServer> {
+        cfg.check_cluster_process("the config")?;
         let prom = prometheus();
         let settings = cfg.cluster_settings().context(
             "a cluster process needs the cluster stores: mysql, mongo and redis in the config",
@@ -123,8 +124,10 @@ impl ProcessServer {
         let discovery = Discovery::connect(&etcd.etcd_addr, &etcd.etcd_schema, etcd.user()).await?;
         let stop = CancellationToken::new();
         let members = discovery.watch(stop.clone()).await?;
-        let secret = cfg.admin_secret.clone();
+        let secret = cfg.cluster_secret.clone();
         let host = placement.host;
+        // Internal ports listen on the private network's address.
+        let private = cfg.private_addr(host);
         let draining = CancellationToken::new();
         let tracker = TaskTracker::new();
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
@@ -161,7 +164,7 @@ impl ProcessServer {
                 )
                 .await?;
                 let rpc = bind(
-                    SocketAddr::new(host, cfg.listen.gateway_rpc),
+                    SocketAddr::new(private, cfg.listen.gateway_rpc),
                     "listen.gateway_rpc",
                 )
                 .await?;
@@ -191,6 +194,7 @@ impl ProcessServer {
                         draining: draining.clone(),
                     }),
                     accept_stop.clone(),
+                    &cfg.rest,
                 ));
             }
             "api" => {
@@ -205,8 +209,10 @@ impl ProcessServer {
                         api,
                         metrics: metrics.clone(),
                         draining: draining.clone(),
+                        per_user: imflow_gateways::rest::user_rate(&cfg.rest),
                     }),
                     accept_stop.clone(),
+                    &cfg.rest,
                 ));
             }
             group => {
@@ -250,7 +256,7 @@ impl ProcessServer {
                 crate::ensure_topics(&kafka, &pipeline).await?;
                 let port = g.port(placement.index).unwrap_or(0);
                 let rpc = bind(
-                    SocketAddr::new(host, port),
+                    SocketAddr::new(private, port),
                     &format!("processes.{group}.ports"),
                 )
                 .await?;
@@ -268,6 +274,7 @@ impl ProcessServer {
                         draining: draining.clone(),
                     }),
                     accept_stop.clone(),
+                    &cfg.rest,
                 ));
                 topology = Some(t);
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_gateways::connections::Connections;
+use imflow_gateways::http::HttpLimits;
 use imflow_runtime::RunningTopology;
 use imflow_stages::Backends;
 use tokio::net::TcpListener;
@@ -24,17 +25,14 @@ pub(crate) async fn wait_for_consumers(topology: &RunningTopology) {
     }
 }
 
-/// Serve `app` on `listener` until `stop`.
+/// Serve `app` on `listener` until `stop`, under the config's HTTP limits.
 pub(crate) fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     stop: CancellationToken,
+    limits: &HttpLimits,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-    })
+    imflow_gateways::http::serve(listener, app, stop, limits)
 }
 
 /// What a running server stops, in this order.

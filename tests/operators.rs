@@ -20,6 +20,9 @@ struct Cluster {
     config: PathBuf,
 }
 
+/// What the test cluster's processes present to each other.
+const CLUSTER_SECRET: &str = "test-cluster-secret-0123";
+
 impl Cluster {
     /// config/config.yaml with this test's own topics, consumer groups,
     /// databases, Redis keys and etcd prefix, and the two hosts.
@@ -37,6 +40,10 @@ impl Cluster {
             .replace(
                 "admin_secret: imflow-admin-secret",
                 &format!("admin_secret: {ADMIN}"),
+            )
+            .replace(
+                "cluster_secret: \"\"",
+                &format!("cluster_secret: {CLUSTER_SECRET}"),
             )
             .replace("group_prefix: imflow", &format!("group_prefix: {id}"))
             .replace("etcdSchema: imflow", &format!("etcdSchema: {id}"))

@@ -74,6 +74,14 @@ impl Api {
                 "{user} does not take part in {conversation_id}"
             )));
         }
+        if let Conversation::Single(a, b) = &conv {
+            // Nothing is kept for a chat with nobody: a read there would
+            // otherwise put it in the caller's conversation list.
+            let peer = if &**a == user { b } else { a };
+            if !self.services.directory.user_exists(peer).await? {
+                return Err(ImError::not_found(format!("no user {peer}")));
+            }
+        }
         Ok(conv)
     }
 

@@ -68,15 +68,9 @@ impl Auth {
     }
 
     pub fn is_admin(&self, secret: Option<&str>) -> bool {
-        // Compare without an early exit, so timing does not leak the secret.
-        let Some(given) = secret else { return false };
-        let a = given.as_bytes();
-        let b = self.admin_secret.as_bytes();
-        let mut diff = a.len() ^ b.len();
-        for i in 0..a.len().max(b.len()) {
-            diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff)) as usize;
-        }
-        diff == 0
+        use subtle::ConstantTimeEq;
+        // Constant time, so timing does not leak the secret.
+        secret.is_some_and(|given| bool::from(given.as_bytes().ct_eq(self.admin_secret.as_bytes())))
     }
 
     /// Issue a token; returns it and its expiry (ms since the epoch).

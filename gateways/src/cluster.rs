@@ -701,9 +701,15 @@ pub struct RpcState {
 impl RpcState {
     #[allow(clippy::result_large_err)]
     fn check(&self, headers: &HeaderMap) -> Result<(), Response> {
+        use subtle::ConstantTimeEq;
+        // Compared in constant time: the answer's timing must not tell how
+        // much of a guess was right.
         match headers.get(SECRET_HEADER) {
-            Some(v) if v.as_bytes() == self.secret.as_bytes() => Ok(()),
-            _ => Err((StatusCode::FORBIDDEN, "wrong or missing cluster secret").into_response()),
+            Some(v) if bool::from(v.as_bytes().ct_eq(self.secret.as_bytes())) => Ok(()),
+            _ => {
+                metrics::counter!("imflow_rpc_refused_total").increment(1);
+                Err((StatusCode::FORBIDDEN, "wrong or missing cluster secret").into_response())
+            }
         }
     }
 }

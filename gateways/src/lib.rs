@@ -11,6 +11,7 @@ pub mod connections;
 pub mod discovery;
 pub mod error;
 pub mod handshake;
+pub mod http;
 pub mod rest;
 pub mod ws;
 

@@ -27,6 +27,34 @@ pub struct RestState {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Cancelled while the server drains: `/healthz` then answers 503.
     pub draining: CancellationToken,
+    /// Requests per user.
+    pub per_user: Arc<UserRate>,
+}
+
+/// A rate limit per user of the REST API.
+pub type UserRate = governor::DefaultKeyedRateLimiter<Arc<str>>;
+
+/// The per-user limiter for `limits`.
+pub fn user_rate(limits: &crate::http::HttpLimits) -> Arc<UserRate> {
+    use std::num::NonZeroU32;
+    let per_sec = NonZeroU32::new(limits.rate_limit_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limits.rate_limit_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    let limiter = Arc::new(governor::RateLimiter::keyed(
+        governor::Quota::per_second(per_sec).allow_burst(burst),
+    ));
+    // Forget users who have not called for a while, so the table stays the
+    // size of the active users.
+    let weak = Arc::downgrade(&limiter);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let Some(l) = weak.upgrade() else { return };
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    });
+    limiter
 }
 
 /// An error response: the status that fits and `{"code", "message"}`.
@@ -67,7 +95,11 @@ impl FromRequestParts<RestState> for Caller {
             .and_then(|v| v.to_str().ok());
         let token = token_from(auth, None)
             .ok_or_else(|| ImError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
-        Ok(Caller(state.api.auth.verify(&token).await?))
+        let who = state.api.auth.verify(&token).await?;
+        if state.per_user.check_key(&who.user_id).is_err() {
+            return Err(ImError::new(ErrorCode::RateLimited, "too many requests; slow down").into());
+        }
+        Ok(Caller(who))
     }
 }
 

@@ -432,7 +432,13 @@ async fn handle_text(
     // The head is read first, so that even a refused frame's error carries
     // its rid when the frame is JSON at all.
     let head: Result<Head, _> = serde_json::from_str(text);
-    let rid = head.as_ref().ok().and_then(|h| h.rid.as_deref());
+    // A rid is echoed as sent, so only one that decodes (no lone UTF-16
+    // surrogate): an echo the client cannot read would help nobody.
+    let rid = head
+        .as_ref()
+        .ok()
+        .and_then(|h| h.rid.as_deref())
+        .filter(|r| serde_json::from_str::<Value>(r.get()).is_ok());
     if text.len() > MAX_CLIENT_FRAME {
         let e = ImError::new(
             ErrorCode::PayloadTooLarge,
@@ -447,8 +453,16 @@ async fn handle_text(
         let e = ImError::new(ErrorCode::RateLimited, "too many requests; slow down");
         return Err(error_frame(rid, &e));
     }
-    let head = head.map_err(|e| error_frame(None, &bad_json("malformed frame", e)))?;
-    let rid = head.rid.as_deref();
+    let head = match &head {
+        Ok(h) => h,
+        Err(e) => return Err(error_frame(None, &ImError::bad_request(format!("malformed frame: {e}")))),
+    };
+    if head.rid.is_some() && rid.is_none() {
+        return Err(error_frame(
+            None,
+            &ImError::bad_request("rid is not valid JSON text (a lone UTF-16 surrogate?)"),
+        ));
+    }
     let fail = |e: ImError| error_frame(rid, &e);
     let Some(op) = head.op.as_deref() else {
         return Err(fail(ImError::bad_request("the frame has no `op`")));
@@ -459,7 +473,7 @@ async fn handle_text(
                 serde_json::from_str(text).map_err(|e| fail(bad_json("send", e)))?;
             match api.send(&me.user_id, req).await {
                 Ok(p) => {
-                    let rid = head.rid;
+                    let rid = head.rid.clone();
                     pending.push(Box::pin(async move { (rid, p.wait().await) }));
                     Ok(None)
                 }

@@ -72,7 +72,7 @@ impl Default for KafkaSettings {
             batch_messages: 10_000,
             commit_interval: Duration::from_millis(200),
             message_timeout: Duration::from_secs(30),
-            session_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(6),
         }
     }
 }
@@ -305,6 +305,8 @@ impl Readiness {
 /// it takes to hand it over again (kept until it is done).
 struct Tracked {
     offset: i64,
+    /// Which handing-over of the partition this is (see `Offsets::track`).
+    epoch: u64,
     state: State,
     key: u64,
     payload: Arc<[u8]>,
@@ -316,17 +318,44 @@ struct Tracked {
 #[derive(Default)]
 struct Offsets {
     parts: HashMap<i32, VecDeque<Tracked>>,
+    epoch: u64,
+    /// The last offset committed per partition.
+    committed: HashMap<i32, i64>,
 }
 
 impl Offsets {
-    fn track(&mut self, partition: i32, offset: i64, key: u64, payload: Arc<[u8]>) {
-        self.parts.entry(partition).or_default().push_back(Tracked {
+    /// Track an item; returns its epoch, which its ack must name. A
+    /// partition that starts again at or below what it handed over (it
+    /// went to another consumer and came back, from the committed offset)
+    /// is tracked afresh: acks of the earlier handing-over no longer count.
+    fn track(&mut self, partition: i32, offset: i64, key: u64, payload: Arc<[u8]>) -> u64 {
+        let q = self.parts.entry(partition).or_default();
+        if q.back().is_some_and(|t| t.offset >= offset) {
+            q.clear();
+            self.epoch += 1;
+        }
+        q.push_back(Tracked {
             offset,
+            epoch: self.epoch,
             state: State::Pending,
             key,
             payload,
             failures: 0,
         });
+        self.epoch
+    }
+
+    /// Forget the partitions `owned` says are no longer this consumer's:
+    /// their new owner replays them from the committed offset. Acks of what
+    /// was handed over before no longer count (a new epoch), should one of
+    /// them come back here.
+    fn forget_unowned(&mut self, owned: impl Fn(i32) -> bool) {
+        let before = self.parts.len();
+        self.parts.retain(|p, _| owned(*p));
+        self.committed.retain(|p, _| owned(*p));
+        if self.parts.len() != before {
+            self.epoch += 1;
+        }
     }
 
     fn get(&mut self, partition: i32, offset: i64) -> Option<&mut Tracked> {
@@ -335,8 +364,8 @@ impl Offsets {
         q.get_mut(i)
     }
 
-    fn mark(&mut self, partition: i32, offset: i64, state: State) {
-        if let Some(t) = self.get(partition, offset) {
+    fn mark(&mut self, partition: i32, offset: i64, epoch: u64, state: State) {
+        if let Some(t) = self.get(partition, offset).filter(|t| t.epoch == epoch) {
             t.state = state;
             if state == State::Failed {
                 t.failures += 1;
@@ -412,6 +441,14 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         .set("group.id", format!("{}.{}", settings.group_prefix, stage))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // A member that dies (or joins) moves only its own partitions; the
+        // others keep consuming through the rebalance instead of all
+        // stopping until it settles (KIP-429).
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 3).clamp(100, 1000).to_string(),
+        )
         .set(
             "session.timeout.ms",
             settings.session_timeout.as_millis().max(1).to_string(),
@@ -429,25 +466,26 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
     Ok(Box::pin(async move {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         // Items whose ack failed, to hand to the stage again.
-        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64)>();
+        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64, u64)>();
         let retried = metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
         // Zero once everything handed over is committed; a partition that
         // never gets there is stuck.
         let uncommitted = metrics::gauge!("imflow_kafka_uncommitted", "stage" => stage.clone(), "topic" => topic.clone());
         let mut tick = tokio::time::interval(every);
+        let mut ticks = 0u64;
         let mut assigned = false;
         let n = queues.len().max(1) as i32;
         // The ack of one handed-over item: done, or failed and retried.
-        let ack_for = |partition: i32, offset: i64| {
+        let ack_for = |partition: i32, offset: i64, epoch: u64| {
             let marks = offsets.clone();
             let failed = failed_tx.clone();
             Ack::new(move |status| match status {
                 AckStatus::Failed(why) => {
                     tracing::warn!(partition, offset, reason = %why, "item failed downstream; it will be handed over again");
-                    lock(&marks).mark(partition, offset, State::Failed);
-                    let _ = failed.send((partition, offset));
+                    lock(&marks).mark(partition, offset, epoch, State::Failed);
+                    let _ = failed.send((partition, offset, epoch));
                 }
-                _ => lock(&marks).mark(partition, offset, State::Done),
+                _ => lock(&marks).mark(partition, offset, epoch, State::Done),
             })
         };
         let decode = |payload: &[u8], partition: i32, offset: i64| -> Option<T> {
@@ -460,12 +498,17 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                 }
             }
         };
-        let mut retries = futures::stream::FuturesUnordered::new();
+        let mut retries: FuturesUnordered<futures::future::BoxFuture<'static, (i32, i64, u64)>> =
+            FuturesUnordered::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    commit(&consumer, &topic, &offsets, CommitMode::Async);
+                    ticks += 1;
+                    commit(&consumer, &topic, &offsets, CommitMode::Async, ticks % 10 == 0);
+                    if let Ok(owned) = consumer.assignment() {
+                        lock(&offsets).forget_unowned(|p| owned.find_partition(&topic, p).is_some());
+                    }
                     uncommitted.set(lock(&offsets).uncommitted() as f64);
                     if !assigned && consumer.assignment().is_ok_and(|a| a.count() > 0) {
                         assigned = true;
@@ -473,30 +516,43 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         ready.one_done();
                     }
                 }
-                Some((partition, offset)) = failed_rx.recv() => {
+                Some((partition, offset, epoch)) = failed_rx.recv() => {
                     let failures = lock(&offsets).get(partition, offset).map(|t| t.failures).unwrap_or(1);
-                    retries.push(async move {
+                    retries.push(Box::pin(async move {
                         tokio::time::sleep(retry_delay(failures)).await;
-                        (partition, offset)
-                    });
+                        (partition, offset, epoch)
+                    }));
                 }
-                Some((partition, offset)) = retries.next(), if !retries.is_empty() => {
+                Some((partition, offset, epoch)) = retries.next(), if !retries.is_empty() => {
+                    // Not if the partition went to another consumer meanwhile
+                    // (it replays from the committed offset; the next tick
+                    // forgets it here). Unsure (no answer): later.
+                    let ours = match consumer.assignment() {
+                        Ok(a) => a.find_partition(&topic, partition).is_some(),
+                        Err(_) => {
+                            retries.push(Box::pin(async move {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                (partition, offset, epoch)
+                            }));
+                            continue;
+                        }
+                    };
                     let again = {
                         let mut o = lock(&offsets);
-                        o.get(partition, offset).map(|t| {
+                        o.get(partition, offset).filter(|t| ours && t.epoch == epoch).map(|t| {
                             t.state = State::Pending;
                             (t.key, t.payload.clone())
                         })
                     };
                     let Some((key, payload)) = again else { continue };
                     let Some(item) = decode(&payload, partition, offset) else {
-                        lock(&offsets).mark(partition, offset, State::Done);
+                        lock(&offsets).mark(partition, offset, epoch, State::Done);
                         continue;
                     };
                     retried.increment(1);
                     let q = &queues[(partition.rem_euclid(n)) as usize];
                     tokio::select! {
-                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset))) => if sent.is_err() { break },
+                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset, epoch))) => if sent.is_err() { break },
                         _ = shutdown.cancelled() => break,
                     }
                 }
@@ -516,14 +572,14 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         .map(u64::from_be_bytes)
                         .unwrap_or(partition as u64);
                     let payload: Arc<[u8]> = Arc::from(msg.payload().unwrap_or_default());
-                    lock(&offsets).track(partition, offset, key, payload.clone());
+                    let epoch = lock(&offsets).track(partition, offset, key, payload.clone());
                     let Some(item) = decode(&payload, partition, offset) else {
-                        lock(&offsets).mark(partition, offset, State::Done);
+                        lock(&offsets).mark(partition, offset, epoch, State::Done);
                         continue;
                     };
                     let q = &queues[(partition.rem_euclid(n)) as usize];
                     tokio::select! {
-                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset))) => if sent.is_err() { break },
+                        sent = q.send(Envelope::new(key, item, ack_for(partition, offset, epoch))) => if sent.is_err() { break },
                         _ = shutdown.cancelled() => break,
                     }
                 }
@@ -533,17 +589,44 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         // (A failed item is not retried any more: the next run replays it.)
         drop(queues);
         while lock(&offsets).pending() > 0 {
-            commit(&consumer, &topic, &offsets, CommitMode::Async);
+            commit(&consumer, &topic, &offsets, CommitMode::Async, false);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        commit(&consumer, &topic, &offsets, CommitMode::Sync);
+        commit(&consumer, &topic, &offsets, CommitMode::Sync, true);
         consumer.unsubscribe();
         StageResult::Ok(())
     }))
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, offsets: &Mutex<Offsets>, mode: CommitMode) {
-    let ready = lock(offsets).committable();
+/// Commit what finished. With `again`, also the last offsets committed
+/// before: an asynchronous commit can fail unseen (a rebalance in progress
+/// answers ILLEGAL_GENERATION), and a partition that then goes quiet would
+/// otherwise keep its older offset and replay the difference.
+fn commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    offsets: &Mutex<Offsets>,
+    mode: CommitMode,
+    again: bool,
+) {
+    // Only partitions still ours: an older offset committed for one that
+    // moved to another consumer would set its group back.
+    let owned = again.then(|| consumer.assignment().ok()).flatten();
+    let ready = {
+        let mut o = lock(offsets);
+        let fresh = o.committable();
+        for &(p, off) in &fresh {
+            o.committed.insert(p, off);
+        }
+        match owned {
+            Some(owned) => {
+                o.committed
+                    .retain(|p, _| owned.find_partition(topic, *p).is_some());
+                o.committed.iter().map(|(p, off)| (*p, *off)).collect()
+            }
+            None => fresh,
+        }
+    };
     if ready.is_empty() {
         return;
     }
@@ -605,24 +688,39 @@ mod tests {
     #[test]
     fn commits_only_the_finished_prefix_and_never_past_a_failure() {
         let mut o = Offsets::default();
+        let mut e = 0;
         for off in 10..16 {
-            o.track(0, off, 0, Arc::from(&b"{}"[..]));
+            e = o.track(0, off, 0, Arc::from(&b"{}"[..]));
         }
-        o.mark(0, 11, State::Done);
+        o.mark(0, 11, e, State::Done);
         assert!(o.committable().is_empty(), "10 is not finished yet");
-        o.mark(0, 10, State::Done);
+        o.mark(0, 10, e, State::Done);
         assert_eq!(o.committable(), vec![(0, 12)]);
-        o.mark(0, 14, State::Done);
+        o.mark(0, 14, e, State::Done);
         assert!(o.committable().is_empty());
-        o.mark(0, 12, State::Done);
-        o.mark(0, 13, State::Failed);
+        o.mark(0, 12, e, State::Done);
+        o.mark(0, 13, e, State::Failed);
         assert_eq!(o.committable(), vec![(0, 13)]);
-        o.mark(0, 15, State::Done);
+        o.mark(0, 15, e, State::Done);
         assert!(o.committable().is_empty(), "13 failed: not committed past");
         assert_eq!(o.pending(), 0);
         // Handed over again and done this time: the partition moves on.
-        o.mark(0, 13, State::Done);
+        o.mark(0, 13, e, State::Done);
         assert_eq!(o.committable(), vec![(0, 16)]);
+    }
+
+    #[test]
+    fn a_partition_handed_over_again_forgets_the_earlier_acks() {
+        let mut o = Offsets::default();
+        let first = o.track(0, 10, 0, Arc::from(&b"{}"[..]));
+        o.track(0, 11, 0, Arc::from(&b"{}"[..]));
+        // It went elsewhere and came back from the committed offset 10.
+        let second = o.track(0, 10, 0, Arc::from(&b"{}"[..]));
+        assert_ne!(first, second);
+        o.mark(0, 10, first, State::Done);
+        assert!(o.committable().is_empty(), "a stale ack counts for nothing");
+        o.mark(0, 10, second, State::Done);
+        assert_eq!(o.committable(), vec![(0, 11)]);
     }
 
     #[test]

@@ -308,7 +308,10 @@ pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImErro
                     .is_some_and(|a| a.iter().all(|x| x.as_str().is_some_and(valid_id)));
             need(ok, "{\"text\": \"…\", \"user_ids\": [user_id, …]}")
         }
-        110 => Ok(()),
+        // Any JSON, but valid JSON: parsing checks every escape, so a lone
+        // UTF-16 surrogate ("\ud800"), which strict clients cannot decode in
+        // a push or a pull, is refused here.
+        110 => parse(text).map(|_| ()),
         t if t >= 1000 => Err(ImError::bad_request(
             "content_type 1000 and up are notifications only the server sends",
         )),
@@ -410,6 +413,16 @@ mod tests {
         assert!(check_content(102, &raw(r#"{"url":"x","w":3}"#)).is_ok());
         assert!(check_content(106, &raw(r#"{"text":"@a","user_ids":["a"]}"#)).is_ok());
         assert!(check_content(110, &raw("[1,2]")).is_ok());
+        for lone in [r#"{"a":"\ud800"}"#, r#"["x\udc00y"]"#, r#"{"text":"\ud800"}"#] {
+            for t in [101, 110] {
+                assert_eq!(
+                    check_content(t, &raw(lone)).unwrap_err().code,
+                    ErrorCode::BadRequest,
+                    "{t} {lone}"
+                );
+            }
+        }
+        assert!(check_content(110, &raw(r#"{"a":"\ud83d\ude00"}"#)).is_ok(), "a pair is fine");
         assert_eq!(
             check_content(1001, &raw("{}")).unwrap_err().code,
             ErrorCode::BadRequest
