@@ -252,6 +252,9 @@ pub struct StoreConfig {
     /// How many of the most recent messages a resend is recognised against
     /// (about 24 bytes of memory each).
     pub dedup_remember: usize,
+    /// Memory for the recent messages kept hot (bytes); least recently
+    /// active conversations are dropped first.
+    pub hot_cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -259,6 +262,7 @@ impl Default for StoreConfig {
         StoreConfig {
             durability: Durability::default(),
             dedup_remember: imflow_stages::DEFAULT_DEDUP_REMEMBER,
+            hot_cache_bytes: imflow_stages::hot::DEFAULT_HOT_BYTES,
         }
     }
 }

@@ -109,6 +109,22 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// This process's metrics in Prometheus text: its own CPU, memory, open
+/// files and threads first (so every process answers with something), then
+/// whatever its parts recorded.
+pub(crate) fn render_metrics() -> String {
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    let handle = prometheus();
+    PROCESS
+        .get_or_init(|| {
+            let c = metrics_process::Collector::default();
+            c.describe();
+            c
+        })
+        .collect();
+    handle.render()
+}
+
 /// A running standalone server.
 pub struct Server {
     pub gateway_addr: SocketAddr,
@@ -124,7 +140,7 @@ impl Server {
         }
         // Install the recorder first: metric handles created before it exists
         // would record nowhere.
-        let prom = prometheus();
+        prometheus();
         let backends = match cfg.cluster_settings() {
             Some(settings) => Backends::cluster(&settings).await?,
             None => {
@@ -133,7 +149,11 @@ impl Server {
                     .with_context(|| {
                         format!("opening the data directory {}", cfg.data_dir.display())
                     })?;
-                Backends::embedded(store, cfg.store.dedup_remember)
+                Backends::embedded_with(
+                    store,
+                    cfg.store.dedup_remember,
+                    cfg.store.hot_cache_bytes,
+                )
             }
         };
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
@@ -178,7 +198,7 @@ impl Server {
             api: api.clone(),
             metrics: Arc::new(move || {
                 gauges.record();
-                prom.render()
+                render_metrics()
             }),
             draining: draining.clone(),
             per_user: imflow_gateways::rest::user_rate(&cfg.rest),

@@ -107,7 +107,8 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 impl ProcessServer {
     pub async fn start(cfg: Config, placement: Placement) -> anyhow::Result<ProcessServer> {
         cfg.check_cluster_process("the config")?;
-        let prom = prometheus();
+        // Before any metric handle is made: handles made earlier record nowhere.
+        prometheus();
         let settings = cfg.cluster_settings().context(
             "a cluster process needs the cluster stores: mysql, mongo and redis in the config",
         )?;
@@ -131,7 +132,7 @@ impl ProcessServer {
         let draining = CancellationToken::new();
         let tracker = TaskTracker::new();
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
-        let metrics = Arc::new(move || prom.render());
+        let metrics = Arc::new(crate::render_metrics);
 
         let mut topology = None;
         let mut servers: Vec<tokio::task::JoinHandle<()>> = Vec::new();

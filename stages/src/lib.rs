@@ -88,12 +88,17 @@ pub const DEFAULT_DEDUP_REMEMBER: usize = 1_000_000;
 impl Backends {
     /// Standalone: everything in one SQLite file and this process's memory.
     pub fn embedded(store: Arc<SqliteStore>, remember: usize) -> Backends {
+        Self::embedded_with(store, remember, hot::DEFAULT_HOT_BYTES)
+    }
+
+    /// As `embedded`, with the hot cache in `hot_bytes` of memory.
+    pub fn embedded_with(store: Arc<SqliteStore>, remember: usize, hot_bytes: usize) -> Backends {
         let history: Arc<dyn History> = store.clone();
         Backends {
             directory: store,
             sequencer: Arc::new(LocalSequencer::new(history.clone())),
             history,
-            hot: Arc::new(hot::HotCache::new(64)),
+            hot: Arc::new(hot::HotCache::new(64, hot_bytes)),
             resends: Resends::Local(Arc::new(dedup::DedupIndex::new(remember))),
         }
     }

@@ -336,6 +336,7 @@ impl Directory for MysqlDirectory {
 
     async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()> {
         let mut tx = self.master.begin().await?;
+        let mut now = Vec::with_capacity(platforms.len());
         for &p in platforms {
             sqlx::query(
                 "INSERT INTO token_generations (user_id, platform, generation) VALUES (?, ?, 1) \
@@ -345,13 +346,23 @@ impl Directory for MysqlDirectory {
             .bind(p)
             .execute(&mut *tx)
             .await?;
+            let g: u64 = sqlx::query_scalar(
+                "SELECT generation FROM token_generations WHERE user_id = ? AND platform = ?",
+            )
+            .bind(user)
+            .bind(p)
+            .fetch_one(&mut *tx)
+            .await?;
+            now.push((p, g));
         }
         tx.commit().await?;
         if let Some(r) = &self.redis {
-            for &p in platforms {
-                // A stale cached generation would keep revoked tokens valid:
-                // this must succeed, or the logout fails and is retried.
-                r.forget_generation(user, p).await?;
+            for (p, g) in now {
+                // The new generation goes into the cache (deleting it would
+                // let a verify racing this logout cache the old one for an
+                // hour). This must succeed, or the logout fails and is
+                // retried.
+                r.cache_generation(user, p, g).await?;
             }
         }
         Ok(())

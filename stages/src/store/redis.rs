@@ -114,6 +114,7 @@ pub struct Redis {
     seq_script: Script,
     claim_script: Script,
     failed_script: Script,
+    raise_script: Script,
 }
 
 const SEQ_LUA: &str = r#"
@@ -180,6 +181,17 @@ if string.sub(v, 1, 1) == 'p' then
   end
 end
 return {'held', v}
+"#;
+
+const RAISE_LUA: &str = r#"
+-- KEYS[1]: a cached number; ARGV[1]: a value; ARGV[2]: TTL (s). Keeps the
+-- larger of the two.
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
 "#;
 
 const FAILED_LUA: &str = r#"
@@ -269,6 +281,7 @@ impl Redis {
             seq_script: Script::new(SEQ_LUA),
             claim_script: Script::new(CLAIM_LUA),
             failed_script: Script::new(FAILED_LUA),
+            raise_script: Script::new(RAISE_LUA),
         }))
     }
 
@@ -474,21 +487,16 @@ impl Redis {
             .await?)
     }
 
+    /// Cache `generation` unless a newer one is cached: generations only
+    /// grow, so a verify that read the old one from MySQL just before a
+    /// logout can never put it back over the logout's.
     pub async fn cache_generation(&self, user: &str, platform: u8, generation: u64) -> Result<()> {
-        let _: () = redis::cmd("SET")
-            .arg(self.generation_key(user, platform))
+        let _: i64 = self
+            .raise_script
+            .key(self.generation_key(user, platform))
             .arg(generation)
-            .arg("EX")
             .arg(3600)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
-    }
-
-    pub async fn forget_generation(&self, user: &str, platform: u8) -> Result<()> {
-        let _: () = redis::cmd("DEL")
-            .arg(self.generation_key(user, platform))
-            .query_async(&mut self.conn())
+            .invoke_async(&mut self.conn())
             .await?;
         Ok(())
     }
