@@ -44,6 +44,11 @@ pub struct Config {
     pub rest: HttpLimits,
     /// How long a graceful shutdown may take to drain the pipeline.
     pub shutdown_deadline_secs: u64,
+    /// How long after sending a sender may revoke a message (PROTOCOL v2);
+    /// a group's owner and admins may revoke any message at any time.
+    pub revoke_window_secs: u64,
+    /// Most members a group may have; adding past it is 409.
+    pub max_group_members: usize,
     /// When set, the pipeline's edges that name a topic are carried by Kafka
     /// (the cluster data plane); otherwise every edge is in memory.
     pub kafka: Option<KafkaConfig>,
@@ -290,6 +295,8 @@ impl Default for Config {
             websocket: WsSettings::default(),
             rest: HttpLimits::default(),
             shutdown_deadline_secs: 10,
+            revoke_window_secs: 120,
+            max_group_members: 100_000,
             kafka: None,
             etcd: None,
             mysql: None,
@@ -439,6 +446,9 @@ impl Config {
         if let Some(e) = &self.etcd {
             addrs(file, "etcd.etcdAddr", &e.etcd_addr, "127.0.0.1:2379")?;
         }
+        if self.max_group_members < 2 {
+            bail!("{file}: max_group_members must be at least 2, e.g. 100000");
+        }
         if self.rest.max_connections == 0 {
             bail!("{file}: rest.max_connections must be at least 1, e.g. 10000");
         }
@@ -450,6 +460,14 @@ impl Config {
 }
 
 impl Config {
+    /// The protocol's configurable rules.
+    pub fn rules(&self) -> imflow_gateways::api::Rules {
+        imflow_gateways::api::Rules {
+            revoke_window_secs: self.revoke_window_secs,
+            max_group_members: self.max_group_members,
+        }
+    }
+
     /// What one process of a multi-process cluster needs beyond `check`:
     /// its internal ports are guarded by the cluster secret, so neither the
     /// shipped admin secret nor a missing or reused cluster secret will do.

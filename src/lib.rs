@@ -149,11 +149,7 @@ impl Server {
                     .with_context(|| {
                         format!("opening the data directory {}", cfg.data_dir.display())
                     })?;
-                Backends::embedded_with(
-                    store,
-                    cfg.store.dedup_remember,
-                    cfg.store.hot_cache_bytes,
-                )
+                Backends::embedded_with(store, cfg.store.dedup_remember, cfg.store.hot_cache_bytes)
             }
         };
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
@@ -173,6 +169,7 @@ impl Server {
             auth,
             conns: conns.clone(),
             cluster: None,
+            rules: cfg.rules(),
         });
 
         let ws_listener = TcpListener::bind(cfg.listen.gateway)

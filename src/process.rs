@@ -154,6 +154,7 @@ impl ProcessServer {
                     ingest: RemoteIngest::new(members.clone(), &secret),
                     link,
                 }),
+                rules: cfg.rules(),
             }))
         };
         match placement.process.as_str() {
@@ -170,8 +171,14 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let link =
-                    DoorLink::gateway(redis.clone(), &addr.to_string(), conns.clone()).await?;
+                let link = DoorLink::gateway(
+                    redis.clone(),
+                    &addr.to_string(),
+                    conns.clone(),
+                    members.clone(),
+                    backends.directory.clone(),
+                )
+                .await?;
                 let api = door(services, link).await?;
                 servers.push(tokio::spawn({
                     let f = imflow_gateways::ws::serve(
@@ -203,7 +210,8 @@ impl ProcessServer {
                 let listener =
                     bind(SocketAddr::new(host, cfg.listen.api.port()), "listen.api").await?;
                 addr = listener.local_addr()?;
-                let api = door(services, DoorLink::api(redis.clone(), &addr.to_string())).await?;
+                let link = DoorLink::api(redis.clone(), &addr.to_string(), members.clone());
+                let api = door(services, link).await?;
                 servers.push(serve_http(
                     listener,
                     router(RestState {

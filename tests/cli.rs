@@ -174,8 +174,14 @@ fn a_cluster_process_with_an_unreachable_etcd_fails_fast_naming_the_setting() {
     let text = std::fs::read_to_string(format!("{root}/config/config.yaml"))
         .unwrap()
         .replace("etcdAddr: [ 127.0.0.1:2379 ]", "etcdAddr: [ 127.0.0.1:1 ]")
-        .replace("admin_secret: imflow-admin-secret", "admin_secret: a-real-admin-secret")
-        .replace("cluster_secret: \"\"", "cluster_secret: a-real-cluster-secret");
+        .replace(
+            "admin_secret: imflow-admin-secret",
+            "admin_secret: a-real-admin-secret",
+        )
+        .replace(
+            "cluster_secret: \"\"",
+            "cluster_secret: a-real-cluster-secret",
+        );
     let cfg = dir.path().join("c.yaml");
     std::fs::write(&cfg, text).unwrap();
     let started = std::time::Instant::now();
@@ -203,23 +209,28 @@ fn a_cluster_process_refuses_the_shipped_secrets() {
     let own_admin = dir.path().join("admin-only.yaml");
     std::fs::write(
         &own_admin,
-        std::fs::read_to_string(&shipped)
-            .unwrap()
-            .replace("admin_secret: imflow-admin-secret", "admin_secret: a-real-admin-secret"),
+        std::fs::read_to_string(&shipped).unwrap().replace(
+            "admin_secret: imflow-admin-secret",
+            "admin_secret: a-real-admin-secret",
+        ),
     )
     .unwrap();
     let reused = dir.path().join("reused.yaml");
     std::fs::write(
         &reused,
-        std::fs::read_to_string(&own_admin)
-            .unwrap()
-            .replace("cluster_secret: \"\"", "cluster_secret: a-real-admin-secret"),
+        std::fs::read_to_string(&own_admin).unwrap().replace(
+            "cluster_secret: \"\"",
+            "cluster_secret: a-real-admin-secret",
+        ),
     )
     .unwrap();
     for (file, says) in [
         (shipped.as_str(), "admin_secret is the shipped default"),
         (own_admin.to_str().unwrap(), "cluster_secret must be set"),
-        (reused.to_str().unwrap(), "cluster_secret must differ from admin_secret"),
+        (
+            reused.to_str().unwrap(),
+            "cluster_secret must differ from admin_secret",
+        ),
     ] {
         let (code, _, err) = imflow(&["serve", "--config", file, "--process", "api"]);
         assert_eq!(code, 1, "{err}");

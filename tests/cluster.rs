@@ -41,7 +41,10 @@ struct Private {
 fn infra_binary(var: &str, default_in_venv: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         let tools = std::env::var("IMFLOW_TOOLS_DIR").unwrap_or_else(|_| {
-            format!("{}/.cache/imflow", std::env::var("HOME").unwrap_or_default())
+            format!(
+                "{}/.cache/imflow",
+                std::env::var("HOME").unwrap_or_default()
+            )
         });
         format!("{tools}/venv/{default_in_venv}")
     })
@@ -666,7 +669,10 @@ async fn set_counter(s: &TestServer, conversation: &str, value: i64) {
     let r = s.cfg.redis.as_ref().unwrap();
     let key = format!("{}:seq:{{{conversation}}}", r.key_prefix);
     let addr = r.db_address[0].clone();
-    assert_eq!(redis_cmd(&addr, &["SET", &key, &value.to_string()]).await, "OK");
+    assert_eq!(
+        redis_cmd(&addr, &["SET", &key, &value.to_string()]).await,
+        "OK"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -679,8 +685,13 @@ async fn a_counter_behind_or_ahead_of_the_history_loses_nothing_and_leaves_no_ho
     let mut a = s.connect("alice", 1).await;
     let mut acked = std::collections::BTreeMap::new();
     for i in 0..10 {
-        let r = a.send_text(Target::User("bob"), &format!("x{i}"), "before").await;
-        acked.insert(format!("x{i}"), r["server_msg_id"].as_str().unwrap().to_string());
+        let r = a
+            .send_text(Target::User("bob"), &format!("x{i}"), "before")
+            .await;
+        acked.insert(
+            format!("x{i}"),
+            r["server_msg_id"].as_str().unwrap().to_string(),
+        );
         a.stored(&r).await;
     }
     drop(a);
@@ -703,13 +714,20 @@ async fn a_counter_behind_or_ahead_of_the_history_loses_nothing_and_leaves_no_ho
     endpoint.set(&s.ws, &s.api);
     let mut a = s.connect("alice", 1).await;
     for i in 10..13 {
-        let r = a.send_text(Target::User("bob"), &format!("x{i}"), "after").await;
+        let r = a
+            .send_text(Target::User("bob"), &format!("x{i}"), "after")
+            .await;
         assert_eq!(r["op"], "ack", "{r}");
-        acked.insert(format!("x{i}"), r["server_msg_id"].as_str().unwrap().to_string());
+        acked.insert(
+            format!("x{i}"),
+            r["server_msg_id"].as_str().unwrap().to_string(),
+        );
         a.stored(&r).await;
     }
     let r = a
-        .request(json!({"op": "pull", "conversation_id": "si_alice_bob", "from_seq": 1, "to_seq": 100}))
+        .request(
+            json!({"op": "pull", "conversation_id": "si_alice_bob", "from_seq": 1, "to_seq": 100}),
+        )
         .await;
     common::load::check_stored("si_alice_bob", r["messages"].as_array().unwrap(), &acked);
 
@@ -763,7 +781,10 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
     mongo.signal("-STOP");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while metric(&s, "imflow_kafka_uncommitted", "stage=\"history\"").await < 50.0 {
-        assert!(tokio::time::Instant::now() < deadline, "nothing piled up in the history stage");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing piled up in the history stage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ... and when it is back, the broker is away: their writes onward
@@ -773,7 +794,10 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
     mongo.signal("-CONT");
     let deadline = tokio::time::Instant::now() + PATIENCE * 2;
     while metric(&s, "imflow_kafka_items_retried_total", "").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "no item was ever handed over again");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no item was ever handed over again"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     kafka.signal("-CONT");

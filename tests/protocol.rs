@@ -93,7 +93,8 @@ async fn a_group_of_200_with_50_online_gets_every_message_in_order() {
         }
     }
     let total = per_sender * senders;
-    let expected: Vec<u64> = (1..=total as u64).collect();
+    // Seq 1 is the "group created" notification (PROTOCOL v2).
+    let expected: Vec<u64> = (2..=total as u64 + 1).collect();
     for c in online.iter_mut() {
         let got = c.pushed(total).await;
         assert_eq!(seqs_of(&got, "sg_big"), expected);
@@ -150,17 +151,25 @@ async fn an_offline_user_catches_up_by_sync_and_pull() {
     .await;
     let ack = a.send_text(Target::Group("team"), "g1", "group hi").await;
     assert_eq!(ack["op"], "ack");
-    assert_eq!(a.stored(&ack).await, 1);
+    // After the "group created" notification.
+    assert_eq!(a.stored(&ack).await, 2);
 
     let mut b = s.connect("bob", 1).await;
     let sync = b.request(json!({"op": "sync"})).await;
     assert_eq!(sync["op"], "sync");
-    let mut convs = sync["conversations"].as_array().unwrap().clone();
+    let mut convs: Vec<Value> = sync["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            json!({"conversation_id": c["conversation_id"], "max_seq": c["max_seq"], "read_seq": c["read_seq"]})
+        })
+        .collect();
     convs.sort_by_key(|c| c["conversation_id"].as_str().unwrap().to_string());
     assert_eq!(
         convs,
         vec![
-            json!({"conversation_id": "sg_team", "max_seq": 1, "read_seq": 0}),
+            json!({"conversation_id": "sg_team", "max_seq": 2, "read_seq": 0}),
             json!({"conversation_id": "si_alice_bob", "max_seq": 5, "read_seq": 0}),
         ]
     );
@@ -362,7 +371,7 @@ async fn a_restart_keeps_history_continues_seqs_and_remembers_resends() {
         let second = a.send_text(Target::User("bob"), "c2", "before").await;
         let third = a.send_text(Target::Group("g"), "c3", "before").await;
         assert_eq!(a.stored(&second).await, 2);
-        assert_eq!(a.stored(&third).await, 1);
+        assert_eq!(a.stored(&third).await, 2, "after the group's creation");
         first
     };
     s.restart().await;
@@ -386,7 +395,7 @@ async fn a_restart_keeps_history_continues_seqs_and_remembers_resends() {
     a.send_text(Target::Group("g"), "c5", "after").await;
     let got = b.pushed(2).await;
     assert_eq!(seqs_of(&got, "si_alice_bob"), vec![3]);
-    assert_eq!(seqs_of(&got, "sg_g"), vec![2]);
+    assert_eq!(seqs_of(&got, "sg_g"), vec![3]);
     let sync = b.request(json!({"op": "sync"})).await;
     let max: Vec<(String, u64)> = sync["conversations"]
         .as_array()
@@ -400,7 +409,7 @@ async fn a_restart_keeps_history_continues_seqs_and_remembers_resends() {
         })
         .collect();
     assert!(
-        max.contains(&("si_alice_bob".into(), 3)) && max.contains(&("sg_g".into(), 2)),
+        max.contains(&("si_alice_bob".into(), 3)) && max.contains(&("sg_g".into(), 3)),
         "{max:?}"
     );
 }

@@ -49,7 +49,8 @@ async fn invalid_unicode_is_refused_in_every_content_type_over_both_doors() {
         assert_eq!(v["code"], "bad_request");
     }
     // A rid that cannot be echoed is refused too, and the connection lives.
-    a.send_raw(r#"{"op":"ping","rid":"\ud800"}"#.to_string()).await;
+    a.send_raw(r#"{"op":"ping","rid":"\ud800"}"#.to_string())
+        .await;
     let r = a.next_where(|f| f["op"] == "error").await;
     assert_eq!(r["code"], "bad_request", "{r}");
     assert!(r.get("rid").is_none(), "{r}");
@@ -75,7 +76,12 @@ async fn reading_a_chat_with_nobody_is_404_and_stores_nothing() {
         assert_eq!(r["code"], "not_found", "{conv}: {r}");
         let t = s.token("alice", 2).await;
         let (st, v) = s
-            .call("POST", &t, &format!("/conversations/{conv}/read"), Some(json!({"seq": 1})))
+            .call(
+                "POST",
+                &t,
+                &format!("/conversations/{conv}/read"),
+                Some(json!({"seq": 1})),
+            )
             .await;
         assert_eq!(st, 404, "{v}");
     }
@@ -118,14 +124,21 @@ async fn a_client_that_never_finishes_its_request_is_cut_off() {
     let addr = s.api.trim_start_matches("http://").to_string();
     // Slowloris: a request head that never ends.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let took = until_closed(&mut slow).await;
     assert!(took < Duration::from_secs(5), "closed after {took:?}");
     // A connection that never sends a byte.
     let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
     until_closed(&mut silent).await;
     // Meanwhile the server answers others.
-    let r = s.http.get(format!("{}/healthz", s.api)).send().await.unwrap();
+    let r = s
+        .http
+        .get(format!("{}/healthz", s.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
 

@@ -1,13 +1,19 @@
 //! The operations of PROTOCOL.md, shared by the WebSocket gateway and the
 //! REST API, so both doors apply exactly the same rules.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use imflow_stages::model::{
-    check_id, valid_platform, Conversation, ErrorCode, ImError, SendRequest, MAX_PULL_SPAN,
+    check_id, notification, now_ms, revoked_body, valid_platform, Conversation, ErrorCode, ImError,
+    Notice, SendRequest, StoredHead, Target, MAX_PULL_SPAN,
 };
-use imflow_stages::store::{self, ConversationState, GroupState, Role};
+use imflow_stages::store::{
+    self, ConversationState, Device, GroupChanges, GroupState, Profile, Role,
+};
 use imflow_stages::{PendingAck, Services};
+use serde::Deserialize;
+use serde_json::json;
 
 use crate::auth::Auth;
 use crate::cluster::{DoorLink, RemoteIngest};
@@ -21,6 +27,71 @@ pub struct Api {
     /// Set when this door is its own process in a cluster: sends go to the
     /// ingest processes, kicks and per-user frames to the other doors.
     pub cluster: Option<ClusterDoor>,
+    pub rules: Rules,
+}
+
+/// The configurable rules of PROTOCOL v2.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// How long a sender may revoke their own message.
+    pub revoke_window_secs: u64,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            revoke_window_secs: 120,
+            max_group_members: 100_000,
+        }
+    }
+}
+
+/// Most user ids one group request names.
+pub const MAX_USER_IDS: usize = 1000;
+/// Longest nickname, group name and notice (characters).
+const MAX_NICKNAME: usize = 64;
+const MAX_GROUP_NAME: usize = 256;
+const MAX_NOTICE: usize = 4096;
+const MAX_URL: usize = 1024;
+
+/// A `sync` request's options (PROTOCOL v2).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct SyncOptions {
+    pub since: Option<i64>,
+    pub limit: Option<u64>,
+}
+
+/// What `sync` answers.
+pub struct SyncReply {
+    pub conversations: Vec<ConversationState>,
+    pub more: bool,
+}
+
+/// A user's presence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceState {
+    pub online: bool,
+    pub platforms: Vec<u8>,
+    pub last_seen: i64,
+}
+
+fn too_long(what: &str, v: &str, max: usize) -> Result<(), ImError> {
+    if v.chars().count() > max {
+        Err(ImError::bad_request(format!(
+            "{what} may be at most {max} characters"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn dismissed(group_id: &str) -> ImError {
+    ImError::new(
+        ErrorCode::Dismissed,
+        format!("group {group_id} was dismissed"),
+    )
 }
 
 pub struct ClusterDoor {
@@ -39,20 +110,123 @@ impl Api {
         }
     }
 
-    pub async fn sync(&self, user: &str) -> Result<Vec<ConversationState>, ImError> {
+    /// Write a server notification into a conversation and wait until it
+    /// is durable (the operation that caused it answers only then).
+    pub async fn notify(
+        &self,
+        sender: &str,
+        target: Target,
+        content_type: i64,
+        content: serde_json::Value,
+    ) -> Result<(), ImError> {
+        let sender: Arc<str> = Arc::from(sender);
+        let notice = Notice {
+            target,
+            content_type,
+            content,
+        };
+        let pending = match &self.cluster {
+            Some(c) => c.ingest.notify(&sender, notice).await?,
+            None => self.services.ingest.notify(&sender, notice).await?,
+        };
+        pending.wait().await.map(|_| ())
+    }
+
+    /// The conversation list (PROTOCOL v2 "Conversation list"): every
+    /// conversation of `user` with its unread count and last message,
+    /// pinned first, then by the last message's time. A handful of queries
+    /// whatever the number of conversations.
+    pub async fn sync(&self, user: &str, opts: SyncOptions) -> Result<SyncReply, ImError> {
+        let limit = match opts.limit {
+            None => 100,
+            Some(n @ 1..=1000) => n as usize,
+            Some(_) => return Err(ImError::bad_request("limit must be 1 to 1000")),
+        };
         let rows = self.services.directory.conversations_of(user).await?;
-        let ids: Vec<Arc<str>> = rows.iter().map(|(c, _)| Arc::from(c.as_str())).collect();
-        let max =
-            store::visible_max_seqs(&*self.services.hot, &*self.services.history, &ids).await?;
-        Ok(rows
-            .into_iter()
-            .zip(ids)
-            .map(|((conversation_id, read_seq), id)| ConversationState {
-                conversation_id,
-                max_seq: max.get(&id).copied().unwrap_or(0),
-                read_seq,
+        let ids: Vec<Arc<str>> = rows
+            .iter()
+            .map(|r| Arc::from(r.conversation_id.as_str()))
+            .collect();
+        let last = store::last_messages(&*self.services.hot, &*self.services.history, &ids).await?;
+        // Unread: messages after the read seq (and the first readable one)
+        // not sent by the user. Only conversations with any count it.
+        let floors: Vec<(Arc<str>, u64)> = rows
+            .iter()
+            .zip(&ids)
+            .filter_map(|(r, id)| {
+                let floor = r.read_seq.max(r.min_seq - 1);
+                let max = last.get(id).map(|(s, _)| *s).unwrap_or(0);
+                (max > floor).then(|| (id.clone(), floor))
             })
-            .collect())
+            .collect();
+        let own = self.services.history.sent_after(user, &floors).await?;
+        let floor_of: HashMap<&Arc<str>, u64> = floors.iter().map(|(c, f)| (c, *f)).collect();
+        struct Entry {
+            state: ConversationState,
+            time: Option<i64>,
+            changed_at: i64,
+        }
+        let mut entries: Vec<Entry> = rows
+            .into_iter()
+            .zip(&ids)
+            .map(|(r, id)| {
+                let (max_seq, body) = match last.get(id) {
+                    Some((s, b)) => (*s, Some(b.clone())),
+                    None => (0, None),
+                };
+                let unread = floor_of
+                    .get(id)
+                    .map(|f| (max_seq - f).saturating_sub(own.get(id).copied().unwrap_or(0)))
+                    .unwrap_or(0);
+                let visible = body.filter(|_| max_seq >= r.min_seq);
+                let time = visible
+                    .as_ref()
+                    .and_then(|b| StoredHead::of(b))
+                    .map(|h| h.send_time);
+                let last_message = visible
+                    .and_then(|b| serde_json::value::RawValue::from_string(b.to_string()).ok());
+                let (group_id, peer) = match Conversation::parse(&r.conversation_id) {
+                    Some(Conversation::Group(g)) => (Some(g.to_string()), None),
+                    Some(Conversation::Single(a, b)) => {
+                        (None, Some(if &*a == user { b } else { a }.to_string()))
+                    }
+                    None => (None, None),
+                };
+                Entry {
+                    time,
+                    changed_at: r.changed_at,
+                    state: ConversationState {
+                        conversation_id: r.conversation_id,
+                        max_seq,
+                        read_seq: r.read_seq,
+                        min_seq: r.min_seq,
+                        unread,
+                        last_message,
+                        pinned: r.pinned,
+                        muted: r.muted,
+                        group_id,
+                        peer,
+                    },
+                }
+            })
+            .collect();
+        if let Some(since) = opts.since {
+            entries.retain(|e| e.time.is_some_and(|t| t >= since) || e.changed_at >= since);
+        }
+        entries.sort_by(|a, b| {
+            b.state
+                .pinned
+                .cmp(&a.state.pinned)
+                .then_with(|| b.time.is_some().cmp(&a.time.is_some()))
+                .then_with(|| b.time.cmp(&a.time))
+                .then_with(|| a.state.conversation_id.cmp(&b.state.conversation_id))
+        });
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        Ok(SyncReply {
+            conversations: entries.into_iter().map(|e| e.state).collect(),
+            more,
+        })
     }
 
     /// Authorise and parse a conversation id for `user`.
@@ -103,8 +277,21 @@ impl Api {
                 "from_seq and to_seq may be at most {MAX_PULL_SPAN} apart"
             )));
         }
-        self.participant(user, conversation_id).await?;
-        let from = from.max(1);
+        let conv = self.participant(user, conversation_id).await?;
+        let mut from = from.max(1);
+        if let Conversation::Group(g) = &conv {
+            // A member reads from the notification that added them.
+            let first = self
+                .services
+                .directory
+                .group(g)
+                .await?
+                .and_then(|s| s.member(user).map(|m| m.min_seq));
+            match first.flatten() {
+                Some(min) => from = from.max(min),
+                None => return Ok(Vec::new()),
+            }
+        }
         if from > to {
             return Ok(Vec::new());
         }
@@ -146,13 +333,294 @@ impl Api {
             .await?;
         let frame =
             serde_json::json!({"op": "read", "conversation_id": conversation_id, "seq": read_seq});
-        let frame = frame.to_string();
-        self.conns
-            .send_to_user(user, from_conn, &Outbound::Frame(frame.as_str().into()));
-        if let Some(c) = &self.cluster {
-            c.link.frame(user, &frame).await;
+        self.frame_to(&[user], &frame.to_string(), from_conn).await;
+        // A single chat's peer learns how far it was read (PROTOCOL v2).
+        if let Some(Conversation::Single(a, b)) = Conversation::parse(conversation_id) {
+            let peer = if &*a == user { b } else { a };
+            if &*peer != user {
+                let receipt = json!({"op": "receipt", "conversation_id": conversation_id, "user_id": user, "seq": read_seq});
+                self.frame_to(&[&peer], &receipt.to_string(), None).await;
+            }
         }
         Ok(read_seq)
+    }
+
+    /// Queue `frame` on every connection of `users` (but `except`, a
+    /// connection of this door), on every gateway.
+    pub async fn frame_to(&self, users: &[&str], frame: &str, except: Option<u64>) {
+        let out = Outbound::Frame(frame.into());
+        for u in users {
+            self.conns.send_to_user(u, except, &out);
+        }
+        if let Some(c) = &self.cluster {
+            c.link.frame_to(users, frame).await;
+        }
+    }
+
+    /// PUT /conversations/{id}/settings.
+    pub async fn conversation_settings(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        pinned: Option<bool>,
+        muted: Option<bool>,
+    ) -> Result<(), ImError> {
+        self.participant(user, conversation_id).await?;
+        Ok(self
+            .services
+            .directory
+            .set_conversation_settings(user, conversation_id, pinned, muted)
+            .await?)
+    }
+
+    /// Revoke the message at `seq` (PROTOCOL v2 "Revoke"): its content is
+    /// deleted from the history and the hot cache before a 1100
+    /// notification is written; the caller hears once that is durable.
+    pub async fn revoke(&self, user: &str, conversation_id: &str, seq: u64) -> Result<(), ImError> {
+        let conv = self.participant(user, conversation_id).await?;
+        let history = &self.services.history;
+        let Some((_, body)) = history
+            .range(conversation_id, seq, seq)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Err(ImError::not_found(format!(
+                "no message {seq} in {conversation_id}"
+            )));
+        };
+        let head = StoredHead::of(&body)
+            .ok_or_else(|| ImError::unavailable("a stored message could not be read"))?;
+        if notification::is(head.content_type) {
+            return Err(ImError::conflict("a notification cannot be revoked"));
+        }
+        if head.revoked {
+            return Err(ImError::conflict("the message is already revoked"));
+        }
+        let (target, admin) = match &conv {
+            Conversation::Group(g) => {
+                let state = self.group(g).await?;
+                if !state.can_read(user, seq) {
+                    return Err(ImError::not_found(format!(
+                        "no message {seq} in {conversation_id}"
+                    )));
+                }
+                let admin = matches!(state.role_of(user), Some(Role::Owner | Role::Admin));
+                (Target::Group(g.clone()), admin)
+            }
+            Conversation::Single(a, b) => {
+                let peer = if &**a == user { b.clone() } else { a.clone() };
+                (Target::User(peer), false)
+            }
+        };
+        if !admin {
+            if head.sender != user {
+                return Err(ImError::forbidden(
+                    "only the sender, or a group's owner or admins, may revoke a message",
+                ));
+            }
+            let window = self.rules.revoke_window_secs as i64 * 1000;
+            if now_ms() - head.send_time > window {
+                return Err(ImError::new(
+                    ErrorCode::TooLate,
+                    format!(
+                        "a message may be revoked within {} s of its sending",
+                        self.rules.revoke_window_secs
+                    ),
+                ));
+            }
+        }
+        let revoked = revoked_body(&body)
+            .ok_or_else(|| ImError::unavailable("a stored message could not be read"))?;
+        if !history
+            .replace_if(conversation_id, seq, &body, &revoked)
+            .await?
+        {
+            return Err(ImError::conflict("the message is already revoked"));
+        }
+        let revoked: Arc<str> = revoked.into();
+        self.services
+            .hot
+            .replace(conversation_id, seq, &revoked)
+            .await?;
+        self.notify(
+            user,
+            target,
+            notification::MESSAGE_REVOKED,
+            json!({"seq": seq, "server_msg_id": head.server_msg_id}),
+        )
+        .await
+    }
+
+    /// Forward `typing` to the other participants' connections (not the
+    /// typist's own): ephemeral, never stored.
+    pub async fn typing(&self, user: &str, conversation_id: &str) -> Result<(), ImError> {
+        let conv = self.participant(user, conversation_id).await?;
+        let others: Vec<Arc<str>> = match &conv {
+            Conversation::Single(a, b) => [a, b]
+                .into_iter()
+                .filter(|u| &***u != user)
+                .cloned()
+                .collect(),
+            Conversation::Group(g) => {
+                let state = self.group(g).await?;
+                state
+                    .members
+                    .iter()
+                    .filter(|u| {
+                        &***u != user && state.member(u).is_some_and(|m| m.min_seq.is_some())
+                    })
+                    .cloned()
+                    .collect()
+            }
+        };
+        let frame = json!({"op": "typing", "conversation_id": conversation_id, "user_id": user});
+        let users: Vec<&str> = others.iter().map(|u| &**u).collect();
+        self.frame_to(&users, &frame.to_string(), None).await;
+        Ok(())
+    }
+
+    /// Whether `user` is online, on which platforms, and when last seen.
+    pub async fn presence(&self, user: &str) -> Result<PresenceState, ImError> {
+        let platforms = match &self.cluster {
+            Some(c) => c.link.platforms(user).await?,
+            None => self.conns.platforms(user),
+        };
+        let online = !platforms.is_empty();
+        let last_seen = if online {
+            now_ms()
+        } else {
+            self.services.directory.last_seen(user).await?
+        };
+        Ok(PresenceState {
+            online,
+            platforms,
+            last_seen,
+        })
+    }
+
+    /// `subscribe_presence`: the current state of each of `user_ids`; the
+    /// connection then hears when one comes online or goes fully offline.
+    pub async fn subscribe_presence(
+        &self,
+        conn: &Arc<crate::connections::ConnHandle>,
+        user_ids: Vec<String>,
+    ) -> Result<Vec<serde_json::Value>, ImError> {
+        if user_ids.len() > MAX_USER_IDS {
+            return Err(ImError::bad_request(format!(
+                "at most {MAX_USER_IDS} user_ids"
+            )));
+        }
+        for u in &user_ids {
+            check_id("user_ids", u)?;
+        }
+        let mut ids = user_ids;
+        ids.dedup();
+        let states = futures::future::join_all(ids.iter().map(|u| self.presence(u))).await;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut watched = Vec::with_capacity(ids.len());
+        for (u, st) in ids.iter().zip(states) {
+            let st = st?;
+            watched.push((Arc::from(u.as_str()), st.online));
+            out.push(json!({"user_id": u, "online": st.online, "platforms": st.platforms}));
+        }
+        self.conns.watch(conn, watched);
+        Ok(out)
+    }
+
+    /// GET /users/{user_id}/presence: the user must exist.
+    pub async fn user_presence(&self, user: &str) -> Result<PresenceState, ImError> {
+        check_id("user_id", user)?;
+        if !self.services.directory.user_exists(user).await? {
+            return Err(ImError::not_found(format!("no user {user}")));
+        }
+        self.presence(user).await
+    }
+
+    // ---- users ----
+
+    pub async fn profile(&self, user: &str) -> Result<Profile, ImError> {
+        check_id("user_id", user)?;
+        self.services
+            .directory
+            .profile(user)
+            .await?
+            .ok_or_else(|| ImError::not_found(format!("no user {user}")))
+    }
+
+    pub async fn update_profile(
+        &self,
+        user: &str,
+        nickname: Option<String>,
+        avatar_url: Option<String>,
+    ) -> Result<(), ImError> {
+        if let Some(n) = &nickname {
+            too_long("nickname", n, MAX_NICKNAME)?;
+        }
+        if let Some(a) = &avatar_url {
+            too_long("avatar_url", a, MAX_URL)?;
+        }
+        Ok(self
+            .services
+            .directory
+            .update_profile(user, nickname.as_deref(), avatar_url.as_deref())
+            .await?)
+    }
+
+    pub async fn block(&self, user: &str, other: &str, blocked: bool) -> Result<(), ImError> {
+        check_id("user_id", other)?;
+        if other == user {
+            return Err(ImError::bad_request("a user cannot block themselves"));
+        }
+        if !self.services.directory.user_exists(other).await? {
+            return Err(ImError::not_found(format!("no user {other}")));
+        }
+        Ok(self
+            .services
+            .directory
+            .set_block(user, other, blocked)
+            .await?)
+    }
+
+    pub async fn blocks(&self, user: &str) -> Result<Vec<String>, ImError> {
+        Ok(self.services.directory.blocks_of(user).await?)
+    }
+
+    pub async fn set_device(
+        &self,
+        user: &str,
+        platform: i64,
+        push_token: String,
+        provider: String,
+    ) -> Result<(), ImError> {
+        if !valid_platform(platform) {
+            return Err(ImError::bad_request("platform must be 1 to 9"));
+        }
+        if push_token.is_empty() || push_token.len() > 4096 {
+            return Err(ImError::bad_request("push_token must be 1 to 4096 bytes"));
+        }
+        if provider.is_empty()
+            || provider.len() > 64
+            || !provider
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ImError::bad_request(
+                "provider must be a name such as fcm, apns or webhook",
+            ));
+        }
+        Ok(self
+            .services
+            .directory
+            .set_device(
+                user,
+                &Device {
+                    platform: platform as u8,
+                    push_token,
+                    provider,
+                },
+            )
+            .await?)
     }
 
     // ---- admin ----
@@ -229,17 +697,61 @@ impl Api {
             }
             None => format!("g{}", imflow_stages::model::new_server_msg_id()),
         };
+        if members.len() > MAX_USER_IDS {
+            return Err(ImError::bad_request(format!(
+                "at most {MAX_USER_IDS} members per request"
+            )));
+        }
         for m in &members {
             check_id("members", m)?;
         }
-        if name.chars().count() > 256 {
-            return Err(ImError::bad_request("name may be at most 256 characters"));
+        too_long("name", &name, MAX_GROUP_NAME)?;
+        let mut all = vec![owner.to_string()];
+        for m in members {
+            if !all.contains(&m) {
+                all.push(m);
+            }
+        }
+        if all.len() > self.rules.max_group_members {
+            return Err(ImError::conflict(format!(
+                "a group has at most {} members",
+                self.rules.max_group_members
+            )));
         }
         self.services
             .directory
-            .create_group(&group_id, &name, owner, &members)
+            .create_group(&group_id, &name, owner, &all[1..])
             .await?;
+        self.notify(
+            owner,
+            Target::Group(group_id.as_str().into()),
+            notification::GROUP_CREATED,
+            json!({"group_id": group_id, "name": name, "members": all}),
+        )
+        .await?;
         Ok(group_id)
+    }
+
+    /// The group, refusing changes once it is dismissed.
+    async fn live_group(&self, group_id: &str) -> Result<Arc<GroupState>, ImError> {
+        let g = self.group(group_id).await?;
+        if g.dismissed {
+            return Err(dismissed(group_id));
+        }
+        Ok(g)
+    }
+
+    fn require_admin(g: &GroupState, caller: &str, what: &str) -> Result<Role, ImError> {
+        match g.role_of(caller) {
+            Some(r @ (Role::Owner | Role::Admin)) => Ok(r),
+            Some(_) => Err(ImError::forbidden(format!(
+                "only the owner or an admin of the group may {what}"
+            ))),
+            None => Err(ImError::forbidden(format!(
+                "{caller} is not a member of group {}",
+                g.group_id
+            ))),
+        }
     }
 
     pub async fn add_members(
@@ -248,23 +760,40 @@ impl Api {
         group_id: &str,
         users: Vec<String>,
     ) -> Result<u64, ImError> {
-        let g = self.group(group_id).await?;
-        match g.role_of(caller) {
-            Some(Role::Owner | Role::Admin) => {}
-            _ => {
-                return Err(ImError::forbidden(
-                    "only the owner or an admin of the group may add members",
-                ))
-            }
+        let g = self.live_group(group_id).await?;
+        Self::require_admin(&g, caller, "add members")?;
+        if users.len() > MAX_USER_IDS {
+            return Err(ImError::bad_request(format!(
+                "at most {MAX_USER_IDS} user_ids per request"
+            )));
         }
         for u in &users {
             check_id("user_ids", u)?;
         }
-        Ok(self
+        let mut fresh: Vec<&String> = users.iter().filter(|u| g.role_of(u).is_none()).collect();
+        fresh.dedup();
+        if g.members.len() + fresh.len() > self.rules.max_group_members {
+            return Err(ImError::conflict(format!(
+                "a group has at most {} members",
+                self.rules.max_group_members
+            )));
+        }
+        let added = fresh.len() as u64;
+        let waiting = self
             .services
             .directory
             .add_members(group_id, &users)
-            .await?)
+            .await?;
+        if !waiting.is_empty() {
+            self.notify(
+                caller,
+                Target::Group(group_id.into()),
+                notification::MEMBERS_ADDED,
+                json!({"user_ids": waiting}),
+            )
+            .await?;
+        }
+        Ok(added)
     }
 
     pub async fn remove_member(
@@ -273,7 +802,7 @@ impl Api {
         group_id: &str,
         user: &str,
     ) -> Result<(), ImError> {
-        let g = self.group(group_id).await?;
+        let g = self.live_group(group_id).await?;
         check_id("user_id", user)?;
         let caller_role = g.role_of(caller);
         let target_role = g.role_of(user);
@@ -311,7 +840,13 @@ impl Api {
             .directory
             .remove_member(group_id, user)
             .await?;
-        Ok(())
+        let (kind, content) = if caller == user {
+            (notification::MEMBER_LEFT, json!({"user_id": user}))
+        } else {
+            (notification::MEMBERS_REMOVED, json!({"user_ids": [user]}))
+        };
+        self.notify(caller, Target::Group(group_id.into()), kind, content)
+            .await
     }
 
     pub async fn set_role(
@@ -321,7 +856,7 @@ impl Api {
         user: &str,
         role: &str,
     ) -> Result<(), ImError> {
-        let g = self.group(group_id).await?;
+        let g = self.live_group(group_id).await?;
         check_id("user_id", user)?;
         let role = match role {
             "admin" => Role::Admin,
@@ -340,12 +875,200 @@ impl Api {
                 "{user} is not a member of group {group_id}"
             ))),
             Some(Role::Owner) => Err(ImError::conflict("the owner's role cannot be changed")),
-            Some(_) => Ok(self
-                .services
-                .directory
-                .set_role(group_id, user, role)
-                .await?),
+            Some(_) => {
+                self.services
+                    .directory
+                    .set_role(group_id, user, role)
+                    .await?;
+                self.notify(
+                    caller,
+                    Target::Group(group_id.into()),
+                    notification::ROLE_CHANGED,
+                    json!({"user_id": user, "role": role.as_str()}),
+                )
+                .await
+            }
         }
+    }
+
+    /// GET /groups/{group_id}: for members.
+    pub async fn group_info(
+        &self,
+        caller: &str,
+        group_id: &str,
+    ) -> Result<serde_json::Value, ImError> {
+        let g = self.group(group_id).await?;
+        if g.role_of(caller).is_none() {
+            return Err(ImError::forbidden(format!(
+                "{caller} is not a member of group {group_id}"
+            )));
+        }
+        Ok(json!({
+            "group_id": &*g.group_id,
+            "name": g.name,
+            "notice": g.notice,
+            "avatar_url": g.avatar_url,
+            "owner": &*g.owner,
+            "member_count": g.members.len(),
+            "muted": g.muted,
+            "dismissed": g.dismissed,
+        }))
+    }
+
+    pub async fn update_group(
+        &self,
+        caller: &str,
+        group_id: &str,
+        changes: GroupChanges,
+    ) -> Result<(), ImError> {
+        let g = self.live_group(group_id).await?;
+        Self::require_admin(&g, caller, "edit it")?;
+        if let Some(n) = &changes.name {
+            too_long("name", n, MAX_GROUP_NAME)?;
+        }
+        if let Some(n) = &changes.notice {
+            too_long("notice", n, MAX_NOTICE)?;
+        }
+        if let Some(a) = &changes.avatar_url {
+            too_long("avatar_url", a, MAX_URL)?;
+        }
+        if changes.name.is_none() && changes.notice.is_none() && changes.avatar_url.is_none() {
+            return Err(ImError::bad_request(
+                "give at least one of name, notice and avatar_url",
+            ));
+        }
+        self.services
+            .directory
+            .update_group(group_id, &changes)
+            .await?;
+        let content = serde_json::to_value(&changes)
+            .map_err(|e| ImError::unavailable(format!("cannot describe the change: {e}")))?;
+        self.notify(
+            caller,
+            Target::Group(group_id.into()),
+            notification::GROUP_INFO_CHANGED,
+            content,
+        )
+        .await
+    }
+
+    pub async fn mute_group(
+        &self,
+        caller: &str,
+        group_id: &str,
+        muted: bool,
+    ) -> Result<(), ImError> {
+        let g = self.live_group(group_id).await?;
+        Self::require_admin(&g, caller, "mute it")?;
+        self.services
+            .directory
+            .set_group_muted(group_id, muted)
+            .await?;
+        self.notify(
+            caller,
+            Target::Group(group_id.into()),
+            notification::GROUP_MUTED,
+            json!({"muted": muted}),
+        )
+        .await
+    }
+
+    pub async fn mute_member(
+        &self,
+        caller: &str,
+        group_id: &str,
+        user: &str,
+        seconds: u64,
+    ) -> Result<(), ImError> {
+        let g = self.live_group(group_id).await?;
+        let caller_role = Self::require_admin(&g, caller, "mute members")?;
+        check_id("user_id", user)?;
+        match (caller_role, g.role_of(user)) {
+            (_, None) => {
+                return Err(ImError::not_found(format!(
+                    "{user} is not a member of group {group_id}"
+                )))
+            }
+            (_, Some(Role::Owner)) => return Err(ImError::forbidden("the owner cannot be muted")),
+            (Role::Admin, Some(Role::Admin)) => {
+                return Err(ImError::forbidden("an admin cannot mute another admin"))
+            }
+            _ => {}
+        }
+        let until = if seconds == 0 {
+            0
+        } else {
+            now_ms().saturating_add((seconds.min(i64::MAX as u64 / 1000) as i64) * 1000)
+        };
+        self.services
+            .directory
+            .set_member_muted(group_id, user, until)
+            .await?;
+        self.notify(
+            caller,
+            Target::Group(group_id.into()),
+            notification::MEMBER_MUTED,
+            json!({"user_id": user, "until": until}),
+        )
+        .await
+    }
+
+    pub async fn transfer_group(
+        &self,
+        caller: &str,
+        group_id: &str,
+        to: &str,
+    ) -> Result<(), ImError> {
+        let g = self.live_group(group_id).await?;
+        check_id("user_id", to)?;
+        if g.role_of(caller) != Some(Role::Owner) {
+            return Err(ImError::forbidden("only the owner may hand the group over"));
+        }
+        match g.role_of(to) {
+            None => Err(ImError::not_found(format!(
+                "{to} is not a member of group {group_id}"
+            ))),
+            Some(Role::Owner) => Err(ImError::conflict("the group is already theirs")),
+            Some(_) => {
+                self.services
+                    .directory
+                    .transfer_group(group_id, caller, to)
+                    .await?;
+                self.notify(
+                    caller,
+                    Target::Group(group_id.into()),
+                    notification::OWNER_TRANSFERRED,
+                    json!({"from": caller, "to": to}),
+                )
+                .await
+            }
+        }
+    }
+
+    pub async fn dismiss_group(&self, caller: &str, group_id: &str) -> Result<(), ImError> {
+        let g = self.live_group(group_id).await?;
+        if g.role_of(caller) != Some(Role::Owner) {
+            return Err(ImError::forbidden("only the owner may dismiss the group"));
+        }
+        self.services.directory.dismiss_group(group_id).await?;
+        self.notify(
+            caller,
+            Target::Group(group_id.into()),
+            notification::GROUP_DISMISSED,
+            json!({}),
+        )
+        .await
+    }
+
+    pub async fn my_groups(&self, user: &str) -> Result<Vec<serde_json::Value>, ImError> {
+        Ok(self
+            .services
+            .directory
+            .groups_of(user)
+            .await?
+            .into_iter()
+            .map(|(g, name, role)| json!({"group_id": g, "name": name, "role": role.as_str()}))
+            .collect())
     }
 
     pub async fn members(
@@ -382,5 +1105,7 @@ pub fn http_status(code: ErrorCode) -> u16 {
         ErrorCode::PayloadTooLarge => 413,
         ErrorCode::RateLimited => 429,
         ErrorCode::Unavailable => 503,
+        ErrorCode::Blocked | ErrorCode::Muted | ErrorCode::TooLate => 403,
+        ErrorCode::Dismissed => 410,
     }
 }

@@ -18,9 +18,7 @@
 //! Every internal request carries the cluster secret; the RPC ports are
 //! for the cluster's own hosts, like the seed's RPC ports.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,9 +30,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use dashmap::DashMap;
-use imflow_stages::model::{AckInfo, Conversation, ImError, SendRequest};
+use imflow_runtime::{Ack, Backoff};
+use imflow_stages::model::{AckInfo, Conversation, ImError, Notice, SendRequest, Target};
 use imflow_stages::store::redis::Redis;
-use imflow_runtime::Ack;
+use imflow_stages::store::Directory;
 use imflow_stages::{IngestHandle, PendingAck, Presence, PushItem};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -64,7 +63,12 @@ fn http_client() -> reqwest::Client {
 #[derive(Serialize, Deserialize)]
 struct RpcSend {
     sender: String,
-    req: SendRequest,
+    /// A client's message, or
+    #[serde(default)]
+    req: Option<SendRequest>,
+    /// a server notification (from a door, on the cluster's own secret).
+    #[serde(default)]
+    notice: Option<Notice>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -106,20 +110,42 @@ impl RemoteIngest {
     pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
         let conversation = match (&req.recv_id, &req.group_id) {
             (Some(r), None) => Conversation::single(sender, r).id(),
-            (None, Some(g)) => format!("sg_{g}"),
+            (None, Some(g)) => Conversation::Group(g.as_str().into()).id(),
             _ => sender.to_string(),
         };
+        let body = RpcSend {
+            sender: sender.to_string(),
+            req: Some(req),
+            notice: None,
+        };
+        self.submit(&conversation, body).await
+    }
+
+    /// Hand a server notification to the ingest process of its
+    /// conversation (so it is ordered with the conversation's messages).
+    pub async fn notify(&self, sender: &Arc<str>, notice: Notice) -> Result<PendingAck, ImError> {
+        let conversation = match &notice.target {
+            Target::User(peer) => Conversation::single(sender, peer),
+            Target::Group(g) => Conversation::Group(g.clone()),
+        }
+        .id();
+        let body = RpcSend {
+            sender: sender.to_string(),
+            req: None,
+            notice: Some(notice),
+        };
+        self.submit(&conversation, body).await
+    }
+
+    async fn submit(&self, conversation: &str, body: RpcSend) -> Result<PendingAck, ImError> {
         let targets = self.targets();
         if targets.is_empty() {
             return Err(ImError::unavailable("no ingest process is running"));
         }
-        let mut h = DefaultHasher::new();
-        conversation.hash(&mut h);
-        let start = (h.finish() % targets.len() as u64) as usize;
-        let body = RpcSend {
-            sender: sender.to_string(),
-            req,
-        };
+        // A stable hash (the same in every process and release), so one
+        // conversation always goes through the same ingest process.
+        let start =
+            (imflow_stages::model::partition_key(conversation) % targets.len() as u64) as usize;
         for i in 0..targets.len() {
             let addr = &targets[(start + i) % targets.len()];
             let sent = self
@@ -226,7 +252,12 @@ async fn rpc_send(
         return (StatusCode::NOT_FOUND, "this process runs no ingest stage").into_response();
     };
     let sender: Arc<str> = body.sender.into();
-    let first = match ingest.send(&sender, body.req).await {
+    let submitted = match (body.req, body.notice) {
+        (Some(req), None) => ingest.send(&sender, req).await,
+        (None, Some(notice)) => ingest.notify(&sender, notice).await,
+        _ => Err(ImError::bad_request("give exactly one of req and notice")),
+    };
+    let first = match submitted {
         Err(e) => SendLine::Error(e),
         Ok(PendingAck::Ready(Ok(a))) => SendLine::Ok(a),
         Ok(PendingAck::Ready(Err(e))) => SendLine::Error(e),
@@ -515,6 +546,9 @@ async fn rpc_push(
 struct Control {
     origin: String,
     user: String,
+    /// More users the frame goes to (a typing event to a group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    users: Vec<String>,
     #[serde(default)]
     platform: Option<u8>,
     #[serde(default)]
@@ -528,6 +562,8 @@ struct Control {
 pub struct DoorLink {
     redis: Arc<Redis>,
     me: String,
+    /// The cluster's live processes (for where a user is online).
+    members: watch::Receiver<Vec<Member>>,
 }
 
 impl DoorLink {
@@ -537,6 +573,8 @@ impl DoorLink {
         redis: Arc<Redis>,
         me: &str,
         conns: Arc<Connections>,
+        members: watch::Receiver<Vec<Member>>,
+        directory: Arc<dyn Directory>,
     ) -> Result<Arc<DoorLink>, imflow_stages::Error> {
         redis.presence_reset(me).await?;
         let _ = redis
@@ -545,12 +583,39 @@ impl DoorLink {
         let link = Arc::new(DoorLink {
             redis: redis.clone(),
             me: me.to_string(),
+            members,
+        });
+        conns.presence_from_cluster();
+        // Presence changes anywhere reach the connections here that follow
+        // them: on each event about a followed user, where is it online now?
+        let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<String>();
+        let follow = conns.clone();
+        redis.watch_channel(PRESENCE_CHANNEL, move |payload| {
+            for line in payload.unwrap_or_default().lines() {
+                let mut parts = line.splitn(3, ' ');
+                if let (Some("+" | "-"), Some(_), Some(user)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    if follow.is_watched(user) {
+                        let _ = changed_tx.send(user.to_string());
+                    }
+                }
+            }
+        });
+        let (judge, judged) = (link.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Some(user) = changed_rx.recv().await {
+                match judge.platforms(&user).await {
+                    Ok(p) => judged.presence_seen(&user, &p),
+                    Err(e) => tracing::warn!(error = %e, %user, "cannot read presence"),
+                }
+            }
         });
         let (tx, rx) = mpsc::unbounded_channel();
         conns.observe(Box::new(move |e| {
             let _ = tx.send(e);
         }));
-        tokio::spawn(record_presence(link.clone(), rx));
+        tokio::spawn(record_presence(link.clone(), rx, directory));
         let me_owned = me.to_string();
         let local = conns.clone();
         redis.watch_channel(CONTROL_CHANNEL, move |payload| {
@@ -573,18 +638,27 @@ impl DoorLink {
                     local.kick(&c.user, c.platform, reason);
                 }
                 if let Some(frame) = c.frame {
-                    local.send_to_user(&c.user, None, &Outbound::Frame(frame.into()));
+                    let out = Outbound::Frame(frame.into());
+                    for u in std::iter::once(&c.user).chain(&c.users) {
+                        local.send_to_user(u, None, &out);
+                    }
                 }
             }
         });
         Ok(link)
     }
 
-    /// For the REST API process: it only publishes.
-    pub fn api(redis: Arc<Redis>, me: &str) -> Arc<DoorLink> {
+    /// For the REST API process: it only publishes (and asks where users
+    /// are online).
+    pub fn api(
+        redis: Arc<Redis>,
+        me: &str,
+        members: watch::Receiver<Vec<Member>>,
+    ) -> Arc<DoorLink> {
         Arc::new(DoorLink {
             redis,
             me: me.to_string(),
+            members,
         })
     }
 
@@ -601,6 +675,7 @@ impl DoorLink {
         self.control(Control {
             origin: self.me.clone(),
             user: user.into(),
+            users: Vec::new(),
             platform,
             kick: Some(reason.into()),
             frame: None,
@@ -608,27 +683,61 @@ impl DoorLink {
         .await
     }
 
-    /// Queue `frame` on `user`'s connections on every other gateway.
-    pub async fn frame(&self, user: &str, frame: &str) {
+    /// Queue `frame` on the connections of `users` on every other gateway
+    /// (one message on the channel, however many users).
+    pub async fn frame_to(&self, users: &[&str], frame: &str) {
+        let Some((first, rest)) = users.split_first() else {
+            return;
+        };
         self.control(Control {
             origin: self.me.clone(),
-            user: user.into(),
+            user: first.to_string(),
+            users: rest.iter().map(|u| u.to_string()).collect(),
             platform: None,
             kick: None,
             frame: Some(frame.into()),
         })
         .await
     }
+
+    /// The platforms `user` is connected on, on any live gateway.
+    pub async fn platforms(&self, user: &str) -> Result<Vec<u8>, ImError> {
+        let live: Vec<String> = self
+            .members
+            .borrow()
+            .iter()
+            .filter(|m| m.role == "gateway")
+            .map(|m| m.addr.clone())
+            .collect();
+        let mut p: Vec<u8> = self
+            .redis
+            .online_of(user)
+            .await
+            .map_err(|e| e.to_client())?
+            .into_iter()
+            .filter(|(g, _)| live.contains(g))
+            .map(|(_, p)| p)
+            .collect();
+        p.sort_unstable();
+        p.dedup();
+        Ok(p)
+    }
 }
 
 /// Record connections in the registry, many per round trip: a gateway
 /// coming up takes thousands of logins within seconds, and a push process
 /// misses the pushes of a user until it has heard of them.
-async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<ConnEvent>) {
+async fn record_presence(
+    link: Arc<DoorLink>,
+    mut rx: mpsc::UnboundedReceiver<ConnEvent>,
+    directory: Arc<dyn Directory>,
+) {
     let mut batch = Vec::with_capacity(1024);
     while rx.recv_many(&mut batch, 1024).await > 0 {
         // Net effect per user, in order: the last event wins.
         let mut last: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut platforms: Vec<(Arc<str>, u8, bool)> = Vec::new();
+        let mut seen: Vec<(Arc<str>, i64)> = Vec::new();
         let mut kicks = Vec::new();
         for e in batch.drain(..) {
             match e {
@@ -636,16 +745,29 @@ async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<Co
                     kicks.push(Control {
                         origin: link.me.clone(),
                         user: user.to_string(),
+                        users: Vec::new(),
                         platform: Some(platform),
                         kick: Some("logged in on another device of the same platform".into()),
                         frame: None,
                     });
+                    platforms.push((user.clone(), platform, true));
                     last.insert(user, true);
                 }
+                ConnEvent::Closed { user, platform } => platforms.push((user, platform, false)),
                 ConnEvent::LastClosed { user } => {
+                    seen.push((user.clone(), imflow_stages::model::now_ms()));
                     last.insert(user, false);
                 }
             }
+        }
+        // Registry first, then the announcement: a process that reads it
+        // after hearing finds the entries.
+        let changes: Vec<(&str, u8, bool)> =
+            platforms.iter().map(|(u, p, on)| (&**u, *p, *on)).collect();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        while let Err(err) = link.redis.online_update(&link.me, &changes).await {
+            tracing::warn!(error = %err, "cannot record presence; retrying");
+            backoff.wait().await;
         }
         for online in [true, false] {
             let users: Vec<&str> = last
@@ -656,13 +778,10 @@ async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<Co
             if users.is_empty() {
                 continue;
             }
-            // Registry first, then the announcement: a push process that
-            // reloads after hearing it finds the entries.
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
             while let Err(err) = link.redis.presence_set(&link.me, &users, online).await {
                 tracing::warn!(error = %err, "cannot record presence; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
             }
             let sign = if online { "+" } else { "-" };
             let lines: Vec<String> = users
@@ -673,6 +792,11 @@ async fn record_presence(link: Arc<DoorLink>, mut rx: mpsc::UnboundedReceiver<Co
                 .redis
                 .publish(PRESENCE_CHANNEL, &lines.join("\n"))
                 .await;
+        }
+        if !seen.is_empty() {
+            if let Err(e) = directory.set_last_seen(&seen).await {
+                tracing::warn!(error = %e, "last seen times not recorded");
+            }
         }
         if !kicks.is_empty() {
             if let Ok(text) = serde_json::to_string(&kicks) {

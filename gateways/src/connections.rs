@@ -37,9 +37,34 @@ pub struct ConnHandle {
     /// pushed is a repeat and is dropped: each connection gets each message
     /// once.
     pushed: std::sync::Mutex<HashMap<Arc<str>, u64>>,
+    /// The users whose presence this connection follows.
+    watching: std::sync::Mutex<Vec<Arc<str>>>,
+    /// When it last sent `typing` per conversation (at most one a second is
+    /// forwarded).
+    typed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl ConnHandle {
+    /// Whether a `typing` in `conversation` may be forwarded now (and
+    /// remember it).
+    pub fn typing_allowed(&self, conversation: &str) -> bool {
+        let now = std::time::Instant::now();
+        let second = std::time::Duration::from_secs(1);
+        let Ok(mut typed) = self.typed.lock() else {
+            return false;
+        };
+        if typed.len() > 64 {
+            typed.retain(|_, at| now.duration_since(*at) < second);
+        }
+        match typed.get(conversation) {
+            Some(at) if now.duration_since(*at) < second => false,
+            _ => {
+                typed.insert(conversation.to_string(), now);
+                true
+            }
+        }
+    }
+
     /// Whether `item` is new on this connection (and remember it).
     fn first_push(&self, item: &PushItem) -> bool {
         let mut pushed = match self.pushed.lock() {
@@ -86,6 +111,12 @@ pub enum ConnEvent {
         user: Arc<str>,
         platform: u8,
     },
+    /// A connection of the user on `platform` closed (and no other of that
+    /// platform is left).
+    Closed {
+        user: Arc<str>,
+        platform: u8,
+    },
     /// The user's last connection on this gateway closed.
     LastClosed {
         user: Arc<str>,
@@ -102,6 +133,14 @@ pub struct Connections {
     queue_capacity: usize,
     /// Parent of every connection's close token: cancel to close them all.
     all: CancellationToken,
+    /// user → the connections following their presence.
+    watchers: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    /// Whether each followed user was last known online (so only a change
+    /// is told).
+    seen_online: DashMap<Arc<str>, bool>,
+    /// In a cluster, presence changes are judged over every gateway (the
+    /// door's link tells); alone, this gateway's connections are all.
+    presence_elsewhere: std::sync::atomic::AtomicBool,
 }
 
 impl Connections {
@@ -113,7 +152,94 @@ impl Connections {
             open: AtomicUsize::new(0),
             queue_capacity: queue_capacity.max(1),
             all: CancellationToken::new(),
+            watchers: DashMap::new(),
+            seen_online: DashMap::new(),
+            presence_elsewhere: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Presence changes come from the cluster's registry, not from this
+    /// gateway's own connections.
+    pub fn presence_from_cluster(&self) {
+        self.presence_elsewhere
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The platforms `user` is connected on here, ascending.
+    pub fn platforms(&self, user: &str) -> Vec<u8> {
+        let mut p: Vec<u8> = self
+            .users
+            .get(user)
+            .map(|c| c.iter().map(|c| c.platform).collect())
+            .unwrap_or_default();
+        p.sort_unstable();
+        p.dedup();
+        p
+    }
+
+    /// Connection `conn` now follows the presence of `users`, each known
+    /// online or not now (replacing what it followed before).
+    pub fn watch(&self, conn: &Arc<ConnHandle>, users: Vec<(Arc<str>, bool)>) {
+        self.unwatch(conn);
+        for (u, online) in &users {
+            self.watchers
+                .entry(u.clone())
+                .or_default()
+                .push(conn.clone());
+            self.seen_online.insert(u.clone(), *online);
+        }
+        if let Ok(mut w) = conn.watching.lock() {
+            *w = users.into_iter().map(|(u, _)| u).collect();
+        }
+    }
+
+    /// Where a followed user is online now (as the cluster's registry says):
+    /// its followers hear if it came online or went fully offline.
+    pub fn presence_seen(&self, user: &str, platforms: &[u8]) {
+        let online = !platforms.is_empty();
+        let before = self.seen_online.insert(Arc::from(user), online);
+        if before != Some(online) {
+            self.presence_changed(user, online, platforms);
+        }
+    }
+
+    fn unwatch(&self, conn: &ConnHandle) {
+        let before = match conn.watching.lock() {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(_) => return,
+        };
+        for u in before {
+            if let Some(mut list) = self.watchers.get_mut(&u) {
+                list.retain(|c| c.id != conn.id);
+            }
+            if self.watchers.remove_if(&u, |_, v| v.is_empty()).is_some() {
+                self.seen_online.remove(&u);
+            }
+        }
+    }
+
+    /// Tell the connections following `user` that it came online or went
+    /// fully offline.
+    pub fn presence_changed(&self, user: &str, online: bool, platforms: &[u8]) {
+        let Some(list) = self.watchers.get(user) else {
+            return;
+        };
+        let frame = serde_json::json!({"op": "presence", "user_id": user, "online": online, "platforms": platforms});
+        let out = Outbound::Frame(frame.to_string().into());
+        for c in list.iter() {
+            c.offer(out.clone());
+        }
+    }
+
+    /// Whether anyone here follows `user`'s presence.
+    pub fn is_watched(&self, user: &str) -> bool {
+        self.watchers.contains_key(user)
+    }
+
+    fn local_presence(&self) -> bool {
+        !self
+            .presence_elsewhere
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Call `f` for every connection opened and every user whose last
@@ -168,7 +294,10 @@ impl Connections {
             tx,
             close: self.all.child_token(),
             pushed: std::sync::Mutex::new(HashMap::new()),
+            watching: std::sync::Mutex::new(Vec::new()),
+            typed: std::sync::Mutex::new(HashMap::new()),
         });
+        let first = !self.users.contains_key(&**user);
         let replaced = {
             let mut conns = self.users.entry(user.clone()).or_default();
             let old = conns
@@ -190,19 +319,43 @@ impl Connections {
             user: user.clone(),
             platform,
         });
+        if first && self.local_presence() && self.is_watched(user) {
+            self.presence_seen(user, &self.platforms(user));
+        }
         (handle, rx)
     }
 
-    pub fn unregister(&self, user: &str, id: u64) {
+    /// Forget connection `id` of `user`; whether it was the user's last here.
+    pub fn unregister(&self, user: &str, id: u64) -> bool {
+        let mut last = false;
+        let mut platform = None;
         if let Some(mut conns) = self.users.get_mut(user) {
+            if let Some(c) = conns.iter().find(|c| c.id == id) {
+                self.unwatch(c);
+                platform = Some(c.platform);
+            }
             conns.retain(|c| c.id != id);
+            let still = platform.is_some_and(|p| conns.iter().any(|c| c.platform == p));
             if conns.is_empty() {
                 drop(conns);
                 if self.users.remove_if(user, |_, v| v.is_empty()).is_some() {
-                    self.tell(ConnEvent::LastClosed { user: user.into() });
+                    last = true;
                 }
             }
+            if let (Some(p), false) = (platform, still) {
+                self.tell(ConnEvent::Closed {
+                    user: user.into(),
+                    platform: p,
+                });
+            }
         }
+        if last {
+            self.tell(ConnEvent::LastClosed { user: user.into() });
+            if self.local_presence() && self.is_watched(user) {
+                self.presence_seen(user, &[]);
+            }
+        }
+        last
     }
 
     /// Queue `out` on every connection of `user`, but `except` (a connection id).

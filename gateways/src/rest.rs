@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use imflow_stages::model::{ErrorCode, ImError, SendRequest};
 
-use crate::api::{http_status, Api};
+use crate::api::{http_status, Api, SyncOptions};
 use crate::auth::{token_from, Identity};
 
 /// What the REST router shares between requests.
@@ -97,7 +97,9 @@ impl FromRequestParts<RestState> for Caller {
             .ok_or_else(|| ImError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
         let who = state.api.auth.verify(&token).await?;
         if state.per_user.check_key(&who.user_id).is_err() {
-            return Err(ImError::new(ErrorCode::RateLimited, "too many requests; slow down").into());
+            return Err(
+                ImError::new(ErrorCode::RateLimited, "too many requests; slow down").into(),
+            );
         }
         Ok(Caller(who))
     }
@@ -143,10 +145,35 @@ pub fn router(state: RestState) -> Router {
             delete(remove_member),
         )
         .route("/groups/{group_id}/members/{user_id}/role", put(set_role))
+        .route(
+            "/groups/{group_id}",
+            get(group_info).put(update_group).delete(dismiss_group),
+        )
+        .route("/groups/{group_id}/mute", post(mute_group))
+        .route(
+            "/groups/{group_id}/members/{user_id}/mute",
+            post(mute_member),
+        )
+        .route("/groups/{group_id}/transfer", post(transfer_group))
+        .route("/users/me", get(my_profile).put(update_me))
+        .route("/users/me/groups", get(my_groups))
+        .route("/users/me/blocks", get(blocks))
+        .route("/users/me/blocks/{user_id}", put(block).delete(unblock))
+        .route("/users/me/devices/{platform}", put(set_device))
+        .route("/users/{user_id}", get(user_profile))
+        .route("/users/{user_id}/presence", get(presence))
         .route("/msg/send", post(send))
         .route("/conversations", get(conversations))
         .route("/conversations/{conversation_id}/messages", get(messages))
+        .route(
+            "/conversations/{conversation_id}/messages/{seq}/revoke",
+            post(revoke),
+        )
         .route("/conversations/{conversation_id}/read", post(read))
+        .route(
+            "/conversations/{conversation_id}/settings",
+            put(conversation_settings),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(ImError::not_found("no such endpoint")) })
@@ -320,9 +347,253 @@ async fn send(
     })))
 }
 
-async fn conversations(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
-    let list = s.api.sync(&me.user_id).await?;
-    Ok(Json(json!({"conversations": list})))
+#[derive(Deserialize)]
+struct SyncQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+async fn conversations(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Query(q): Query<SyncQuery>,
+) -> ApiResult<Json<Value>> {
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .map_err(|_| ImError::bad_request("since must be a time in ms"))?,
+        ),
+    };
+    let limit = match q.limit.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| ImError::bad_request("limit must be 1 to 1000"))?,
+        ),
+    };
+    let r = s
+        .api
+        .sync(&me.user_id, SyncOptions { since, limit })
+        .await?;
+    Ok(Json(
+        json!({"conversations": r.conversations, "more": r.more}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsBody {
+    #[serde(default)]
+    pinned: Option<bool>,
+    #[serde(default)]
+    muted: Option<bool>,
+}
+
+async fn conversation_settings(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(conversation_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: SettingsBody = body(&bytes)?;
+    s.api
+        .conversation_settings(&me.user_id, &conversation_id, b.pinned, b.muted)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn revoke(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path((conversation_id, seq)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let seq = number("seq", Some(&seq), 0u64)?;
+    s.api.revoke(&me.user_id, &conversation_id, seq).await?;
+    Ok(Json(json!({})))
+}
+
+async fn group_info(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(s.api.group_info(&me.user_id, &group_id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupEdit {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    notice: Option<String>,
+    #[serde(default)]
+    avatar_url: Option<String>,
+}
+
+async fn update_group(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: GroupEdit = body(&bytes)?;
+    let changes = imflow_stages::store::GroupChanges {
+        name: b.name,
+        notice: b.notice,
+        avatar_url: b.avatar_url,
+    };
+    s.api.update_group(&me.user_id, &group_id, changes).await?;
+    Ok(Json(json!({})))
+}
+
+async fn dismiss_group(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    s.api.dismiss_group(&me.user_id, &group_id).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct MuteBody {
+    muted: bool,
+}
+
+async fn mute_group(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: MuteBody = body(&bytes)?;
+    s.api.mute_group(&me.user_id, &group_id, b.muted).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct MuteMemberBody {
+    seconds: u64,
+}
+
+async fn mute_member(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path((group_id, user_id)): Path<(String, String)>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: MuteMemberBody = body(&bytes)?;
+    s.api
+        .mute_member(&me.user_id, &group_id, &user_id, b.seconds)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct TransferBody {
+    user_id: String,
+}
+
+async fn transfer_group(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: TransferBody = body(&bytes)?;
+    s.api
+        .transfer_group(&me.user_id, &group_id, &b.user_id)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn my_groups(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"groups": s.api.my_groups(&me.user_id).await?})))
+}
+
+async fn user_profile(
+    Caller(_): Caller,
+    State(s): State<RestState>,
+    Path(user_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(s.api.profile(&user_id).await?)))
+}
+
+async fn my_profile(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(s.api.profile(&me.user_id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileEdit {
+    #[serde(default)]
+    nickname: Option<String>,
+    #[serde(default)]
+    avatar_url: Option<String>,
+}
+
+async fn update_me(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: ProfileEdit = body(&bytes)?;
+    s.api
+        .update_profile(&me.user_id, b.nickname, b.avatar_url)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn blocks(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"user_ids": s.api.blocks(&me.user_id).await?})))
+}
+
+async fn block(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(user_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    s.api.block(&me.user_id, &user_id, true).await?;
+    Ok(Json(json!({})))
+}
+
+async fn unblock(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(user_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    s.api.block(&me.user_id, &user_id, false).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    push_token: String,
+    provider: String,
+}
+
+async fn set_device(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(platform): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    let platform = number("platform", Some(&platform), 0i64)?;
+    let b: DeviceBody = body(&bytes)?;
+    s.api
+        .set_device(&me.user_id, platform, b.push_token, b.provider)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn presence(
+    Caller(_): Caller,
+    State(s): State<RestState>,
+    Path(user_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(s.api.user_presence(&user_id).await?)))
 }
 
 #[derive(Deserialize)]

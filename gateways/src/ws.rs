@@ -30,7 +30,7 @@ use imflow_stages::model::{
     close_with_messages, push_json_str, AckInfo, ErrorCode, ImError, SendRequest,
 };
 
-use crate::api::Api;
+use crate::api::{Api, SyncOptions};
 use crate::auth::{token_from, Identity};
 use crate::connections::{ConnHandle, Outbound};
 use crate::handshake::{read_head, Replay};
@@ -205,7 +205,14 @@ async fn accept(
     tracing::debug!(user = %me.user_id, platform = me.platform, conn = handle.id, "connected");
     let limits = Limits::from(&*settings);
     run_connection(ws, &api, &me, &handle, rx, &limits).await;
-    api.conns.unregister(&me.user_id, handle.id);
+    if api.conns.unregister(&me.user_id, handle.id) && api.cluster.is_none() {
+        // Its last connection: when it was last seen (a cluster gateway's
+        // presence recorder keeps this for all of its users).
+        let seen = [(me.user_id.clone(), imflow_stages::model::now_ms())];
+        if let Err(e) = api.services.directory.set_last_seen(&seen).await {
+            tracing::warn!(error = %e, "last seen time not recorded");
+        }
+    }
     tracing::debug!(user = %me.user_id, conn = handle.id, "disconnected");
     Ok(())
 }
@@ -246,6 +253,16 @@ struct PullReq {
 struct ReadReq {
     conversation_id: String,
     seq: u64,
+}
+
+#[derive(Deserialize)]
+struct TypingReq {
+    conversation_id: String,
+}
+
+#[derive(Deserialize)]
+struct PresenceReq {
+    user_ids: Vec<String>,
 }
 
 /// A reply frame: `op`, the request's `rid`, then `fields`.
@@ -305,7 +322,7 @@ pub async fn run_connection<S>(
     mut ws: S,
     api: &Api,
     me: &Identity,
-    handle: &ConnHandle,
+    handle: &Arc<ConnHandle>,
     mut rx: mpsc::Receiver<Outbound>,
     limits: &Limits,
 ) where
@@ -424,7 +441,7 @@ where
 async fn handle_text(
     api: &Api,
     me: &Identity,
-    handle: &ConnHandle,
+    handle: &Arc<ConnHandle>,
     rate: &DefaultDirectRateLimiter,
     text: &str,
     pending: &mut FuturesUnordered<AckFuture>,
@@ -455,7 +472,12 @@ async fn handle_text(
     }
     let head = match &head {
         Ok(h) => h,
-        Err(e) => return Err(error_frame(None, &ImError::bad_request(format!("malformed frame: {e}")))),
+        Err(e) => {
+            return Err(error_frame(
+                None,
+                &ImError::bad_request(format!("malformed frame: {e}")),
+            ))
+        }
     };
     if head.rid.is_some() && rid.is_none() {
         return Err(error_frame(
@@ -480,10 +502,47 @@ async fn handle_text(
                 Err(e) => Ok(Some(fail(e))),
             }
         }
-        "sync" => match api.sync(&me.user_id).await {
-            Ok(list) => Ok(Some(reply("sync", rid, json!({"conversations": list})))),
-            Err(e) => Ok(Some(fail(e))),
-        },
+        "sync" => {
+            let opts: SyncOptions =
+                serde_json::from_str(text).map_err(|e| fail(bad_json("sync", e)))?;
+            match api.sync(&me.user_id, opts).await {
+                Ok(r) => Ok(Some(reply(
+                    "sync",
+                    rid,
+                    json!({"conversations": r.conversations, "more": r.more}),
+                ))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "revoke" => {
+            let req: ReadReq =
+                serde_json::from_str(text).map_err(|e| fail(bad_json("revoke", e)))?;
+            match api.revoke(&me.user_id, &req.conversation_id, req.seq).await {
+                Ok(()) => Ok(Some(reply("ok", rid, json!({})))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "typing" => {
+            let req: TypingReq =
+                serde_json::from_str(text).map_err(|e| fail(bad_json("typing", e)))?;
+            // At most one a second per conversation and connection goes on;
+            // the rest are answered and dropped.
+            if !handle.typing_allowed(&req.conversation_id) {
+                return Ok(Some(reply("ok", rid, json!({}))));
+            }
+            match api.typing(&me.user_id, &req.conversation_id).await {
+                Ok(()) => Ok(Some(reply("ok", rid, json!({})))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
+        "subscribe_presence" => {
+            let req: PresenceReq = serde_json::from_str(text)
+                .map_err(|e| fail(bad_json("subscribe_presence", e)))?;
+            match api.subscribe_presence(handle, req.user_ids).await {
+                Ok(users) => Ok(Some(reply("presence", rid, json!({"users": users})))),
+                Err(e) => Ok(Some(fail(e))),
+            }
+        }
         "pull" => {
             let req: PullReq = serde_json::from_str(text).map_err(|e| fail(bad_json("pull", e)))?;
             match api
@@ -506,7 +565,7 @@ async fn handle_text(
         }
         "ping" => Ok(Some(reply("pong", rid, json!({})))),
         other => Err(fail(ImError::bad_request(format!(
-            "unknown op `{other}`; ops are send, sync, pull, read, ping"
+            "unknown op `{other}`; ops are send, sync, pull, read, revoke, typing, subscribe_presence, ping"
         )))),
     }
 }
@@ -607,6 +666,7 @@ mod tests {
             auth,
             conns,
             cluster: None,
+            rules: Default::default(),
         })
     }
 

@@ -225,14 +225,20 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), AckStatus::Delivered);
         client.fail("a later stage failed");
         client.release();
-        assert!(rx.try_recv().is_err(), "answered once, at the durable point");
+        assert!(
+            rx.try_recv().is_err(),
+            "answered once, at the durable point"
+        );
 
         let (tx, rx) = mpsc::channel();
         let offset = Ack::new(move |s| tx.send(s).unwrap());
         let downstream = offset.clone();
         offset.durable();
         offset.release();
-        assert!(rx.try_recv().is_err(), "an offset waits for the whole chain");
+        assert!(
+            rx.try_recv().is_err(),
+            "an offset waits for the whole chain"
+        );
         downstream.release();
         assert_eq!(rx.try_recv().unwrap(), AckStatus::Delivered);
     }

@@ -173,14 +173,15 @@ pub(crate) fn producer(
     let watcher = shared.clone();
     tokio::spawn(async move {
         let mut inflight = FuturesUnordered::new();
-        let settle = |res: DeliveryOutcome, ack: Ack, (generation, producer): (u64, FutureProducer)| {
-            match &res {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => watcher.replace_if_fatal(generation, &producer, Some(e)),
-                Err(_) => watcher.replace_if_fatal(generation, &producer, None),
-            }
-            settle(res, ack);
-        };
+        let settle =
+            |res: DeliveryOutcome, ack: Ack, (generation, producer): (u64, FutureProducer)| {
+                match &res {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => watcher.replace_if_fatal(generation, &producer, Some(e)),
+                    Err(_) => watcher.replace_if_fatal(generation, &producer, None),
+                }
+                settle(res, ack);
+            };
         loop {
             tokio::select! {
                 next = rx.recv() => match next {
@@ -236,13 +237,14 @@ impl KafkaOut {
                 .payload(&payload);
             match producer.send_result(record) {
                 Ok(fut) => {
-                    return self.deliveries.send((fut, env.ack, (generation, producer))).map_err(
-                        |mpsc::error::SendError((_, ack, _))| {
+                    return self
+                        .deliveries
+                        .send((fut, env.ack, (generation, producer)))
+                        .map_err(|mpsc::error::SendError((_, ack, _))| {
                             ack.fail("kafka edge closed");
                             ack.release();
                             Closed
-                        },
-                    );
+                        });
                 }
                 // The producer's queue is full: the broker is behind. Wait
                 // (backpressure) rather than drop.
@@ -250,7 +252,8 @@ impl KafkaOut {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, _)) => {
-                    self.shared.replace_if_fatal(generation, &producer, Some(&e));
+                    self.shared
+                        .replace_if_fatal(generation, &producer, Some(&e));
                     env.ack.fail(format!("kafka produce failed: {e}"));
                     env.ack.release();
                     return Ok(());
@@ -447,7 +450,9 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
             "heartbeat.interval.ms",
-            (settings.session_timeout.as_millis() / 3).clamp(100, 1000).to_string(),
+            (settings.session_timeout.as_millis() / 3)
+                .clamp(100, 1000)
+                .to_string(),
         )
         .set(
             "session.timeout.ms",
@@ -467,7 +472,8 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         // Items whose ack failed, to hand to the stage again.
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64, u64)>();
-        let retried = metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
+        let retried =
+            metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
         // Zero once everything handed over is committed; a partition that
         // never gets there is stuck.
         let uncommitted = metrics::gauge!("imflow_kafka_uncommitted", "stage" => stage.clone(), "topic" => topic.clone());

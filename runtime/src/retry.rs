@@ -78,7 +78,13 @@ mod tests {
             || {
                 tries += 1;
                 let n = tries;
-                async move { if n < 5 { Err(n) } else { Ok(n) } }
+                async move {
+                    if n < 5 {
+                        Err(n)
+                    } else {
+                        Ok(n)
+                    }
+                }
             },
             |_, d| delays.push(d.as_millis()),
         )

@@ -122,6 +122,25 @@ impl HotCache {
         Some(q.range(start..=end).cloned().collect())
     }
 
+    fn last_one(&self, conversation: &str) -> Option<(u64, Arc<str>)> {
+        let shard = self.shard(conversation);
+        shard.recent.peek(conversation)?.messages.back().cloned()
+    }
+
+    /// Replace the body of a cached message (a revoke).
+    pub fn replace(&self, conversation: &str, seq: u64, body: &Arc<str>) {
+        let mut shard = self.shard(conversation);
+        let sh = &mut *shard;
+        let Some(r) = sh.recent.peek_mut(conversation) else {
+            return;
+        };
+        if let Some(slot) = r.messages.iter_mut().find(|(s, _)| *s == seq) {
+            let old = std::mem::replace(&mut slot.1, body.clone());
+            r.bytes = r.bytes + body.len() - old.len();
+            sh.bytes = sh.bytes + body.len() - old.len();
+        }
+    }
+
     fn last_seq(&self, conversation: &str) -> Option<u64> {
         let shard = self.shard(conversation);
         shard
@@ -171,6 +190,23 @@ impl Hot for HotCache {
             .filter_map(|c| Some((c.clone(), self.last_seq(c)?)))
             .collect()
     }
+
+    async fn last(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, (u64, Arc<str>)> {
+        conversations
+            .iter()
+            .filter_map(|c| Some((c.clone(), self.last_one(c)?)))
+            .collect()
+    }
+
+    async fn replace(
+        &self,
+        conversation: &str,
+        seq: u64,
+        body: &Arc<str>,
+    ) -> crate::error::Result<()> {
+        HotCache::replace(self, conversation, seq, body);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -211,7 +247,13 @@ mod tests {
         // Only the most recent fit, and the newest is whole.
         assert!(c.conversations() < 50_000);
         assert!(c.conversations() > 1000, "{}", c.conversations());
-        assert_eq!(c.range("si_user49999_peer49999", 1, 3).map(|r| r.len()), Some(3));
-        assert!(c.range("si_user0_peer0", 1, 3).is_none(), "the oldest went first");
+        assert_eq!(
+            c.range("si_user49999_peer49999", 1, 3).map(|r| r.len()),
+            Some(3)
+        );
+        assert!(
+            c.range("si_user0_peer0", 1, 3).is_none(),
+            "the oldest went first"
+        );
     }
 }

@@ -21,6 +21,14 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RateLimited,
     Unavailable,
+    /// The recipient blocks the sender (PROTOCOL v2).
+    Blocked,
+    /// The sender is muted in the group, or the group is muted.
+    Muted,
+    /// The revoke window is over.
+    TooLate,
+    /// The group no longer exists.
+    Dismissed,
 }
 
 impl ErrorCode {
@@ -34,6 +42,10 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Blocked => "blocked",
+            ErrorCode::Muted => "muted",
+            ErrorCode::TooLate => "too_late",
+            ErrorCode::Dismissed => "dismissed",
         }
     }
 }
@@ -67,6 +79,55 @@ impl ImError {
     }
     pub fn unavailable(m: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unavailable, m)
+    }
+}
+
+/// Server notifications (PROTOCOL v2): content types only the server
+/// writes into a conversation.
+pub mod notification {
+    pub const GROUP_CREATED: i64 = 1001;
+    pub const MEMBERS_ADDED: i64 = 1002;
+    pub const MEMBERS_REMOVED: i64 = 1003;
+    pub const MEMBER_LEFT: i64 = 1004;
+    pub const ROLE_CHANGED: i64 = 1005;
+    pub const GROUP_INFO_CHANGED: i64 = 1006;
+    pub const GROUP_MUTED: i64 = 1007;
+    pub const MEMBER_MUTED: i64 = 1008;
+    pub const GROUP_DISMISSED: i64 = 1009;
+    pub const OWNER_TRANSFERRED: i64 = 1010;
+    pub const MESSAGE_REVOKED: i64 = 1100;
+
+    /// Whether `content_type` is a server notification.
+    pub fn is(content_type: i64) -> bool {
+        content_type >= 1000
+    }
+}
+
+/// A stored message's JSON with its content deleted and `revoked: true`
+/// (what `pull` returns once it was revoked).
+pub fn revoked_body(body: &str) -> Option<String> {
+    let mut v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let o = v.as_object_mut()?;
+    o.insert("content".into(), serde_json::Value::Null);
+    o.insert("revoked".into(), serde_json::Value::Bool(true));
+    serde_json::to_string(&v).ok()
+}
+
+/// What the server needs to know of a stored message to judge a revoke.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredHead {
+    pub seq: u64,
+    pub server_msg_id: String,
+    pub sender: String,
+    pub content_type: i64,
+    pub send_time: i64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl StoredHead {
+    pub fn of(body: &str) -> Option<StoredHead> {
+        serde_json::from_str(body).ok()
     }
 }
 
@@ -156,6 +217,16 @@ pub struct SendRequest {
     pub group_id: Option<String>,
     pub content_type: i64,
     pub content: Box<RawValue>,
+}
+
+/// A server notification to write into a conversation (see
+/// `IngestHandle::notify`); the conversation is the group, or the single
+/// chat between its cause and `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notice {
+    pub target: Target,
+    pub content_type: i64,
+    pub content: serde_json::Value,
 }
 
 /// A message after `ingest`: authorised and stamped, not yet sequenced.
@@ -413,7 +484,11 @@ mod tests {
         assert!(check_content(102, &raw(r#"{"url":"x","w":3}"#)).is_ok());
         assert!(check_content(106, &raw(r#"{"text":"@a","user_ids":["a"]}"#)).is_ok());
         assert!(check_content(110, &raw("[1,2]")).is_ok());
-        for lone in [r#"{"a":"\ud800"}"#, r#"["x\udc00y"]"#, r#"{"text":"\ud800"}"#] {
+        for lone in [
+            r#"{"a":"\ud800"}"#,
+            r#"["x\udc00y"]"#,
+            r#"{"text":"\ud800"}"#,
+        ] {
             for t in [101, 110] {
                 assert_eq!(
                     check_content(t, &raw(lone)).unwrap_err().code,
@@ -422,7 +497,10 @@ mod tests {
                 );
             }
         }
-        assert!(check_content(110, &raw(r#"{"a":"\ud83d\ude00"}"#)).is_ok(), "a pair is fine");
+        assert!(
+            check_content(110, &raw(r#"{"a":"\ud83d\ude00"}"#)).is_ok(),
+            "a pair is fine"
+        );
         assert_eq!(
             check_content(1001, &raw("{}")).unwrap_err().code,
             ErrorCode::BadRequest

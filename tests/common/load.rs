@@ -183,9 +183,8 @@ fn conversation(a: &str, b: &str) -> String {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Send one message (a resend when `cmid` was sent before); its rid.
 async fn send_message(ws: &mut Ws, rid: &mut u64, cmid: &str, receiver: &str) -> String {
@@ -273,11 +272,7 @@ impl Pair {
         let mut stop_deadline = far;
         let mut first_sent: HashMap<String, Instant> = HashMap::new();
         loop {
-            if stopping
-                && outstanding.is_empty()
-                && retry_at.is_empty()
-                && self.all_pushed()
-            {
+            if stopping && outstanding.is_empty() && retry_at.is_empty() && self.all_pushed() {
                 break;
             }
             tokio::select! {
@@ -409,7 +404,9 @@ impl Pair {
         loop {
             let to = from + 999;
             let frame = json!({"op": "pull", "rid": "read-all", "conversation_id": conv, "from_seq": from, "to_seq": to});
-            rx.send(Message::text(frame.to_string())).await.expect("pull");
+            rx.send(Message::text(frame.to_string()))
+                .await
+                .expect("pull");
             let reply = loop {
                 let f = tokio::time::timeout(Duration::from_secs(20), rx.next())
                     .await

@@ -9,7 +9,7 @@ use imflow_runtime::{
 };
 use serde::Deserialize;
 
-use crate::model::{Delivery, Sequenced, Target};
+use crate::model::{notification, Delivery, Sequenced, Target};
 use crate::store::Directory;
 use crate::Services;
 
@@ -74,8 +74,8 @@ async fn run(
             let recipients: Arc<[Arc<str>]> = match &item.msg.target {
                 Target::User(r) if *r == item.msg.sender => Arc::from(vec![r.clone()]),
                 Target::User(r) => Arc::from(vec![item.msg.sender.clone(), r.clone()]),
-                Target::Group(g) => match directory.group(g).await {
-                    Ok(Some(group)) => group.members.clone(),
+                Target::Group(g) => match group_readers(&*directory, g, &item).await {
+                    Ok(Some(readers)) => readers,
                     Ok(None) => Arc::from(Vec::new()),
                     Err(e) => {
                         // The message is stored; members still get it by sync.
@@ -97,4 +97,54 @@ async fn run(
         }
     }
     Ok(())
+}
+
+/// Who gets a group message: the members who may read its seq, and for a
+/// notification about members (added, removed, left) the users it names,
+/// who learn of it whatever their membership now. A snapshot with a member
+/// still waiting for the seq that added them is read again from the store:
+/// `persist-mongo` recorded it before this message came here.
+async fn group_readers(
+    directory: &dyn Directory,
+    group_id: &str,
+    item: &Sequenced,
+) -> crate::error::Result<Option<Arc<[Arc<str>]>>> {
+    let mut group = directory.group(group_id).await?;
+    if group.as_ref().is_some_and(|g| g.has_pending()) {
+        group = directory.group_fresh(group_id).await?;
+    }
+    let Some(group) = group else { return Ok(None) };
+    let readers = group.readers(item.seq);
+    let named = named_users(item);
+    if named.is_empty() {
+        return Ok(Some(readers));
+    }
+    let mut all: Vec<Arc<str>> = readers.to_vec();
+    for u in named {
+        if !all.iter().any(|r| **r == *u) {
+            all.push(u.into());
+        }
+    }
+    Ok(Some(all.into()))
+}
+
+/// The users a membership notification names.
+pub(crate) fn named_users(item: &Sequenced) -> Vec<String> {
+    let field = match item.msg.content_type {
+        notification::GROUP_CREATED => "members",
+        notification::MEMBERS_ADDED | notification::MEMBERS_REMOVED => "user_ids",
+        notification::MEMBER_LEFT => "user_id",
+        _ => return Vec::new(),
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&item.msg.content) else {
+        return Vec::new();
+    };
+    match &v[field] {
+        serde_json::Value::String(u) => vec![u.clone()],
+        serde_json::Value::Array(list) => list
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
 }

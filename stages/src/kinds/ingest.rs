@@ -14,11 +14,13 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::model::{
-    check_content, check_id, new_server_msg_id, now_ms, partition_key, valid_client_msg_id,
-    AckInfo, Conversation, ImError, SendRequest, Stamped, Target,
+    check_content, check_id, new_server_msg_id, notification, now_ms, partition_key,
+    valid_client_msg_id, AckInfo, Conversation, ErrorCode, ImError, Notice, SendRequest, Stamped,
+    Target,
 };
 use crate::store::redis::{Redis, ResendClaim};
 use crate::store::Directory;
+use crate::store::Role;
 use crate::{Resends, Services};
 
 #[derive(Deserialize, Default)]
@@ -138,15 +140,56 @@ impl IngestHandle {
         }
     }
 
+    fn output(&self) -> Result<Output<Stamped>, ImError> {
+        match self.inner.output.read() {
+            Ok(o) => o.clone(),
+            Err(_) => None,
+        }
+        .ok_or_else(|| ImError::unavailable("the server is shutting down"))
+    }
+
+    /// Write a server notification (content type 1000 and up) into a
+    /// conversation, caused by `sender`: it takes the next seq and is stored
+    /// and pushed like any message. The operation that caused it answers
+    /// once it is durable.
+    pub async fn notify(&self, sender: &Arc<str>, notice: Notice) -> Result<PendingAck, ImError> {
+        if !notification::is(notice.content_type) {
+            return Err(ImError::bad_request("not a notification type"));
+        }
+        let conversation = match &notice.target {
+            Target::User(peer) => Conversation::single(sender, peer),
+            Target::Group(g) => Conversation::Group(g.clone()),
+        };
+        let server_msg_id = new_server_msg_id();
+        let msg = Stamped {
+            conversation_id: conversation.id().into(),
+            client_msg_id: format!("n-{server_msg_id}").into(),
+            server_msg_id: server_msg_id.into(),
+            sender: sender.clone(),
+            target: notice.target,
+            content_type: notice.content_type,
+            content: notice.content.to_string().into(),
+            send_time: now_ms(),
+        };
+        let output = self.output()?;
+        let (tx, rx) = oneshot::channel();
+        let info = msg.ack_info();
+        let ack = Ack::until_durable(move |status| {
+            let _ = tx.send(answer(info, status));
+        });
+        let key = partition_key(&msg.conversation_id);
+        output
+            .send(Envelope::new(key, msg, ack))
+            .await
+            .map_err(|_| ImError::unavailable("the pipeline is not running"))?;
+        Ok(PendingAck::Waiting(rx))
+    }
+
     /// Check, stamp and submit a message from `sender`. Waits only while the
     /// pipeline is full (backpressure); the durable ack comes later.
     pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
         let mut msg = self.stamp(sender, req).await?;
-        let output = match self.inner.output.read() {
-            Ok(o) => o.clone(),
-            Err(_) => None,
-        }
-        .ok_or_else(|| ImError::unavailable("the server is shutting down"))?;
+        let output = self.output()?;
         let (tx, rx) = oneshot::channel();
         let ack = match &self.inner.resends {
             Resends::Local(index) => {
@@ -193,6 +236,19 @@ impl IngestHandle {
                 {
                     return Err(ImError::not_found(format!("no user {r}")));
                 }
+                if **sender != *r
+                    && self
+                        .inner
+                        .directory
+                        .is_blocked(&r, sender)
+                        .await
+                        .map_err(|e| e.to_client())?
+                {
+                    return Err(ImError::new(
+                        ErrorCode::Blocked,
+                        format!("{r} does not take messages from {sender}"),
+                    ));
+                }
                 let conv = Conversation::single(sender, &r);
                 (Target::User(r.into()), conv)
             }
@@ -205,10 +261,29 @@ impl IngestHandle {
                     .await
                     .map_err(|e| e.to_client())?
                     .ok_or_else(|| ImError::not_found(format!("no group {g}")))?;
-                if group.role_of(sender).is_none() {
+                let Some(me) = group.member(sender) else {
                     return Err(ImError::forbidden(format!(
                         "{sender} is not a member of group {g}"
                     )));
+                };
+                if group.dismissed {
+                    return Err(ImError::new(
+                        ErrorCode::Dismissed,
+                        format!("group {g} was dismissed"),
+                    ));
+                }
+                let admin = matches!(me.role, Role::Owner | Role::Admin);
+                if group.muted && !admin {
+                    return Err(ImError::new(
+                        ErrorCode::Muted,
+                        format!("group {g} is muted: only its owner and admins send"),
+                    ));
+                }
+                if me.muted_until > now_ms() {
+                    return Err(ImError::new(
+                        ErrorCode::Muted,
+                        format!("{sender} is muted in group {g} until {}", me.muted_until),
+                    ));
                 }
                 (
                     Target::Group(g.clone().into()),

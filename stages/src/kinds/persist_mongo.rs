@@ -22,7 +22,7 @@ use imflow_runtime::{
 };
 use serde::Deserialize;
 
-use crate::model::{Sequenced, Target};
+use crate::model::{notification, Sequenced, Target};
 use crate::store::{Directory, History, Sequencer};
 use crate::{Resends, Services};
 
@@ -120,7 +120,8 @@ async fn run(
             let result = match stores.history.commit(items).await {
                 Ok(taken) if taken.is_empty() => Ok(Vec::new()),
                 Ok(taken) => {
-                    let again: Vec<usize> = taken.iter().filter_map(|&t| todo.get(t).copied()).collect();
+                    let again: Vec<usize> =
+                        taken.iter().filter_map(|&t| todo.get(t).copied()).collect();
                     reassign(&stores, &mut batch, &again)
                         .await
                         .map(|()| again)
@@ -166,6 +167,25 @@ async fn run(
             while let Err(e) = stores.directory.open_single_chats(&opened).await {
                 errors.increment(1);
                 tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording new single chats failed; retrying");
+                backoff.wait().await;
+            }
+        }
+        // Members added by a notification read from its seq on: recorded
+        // before it goes on, so fanout and `pull` see it.
+        for env in batch.iter().filter(|e| {
+            matches!(
+                e.item.msg.content_type,
+                notification::GROUP_CREATED | notification::MEMBERS_ADDED
+            )
+        }) {
+            let Target::Group(g) = &env.item.msg.target else {
+                continue;
+            };
+            let users = super::fanout::named_users(&env.item);
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            while let Err(e) = stores.directory.set_min_seq(g, &users, env.item.seq).await {
+                errors.increment(1);
+                tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording new members' first seq failed; retrying");
                 backoff.wait().await;
             }
         }

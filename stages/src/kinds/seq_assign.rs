@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::{
-    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind,
-    StageTask,
+    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
 };
 use serde::Deserialize;
 

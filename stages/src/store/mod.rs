@@ -51,6 +51,31 @@ impl Role {
     }
 }
 
+/// A member's place in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub role: Role,
+    /// The first seq this member may read: that of the notification that
+    /// added them. `None` while that notification is not stored yet (the
+    /// member sees nothing of the group until then).
+    pub min_seq: Option<u64>,
+    /// Muted (may not send) until this time (ms); 0: not muted.
+    pub muted_until: i64,
+}
+
+/// What a group is, besides its members.
+#[derive(Debug, Clone, Default)]
+pub struct GroupInfo {
+    pub name: String,
+    pub owner: String,
+    pub notice: String,
+    pub avatar_url: String,
+    /// Only the owner and admins may send.
+    pub muted: bool,
+    /// Dismissed: nobody sends or changes members; members still read.
+    pub dismissed: bool,
+}
+
 /// A group as the hot path sees it: a snapshot replaced on every change, so
 /// readers never lock.
 #[derive(Debug)]
@@ -58,37 +83,131 @@ pub struct GroupState {
     pub group_id: Arc<str>,
     pub name: String,
     pub owner: Arc<str>,
-    pub roles: HashMap<Arc<str>, Role>,
+    pub notice: String,
+    pub avatar_url: String,
+    pub muted: bool,
+    pub dismissed: bool,
+    pub membership: HashMap<Arc<str>, Membership>,
     /// Members in join order; shared by every delivery of a group message.
     pub members: Arc<[Arc<str>]>,
+    /// From this seq on every member may read (none is still waiting for
+    /// the notification that added them): deliveries need no filtering.
+    pub readable_by_all_from: Option<u64>,
 }
 
 impl GroupState {
     pub fn role_of(&self, user: &str) -> Option<Role> {
-        self.roles.get(user).copied()
+        self.membership.get(user).map(|m| m.role)
     }
 
+    pub fn member(&self, user: &str) -> Option<&Membership> {
+        self.membership.get(user)
+    }
+
+    /// Whether a member's first readable seq is not known yet (a
+    /// notification adding them is on its way).
+    pub fn has_pending(&self) -> bool {
+        self.membership.values().any(|m| m.min_seq.is_none())
+    }
+
+    /// The members who may read seq `seq`, in join order (shared when all
+    /// of them may).
+    pub fn readers(&self, seq: u64) -> Arc<[Arc<str>]> {
+        match self.readable_by_all_from {
+            Some(from) if seq >= from => self.members.clone(),
+            _ => self
+                .members
+                .iter()
+                .filter(|u| self.can_read(u, seq))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Whether `user` may read seq `seq` of the group.
+    pub fn can_read(&self, user: &str, seq: u64) -> bool {
+        self.member(user)
+            .and_then(|m| m.min_seq)
+            .is_some_and(|min| seq >= min)
+    }
+
+    /// Rows: (user, role, min_seq or null, muted_until), in join order.
     pub(crate) fn from_rows(
         group_id: &str,
-        name: String,
-        owner: String,
-        rows: impl IntoIterator<Item = (String, i64)>,
+        info: GroupInfo,
+        rows: impl IntoIterator<Item = (String, i64, Option<i64>, i64)>,
     ) -> GroupState {
-        let mut roles = HashMap::new();
+        let mut membership = HashMap::new();
         let mut members = Vec::new();
-        for (user, role) in rows {
+        for (user, role, min_seq, muted_until) in rows {
             let u: Arc<str> = Arc::from(user);
-            roles.insert(u.clone(), Role::from_i64(role));
+            membership.insert(
+                u.clone(),
+                Membership {
+                    role: Role::from_i64(role),
+                    min_seq: min_seq.map(|s| s.max(1) as u64),
+                    muted_until,
+                },
+            );
             members.push(u);
         }
+        let readable_by_all_from = membership
+            .values()
+            .map(|m| m.min_seq)
+            .try_fold(1, |acc, m| m.map(|m| acc.max(m)));
         GroupState {
+            readable_by_all_from,
             group_id: group_id.into(),
-            name,
-            owner: owner.into(),
-            roles,
+            name: info.name,
+            owner: info.owner.into(),
+            notice: info.notice,
+            avatar_url: info.avatar_url,
+            muted: info.muted,
+            dismissed: info.dismissed,
+            membership,
             members: members.into(),
         }
     }
+}
+
+/// Changes to a group's info (only those given).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GroupChanges {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+/// A user's public profile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Profile {
+    pub user_id: String,
+    pub nickname: String,
+    pub avatar_url: String,
+}
+
+/// Where a user's offline notifications go, per platform.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Device {
+    pub platform: u8,
+    pub push_token: String,
+    pub provider: String,
+}
+
+/// What a user keeps per conversation, for the conversation list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRow {
+    pub conversation_id: String,
+    pub read_seq: u64,
+    /// The first seq the user may read (1 but for members added later).
+    pub min_seq: u64,
+    pub pinned: bool,
+    pub muted: bool,
+    /// When the user last read or changed its settings (ms; 0: never).
+    pub changed_at: i64,
 }
 
 /// How hard a commit is made durable.
@@ -102,12 +221,22 @@ pub enum Durability {
     Normal,
 }
 
-/// One conversation a user takes part in, for `sync`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// One conversation a user takes part in, for `sync` (PROTOCOL v1 fields
+/// first, then v2's).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ConversationState {
     pub conversation_id: String,
     pub max_seq: u64,
     pub read_seq: u64,
+    pub min_seq: u64,
+    pub unread: u64,
+    pub last_message: Option<Box<serde_json::value::RawValue>>,
+    pub pinned: bool,
+    pub muted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// Users, groups and what users keep per conversation.
@@ -119,13 +248,34 @@ pub trait Directory: Send + Sync + 'static {
     async fn user_exists(&self, user: &str) -> Result<bool>;
     /// Register users; an existing user keeps everything but a new nickname.
     async fn register_users(&self, users: &[(String, Option<String>)]) -> Result<usize>;
+    async fn profile(&self, user: &str) -> Result<Option<Profile>>;
+    async fn update_profile(
+        &self,
+        user: &str,
+        nickname: Option<&str>,
+        avatar_url: Option<&str>,
+    ) -> Result<()>;
 
     /// The generation tokens of `user` on `platform` must carry (logout
     /// bumps it, revoking every older token).
     async fn token_generation(&self, user: &str, platform: u8) -> Result<u64>;
     async fn bump_generation(&self, user: &str, platforms: &[u8]) -> Result<()>;
 
+    /// `user` blocks (or no longer blocks) `other`'s single-chat messages.
+    async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<()>;
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>>;
+    /// Whether `blocker` blocks `sender` (asked on every single-chat send).
+    async fn is_blocked(&self, blocker: &str, sender: &str) -> Result<bool>;
+    async fn set_device(&self, user: &str, device: &Device) -> Result<()>;
+    async fn devices_of(&self, user: &str) -> Result<Vec<Device>>;
+    /// When `user` was last online (ms), 0 if never.
+    async fn last_seen(&self, user: &str) -> Result<i64>;
+    async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()>;
+
     async fn group(&self, group_id: &str) -> Result<Option<Arc<GroupState>>>;
+    /// The group as stored now, bypassing any cache (a snapshot with a
+    /// member whose first readable seq is not known yet is re-read).
+    async fn group_fresh(&self, group_id: &str) -> Result<Option<Arc<GroupState>>>;
     async fn create_group(
         &self,
         group_id: &str,
@@ -133,19 +283,40 @@ pub trait Directory: Send + Sync + 'static {
         owner: &str,
         members: &[String],
     ) -> Result<()>;
-    /// Add members; returns how many were not members before.
-    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64>;
+    /// Add members (their first readable seq unknown until the
+    /// notification is stored); returns the users the notification must
+    /// name: those new to the group, and any earlier ones still waiting
+    /// for theirs.
+    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<Vec<String>>;
     async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool>;
     async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()>;
+    async fn update_group(&self, group_id: &str, changes: &GroupChanges) -> Result<()>;
+    async fn set_group_muted(&self, group_id: &str, muted: bool) -> Result<()>;
+    async fn set_member_muted(&self, group_id: &str, user: &str, until: i64) -> Result<()>;
+    /// `to` becomes the owner, `from` an admin.
+    async fn transfer_group(&self, group_id: &str, from: &str, to: &str) -> Result<()>;
+    async fn dismiss_group(&self, group_id: &str) -> Result<()>;
+    /// The notification adding `users` is stored at `seq`: they read from
+    /// there (only those still waiting; a later re-add changes nothing).
+    async fn set_min_seq(&self, group_id: &str, users: &[String], seq: u64) -> Result<()>;
+    /// The groups `user` is in: (group_id, name, role).
+    async fn groups_of(&self, user: &str) -> Result<Vec<(String, String, Role)>>;
 
     /// Every conversation `user` takes part in (single chats that have a
-    /// message, and the user's groups), with the user's read seq.
-    async fn conversations_of(&self, user: &str) -> Result<Vec<(String, u64)>>;
+    /// message, and the user's groups), with what the user keeps there.
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationRow>>;
     /// Single chats whose first message is stored: both users now see them.
     async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()>;
     /// Raise the read seq of `user` in `conversation` to `seq` (never
     /// lowers it). Returns the read seq in force.
     async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64>;
+    async fn set_conversation_settings(
+        &self,
+        user: &str,
+        conversation: &str,
+        pinned: Option<bool>,
+        muted: Option<bool>,
+    ) -> Result<()>;
 
     async fn close(&self) {}
 }
@@ -205,6 +376,23 @@ pub trait History: Send + Sync + 'static {
     async fn range(&self, conversation: &str, from: u64, to: u64) -> Result<Vec<(u64, Arc<str>)>>;
     /// Highest stored seq of each conversation (0 when it has none).
     async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>>;
+    /// The last stored message of each conversation that has one: (seq,
+    /// body). One query for all of them.
+    async fn last_messages(
+        &self,
+        conversations: &[Arc<str>],
+    ) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>>;
+    /// How many messages `sender` sent in each conversation after the
+    /// given seq (for unread counts). One query for all of them.
+    async fn sent_after(
+        &self,
+        sender: &str,
+        after: &[(Arc<str>, u64)],
+    ) -> Result<HashMap<Arc<str>, u64>>;
+    /// Replace the stored body of a message if it is still `old` (a revoke
+    /// deletes its content); whether it was replaced. Two revokes racing
+    /// for one message: one wins.
+    async fn replace_if(&self, conversation: &str, seq: u64, old: &str, new: &str) -> Result<bool>;
     /// The `limit` most recent stored messages, oldest first, as (sender,
     /// client_msg_id, ack info), for an in-memory resend index.
     async fn recent_sent(&self, _limit: usize) -> Result<Vec<(String, String, AckInfo)>> {
@@ -225,6 +413,10 @@ pub trait Hot: Send + Sync + 'static {
     async fn range(&self, conversation: &str, from: u64, to: u64) -> Option<Vec<(u64, Arc<str>)>>;
     /// The highest seq known here of each conversation it knows.
     async fn max_seqs(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, u64>;
+    /// The last message known here of each conversation it knows.
+    async fn last(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, (u64, Arc<str>)>;
+    /// Replace a cached body (a revoke); nothing if it is not cached.
+    async fn replace(&self, conversation: &str, seq: u64, body: &Arc<str>) -> Result<()>;
 }
 
 /// What a seq-assign task remembers of the conversations it met: the last
@@ -236,7 +428,9 @@ pub type SeqMemory = lru::LruCache<Arc<str>, u64>;
 pub const SEQ_MEMORY: usize = 100_000;
 
 pub fn seq_memory(entries: usize) -> SeqMemory {
-    lru::LruCache::new(std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN))
+    lru::LruCache::new(
+        std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN),
+    )
 }
 
 /// Hands out seqs. Each seq-assign task owns the conversations of its
@@ -380,6 +574,25 @@ pub async fn visible_max_seqs(
         .collect();
     if !missing.is_empty() {
         known.extend(history.max_seqs(&missing).await?);
+    }
+    Ok(known)
+}
+
+/// The last message of each conversation: the hot store first, the history
+/// for the rest (one query).
+pub async fn last_messages(
+    hot: &dyn Hot,
+    history: &dyn History,
+    conversations: &[Arc<str>],
+) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>> {
+    let mut known = hot.last(conversations).await;
+    let missing: Vec<Arc<str>> = conversations
+        .iter()
+        .filter(|c| !known.contains_key(*c))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        known.extend(history.last_messages(&missing).await?);
     }
     Ok(known)
 }

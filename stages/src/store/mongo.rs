@@ -208,10 +208,48 @@ impl History for MongoHistory {
     }
 
     async fn max_seqs(&self, conversations: &[Arc<str>]) -> Result<HashMap<Arc<str>, u64>> {
-        tokio::time::timeout(READ_TIMEOUT, self.max_seqs_now(conversations))
-            .await
-            .map_err(|_| Error::Backend("mongodb: no answer to a read within 5 s".into()))?
+        bounded(self.max_seqs_now(conversations)).await
     }
+
+    async fn last_messages(
+        &self,
+        conversations: &[Arc<str>],
+    ) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>> {
+        bounded(self.last_messages_now(conversations)).await
+    }
+
+    async fn sent_after(
+        &self,
+        sender: &str,
+        after: &[(Arc<str>, u64)],
+    ) -> Result<HashMap<Arc<str>, u64>> {
+        if after.is_empty() {
+            return Ok(HashMap::new());
+        }
+        bounded(self.sent_after_now(sender, after)).await
+    }
+
+    async fn replace_if(&self, conversation: &str, seq: u64, old: &str, new: &str) -> Result<bool> {
+        bounded(async {
+            let r = self
+                .messages
+                .update_one(
+                    doc! {"conversation_id": conversation, "seq": seq as i64, "body": old},
+                    doc! {"$set": {"body": new}},
+                )
+                .await
+                .map_err(mongo_err)?;
+            Ok(r.modified_count > 0)
+        })
+        .await
+    }
+}
+
+/// Bound a read (or small write): a frozen server never answers.
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(READ_TIMEOUT, f)
+        .await
+        .map_err(|_| Error::Backend("mongodb: no answer to a read within 5 s".into()))?
 }
 
 impl MongoHistory {
@@ -316,6 +354,70 @@ impl MongoHistory {
             if let Some(v) = out.get_mut(c) {
                 *v = max.max(0) as u64;
             }
+        }
+        Ok(out)
+    }
+}
+
+impl MongoHistory {
+    async fn last_messages_now(
+        &self,
+        conversations: &[Arc<str>],
+    ) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>> {
+        let ids: Vec<&str> = conversations.iter().map(|c| &**c).collect();
+        let cursor = self
+            .messages
+            .aggregate([
+                doc! {"$match": {"conversation_id": {"$in": ids}}},
+                doc! {"$sort": {"conversation_id": 1, "seq": -1}},
+                doc! {"$group": {"_id": "$conversation_id", "seq": {"$first": "$seq"}, "body": {"$first": "$body"}}},
+            ])
+            .await
+            .map_err(mongo_err)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        let mut out = HashMap::with_capacity(docs.len());
+        for d in docs {
+            let (Ok(c), Ok(seq), Ok(body)) =
+                (d.get_str("_id"), d.get_i64("seq"), d.get_str("body"))
+            else {
+                return Err(Error::Backend(format!(
+                    "mongodb: unexpected last message row {d}"
+                )));
+            };
+            out.insert(Arc::from(c), (seq.max(0) as u64, Arc::from(body)));
+        }
+        Ok(out)
+    }
+
+    async fn sent_after_now(
+        &self,
+        sender: &str,
+        after: &[(Arc<str>, u64)],
+    ) -> Result<HashMap<Arc<str>, u64>> {
+        let branches: Vec<Document> = after
+            .iter()
+            .map(|(c, s)| doc! {"conversation_id": &**c, "seq": {"$gt": *s as i64}})
+            .collect();
+        let cursor = self
+            .messages
+            .aggregate([
+                doc! {"$match": {"$or": branches, "sender": sender}},
+                doc! {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
+            ])
+            .await
+            .map_err(mongo_err)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        let mut out = HashMap::with_capacity(docs.len());
+        for d in docs {
+            let c = d
+                .get_str("_id")
+                .map_err(|e| Error::Backend(e.to_string()))?;
+            let n = d
+                .get_i32("n")
+                .map(i64::from)
+                .or_else(|_| d.get_i64("n"))
+                .map_err(|e| Error::Backend(e.to_string()))?;
+            out.insert(Arc::from(c), n.max(0) as u64);
         }
         Ok(out)
     }

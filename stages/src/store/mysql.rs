@@ -19,7 +19,9 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::Mutex;
 
 use super::redis::Redis;
-use super::{Directory, GroupState, Role};
+use super::{
+    ConversationRow, Device, Directory, GroupChanges, GroupInfo, GroupState, Profile, Role,
+};
 use crate::error::{Error, Result};
 use crate::model::{now_ms, Conversation, ImError};
 
@@ -56,6 +58,9 @@ pub struct MysqlDirectory {
     /// may predate the change and is not cached.
     group_epoch: Arc<std::sync::atomic::AtomicU64>,
     group_writes: Mutex<()>,
+    /// Whom each user blocks, as last read (dropped when any process
+    /// announces a change).
+    blocks: Arc<DashMap<Arc<str>, Arc<std::collections::HashSet<String>>>>,
 }
 
 fn options(settings: &MysqlSettings, addr: &str) -> Result<MySqlConnectOptions> {
@@ -119,6 +124,16 @@ async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPoo
         .map_err(|e| fail(e.to_string()))
 }
 
+/// Announces that a user's block list changed (every process drops its
+/// cached copy).
+const BLOCKS_CHANNEL: &str = "blocks-changed";
+
+/// A value bound into a group change's statement.
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
 /// An id column: `utf8mb4_bin` (compared byte for byte) reaches sqlx as
 /// binary; ids are checked ASCII on the way in.
 fn id(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String> {
@@ -168,6 +183,17 @@ impl MysqlDirectory {
                 }
             });
         }
+        let blocks: Arc<DashMap<Arc<str>, Arc<std::collections::HashSet<String>>>> =
+            Arc::new(DashMap::new());
+        if let Some(r) = &redis {
+            let blocks = blocks.clone();
+            r.watch_channel(BLOCKS_CHANNEL, move |changed| match changed {
+                Some(user) => {
+                    blocks.remove(user);
+                }
+                None => blocks.clear(),
+            });
+        }
         Ok(Arc::new(MysqlDirectory {
             master,
             replica,
@@ -176,33 +202,61 @@ impl MysqlDirectory {
             groups,
             group_epoch,
             group_writes: Mutex::new(()),
+            blocks,
         }))
     }
 
     async fn load_group(&self, group_id: &str) -> Result<Option<GroupState>> {
-        let Some(row) = sqlx::query("SELECT name, owner FROM `groups` WHERE group_id = ?")
-            .bind(group_id)
-            .fetch_optional(&self.master)
-            .await?
+        let Some(row) = sqlx::query(
+            "SELECT name, owner, notice, avatar_url, muted, dismissed FROM `groups` WHERE group_id = ?",
+        )
+        .bind(group_id)
+        .fetch_optional(&self.master)
+        .await?
         else {
             return Ok(None);
         };
+        let info = GroupInfo {
+            name: row.try_get(0)?,
+            owner: id(&row, 1)?,
+            notice: row.try_get(2)?,
+            avatar_url: row.try_get(3)?,
+            muted: row.try_get::<i8, _>(4)? != 0,
+            dismissed: row.try_get::<i8, _>(5)? != 0,
+        };
         let rows = sqlx::query(
-            "SELECT user_id, role FROM group_members WHERE group_id = ? ORDER BY joined",
+            "SELECT user_id, role, min_seq, muted_until FROM group_members WHERE group_id = ? ORDER BY joined",
         )
         .bind(group_id)
         .fetch_all(&self.master)
         .await?;
         let members = rows
             .into_iter()
-            .map(|r| Ok((id(&r, 0)?, r.try_get::<i8, _>(1)? as i64)))
+            .map(|r| {
+                Ok((
+                    id(&r, 0)?,
+                    r.try_get::<i8, _>(1)? as i64,
+                    r.try_get::<Option<u64>, _>(2)?.map(|s| s as i64),
+                    r.try_get::<i64, _>(3)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(GroupState::from_rows(
-            group_id,
-            row.try_get(0)?,
-            id(&row, 1)?,
-            members,
-        )))
+        Ok(Some(GroupState::from_rows(group_id, info, members)))
+    }
+
+    /// Run `sql` (binding the group id last) as one change of the group,
+    /// then reload and announce it.
+    async fn change_group(&self, group_id: &str, sql: &str, binds: &[Bind<'_>]) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = match b {
+                Bind::Int(v) => q.bind(*v),
+                Bind::Text(v) => q.bind(*v),
+            };
+        }
+        q.bind(group_id).execute(&self.master).await?;
+        self.refresh_group(group_id).await
     }
 
     /// After a change made here: reload it, and tell the other processes.
@@ -246,7 +300,7 @@ impl MysqlDirectory {
         let mut added = 0;
         for u in users {
             added += sqlx::query(
-                "INSERT IGNORE INTO group_members (group_id, user_id, role) VALUES (?, ?, ?)",
+                "INSERT IGNORE INTO group_members (group_id, user_id, role, min_seq) VALUES (?, ?, ?, NULL)",
             )
             .bind(group_id)
             .bind(u)
@@ -308,6 +362,146 @@ impl Directory for MysqlDirectory {
             self.users.insert(Arc::from(id.as_str()), ());
         }
         Ok(users.len())
+    }
+
+    async fn profile(&self, user: &str) -> Result<Option<Profile>> {
+        let row = sqlx::query("SELECT nickname, avatar_url FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.replica)
+            .await?;
+        row.map(|r| {
+            Ok(Profile {
+                user_id: user.to_string(),
+                nickname: r.try_get(0)?,
+                avatar_url: r.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn update_profile(
+        &self,
+        user: &str,
+        nickname: Option<&str>,
+        avatar_url: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE users SET nickname = COALESCE(?, nickname), avatar_url = COALESCE(?, avatar_url) \
+             WHERE user_id = ?",
+        )
+        .bind(nickname)
+        .bind(avatar_url)
+        .bind(user)
+        .execute(&self.master)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<()> {
+        if blocked {
+            sqlx::query(
+                "INSERT IGNORE INTO blocks (user_id, blocked_id, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(user)
+            .bind(other)
+            .bind(now_ms())
+            .execute(&self.master)
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(user)
+                .bind(other)
+                .execute(&self.master)
+                .await?;
+        }
+        self.blocks.remove(user);
+        if let Some(r) = &self.redis {
+            if let Err(e) = r.publish(BLOCKS_CHANNEL, user).await {
+                tracing::warn!(error = %e, %user, "block change not announced; other processes may use the old list until they reload");
+            }
+        }
+        Ok(())
+    }
+
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT blocked_id FROM blocks WHERE user_id = ? ORDER BY blocked_id",
+        )
+        .bind(user)
+        .fetch_all(&self.master)
+        .await?;
+        rows.into_iter()
+            .map(|b| {
+                String::from_utf8(b)
+                    .map_err(|e| Error::Backend(format!("mysql: an id is not UTF-8: {e}")))
+            })
+            .collect()
+    }
+
+    async fn is_blocked(&self, blocker: &str, sender: &str) -> Result<bool> {
+        if let Some(set) = self.blocks.get(blocker) {
+            return Ok(set.contains(sender));
+        }
+        let set: std::collections::HashSet<String> =
+            self.blocks_of(blocker).await?.into_iter().collect();
+        let hit = set.contains(sender);
+        self.blocks.insert(Arc::from(blocker), Arc::new(set));
+        Ok(hit)
+    }
+
+    async fn set_device(&self, user: &str, device: &Device) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO devices (user_id, platform, push_token, provider, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON DUPLICATE KEY UPDATE push_token = VALUES(push_token), provider = VALUES(provider), \
+             updated_at = VALUES(updated_at)",
+        )
+        .bind(user)
+        .bind(device.platform)
+        .bind(&device.push_token)
+        .bind(&device.provider)
+        .bind(now_ms())
+        .execute(&self.master)
+        .await?;
+        Ok(())
+    }
+
+    async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {
+        let rows = sqlx::query(
+            "SELECT platform, push_token, provider FROM devices WHERE user_id = ? ORDER BY platform",
+        )
+        .bind(user)
+        .fetch_all(&self.master)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Device {
+                    platform: r.try_get::<i8, _>(0)? as u8,
+                    push_token: r.try_get(1)?,
+                    provider: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_seen(&self, user: &str) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT last_seen FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.master)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()> {
+        let mut tx = self.master.begin().await?;
+        for (u, at) in users {
+            sqlx::query("UPDATE users SET last_seen = GREATEST(last_seen, ?) WHERE user_id = ?")
+                .bind(*at)
+                .bind(&**u)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn token_generation(&self, user: &str, platform: u8) -> Result<u64> {
@@ -383,6 +577,16 @@ impl Directory for MysqlDirectory {
         Ok(Some(state))
     }
 
+    async fn group_fresh(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
+        let Some(state) = self.load_group(group_id).await? else {
+            self.groups.remove(group_id);
+            return Ok(None);
+        };
+        let state = Arc::new(state);
+        self.groups.insert(state.group_id.clone(), state.clone());
+        Ok(Some(state))
+    }
+
     async fn create_group(
         &self,
         group_id: &str,
@@ -406,25 +610,40 @@ impl Directory for MysqlDirectory {
         if inserted == 0 {
             return Err(ImError::conflict(format!("group {group_id} already exists")).into());
         }
-        sqlx::query("INSERT INTO group_members (group_id, user_id, role) VALUES (?, ?, ?)")
-            .bind(group_id)
-            .bind(owner)
-            .bind(Role::Owner as i8)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO group_members (group_id, user_id, role, min_seq) VALUES (?, ?, ?, NULL)",
+        )
+        .bind(group_id)
+        .bind(owner)
+        .bind(Role::Owner as i8)
+        .execute(&mut *tx)
+        .await?;
         Self::insert_members(&mut tx, group_id, members).await?;
         tx.commit().await?;
         self.refresh_group(group_id).await
     }
 
-    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
+    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<Vec<String>> {
         self.check_users_exist(users).await?;
         let _guard = self.group_writes.lock().await;
         let mut tx = self.master.begin().await?;
-        let added = Self::insert_members(&mut tx, group_id, users).await?;
+        Self::insert_members(&mut tx, group_id, users).await?;
+        let mut waiting = Vec::new();
+        for u in users {
+            let pending: Option<Option<u64>> = sqlx::query_scalar(
+                "SELECT min_seq FROM group_members WHERE group_id = ? AND user_id = ?",
+            )
+            .bind(group_id)
+            .bind(u)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if matches!(pending, Some(None)) && !waiting.contains(u) {
+                waiting.push(u.clone());
+            }
+        }
         tx.commit().await?;
         self.refresh_group(group_id).await?;
-        Ok(added)
+        Ok(waiting)
     }
 
     async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
@@ -440,34 +659,142 @@ impl Directory for MysqlDirectory {
     }
 
     async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE group_members SET role = ? WHERE user_id = ? AND group_id = ?",
+            &[Bind::Int(role as i64), Bind::Text(user)],
+        )
+        .await
+    }
+
+    async fn update_group(&self, group_id: &str, changes: &GroupChanges) -> Result<()> {
         let _guard = self.group_writes.lock().await;
-        sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
-            .bind(role as i8)
-            .bind(group_id)
-            .bind(user)
-            .execute(&self.master)
-            .await?;
+        sqlx::query(
+            "UPDATE `groups` SET name = COALESCE(?, name), notice = COALESCE(?, notice), \
+             avatar_url = COALESCE(?, avatar_url) WHERE group_id = ?",
+        )
+        .bind(changes.name.as_deref())
+        .bind(changes.notice.as_deref())
+        .bind(changes.avatar_url.as_deref())
+        .bind(group_id)
+        .execute(&self.master)
+        .await?;
         self.refresh_group(group_id).await
     }
 
-    async fn conversations_of(&self, user: &str) -> Result<Vec<(String, u64)>> {
+    async fn set_group_muted(&self, group_id: &str, muted: bool) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE `groups` SET muted = ? WHERE group_id = ?",
+            &[Bind::Int(muted as i64)],
+        )
+        .await
+    }
+
+    async fn set_member_muted(&self, group_id: &str, user: &str, until: i64) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE group_members SET muted_until = ? WHERE user_id = ? AND group_id = ?",
+            &[Bind::Int(until), Bind::Text(user)],
+        )
+        .await
+    }
+
+    async fn transfer_group(&self, group_id: &str, from: &str, to: &str) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.master.begin().await?;
+        for (user, role) in [(from, Role::Admin), (to, Role::Owner)] {
+            sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
+                .bind(role as i8)
+                .bind(group_id)
+                .bind(user)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE `groups` SET owner = ? WHERE group_id = ?")
+            .bind(to)
+            .bind(group_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn dismiss_group(&self, group_id: &str) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE `groups` SET dismissed = 1 WHERE group_id = ?",
+            &[],
+        )
+        .await
+    }
+
+    async fn set_min_seq(&self, group_id: &str, users: &[String], seq: u64) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.master.begin().await?;
+        for u in users {
+            sqlx::query(
+                "UPDATE group_members SET min_seq = ? WHERE group_id = ? AND user_id = ? AND min_seq IS NULL",
+            )
+            .bind(seq)
+            .bind(group_id)
+            .bind(u)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn groups_of(&self, user: &str) -> Result<Vec<(String, String, Role)>> {
         let rows = sqlx::query(
-            "SELECT uc.conversation_id, uc.read_seq \
+            "SELECT g.group_id, g.name, gm.role FROM group_members gm \
+               JOIN `groups` g ON g.group_id = gm.group_id \
+              WHERE gm.user_id = ? ORDER BY g.group_id",
+        )
+        .bind(user)
+        .fetch_all(&self.master)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    id(&r, 0)?,
+                    r.try_get(1)?,
+                    Role::from_i64(r.try_get::<i8, _>(2)? as i64),
+                ))
+            })
+            .collect()
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationRow>> {
+        let rows = sqlx::query(
+            "SELECT uc.conversation_id, uc.read_seq, CAST(1 AS UNSIGNED), uc.pinned, uc.muted, uc.changed_at \
                FROM user_conversations uc \
               WHERE uc.user_id = ? AND uc.conversation_id LIKE 'si\\_%' \
              UNION ALL \
-             SELECT CONCAT('sg_', gm.group_id), CAST(COALESCE(uc.read_seq, 0) AS UNSIGNED) \
+             SELECT CONCAT('sg_', gm.group_id), CAST(COALESCE(uc.read_seq, 0) AS UNSIGNED), \
+                    CAST(gm.min_seq AS UNSIGNED), COALESCE(uc.pinned, 0), COALESCE(uc.muted, 0), \
+                    COALESCE(uc.changed_at, 0) \
                FROM group_members gm \
                LEFT JOIN user_conversations uc \
                  ON uc.user_id = gm.user_id AND uc.conversation_id = CONCAT('sg_', gm.group_id) \
-              WHERE gm.user_id = ?",
+              WHERE gm.user_id = ? AND gm.min_seq IS NOT NULL",
         )
         .bind(user)
         .bind(user)
         .fetch_all(&self.replica)
         .await?;
         rows.into_iter()
-            .map(|r| Ok((id(&r, 0)?, r.try_get::<u64, _>(1)?)))
+            .map(|r| {
+                Ok(ConversationRow {
+                    conversation_id: id(&r, 0)?,
+                    read_seq: r.try_get::<u64, _>(1)?,
+                    min_seq: r.try_get::<u64, _>(2)?.max(1),
+                    pinned: r.try_get::<i64, _>(3)? != 0,
+                    muted: r.try_get::<i64, _>(4)? != 0,
+                    changed_at: r.try_get(5)?,
+                })
+            })
             .collect()
     }
 
@@ -496,12 +823,13 @@ impl Directory for MysqlDirectory {
 
     async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
         sqlx::query(
-            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) VALUES (?, ?, ?) \
-             ON DUPLICATE KEY UPDATE read_seq = GREATEST(read_seq, VALUES(read_seq))",
+            "INSERT INTO user_conversations (user_id, conversation_id, read_seq, changed_at) VALUES (?, ?, ?, ?) \
+             ON DUPLICATE KEY UPDATE read_seq = GREATEST(read_seq, VALUES(read_seq)), changed_at = VALUES(changed_at)",
         )
         .bind(user)
         .bind(conversation)
         .bind(seq)
+        .bind(now_ms())
         .execute(&self.master)
         .await?;
         let v: u64 = sqlx::query_scalar(
@@ -512,6 +840,31 @@ impl Directory for MysqlDirectory {
         .fetch_one(&self.master)
         .await?;
         Ok(v)
+    }
+
+    async fn set_conversation_settings(
+        &self,
+        user: &str,
+        conversation: &str,
+        pinned: Option<bool>,
+        muted: Option<bool>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO user_conversations (user_id, conversation_id, pinned, muted, changed_at) \
+             VALUES (?, ?, COALESCE(?, 0), COALESCE(?, 0), ?) \
+             ON DUPLICATE KEY UPDATE pinned = COALESCE(?, pinned), muted = COALESCE(?, muted), \
+             changed_at = VALUES(changed_at)",
+        )
+        .bind(user)
+        .bind(conversation)
+        .bind(pinned.map(i8::from))
+        .bind(muted.map(i8::from))
+        .bind(now_ms())
+        .bind(pinned.map(i8::from))
+        .bind(muted.map(i8::from))
+        .execute(&self.master)
+        .await?;
+        Ok(())
     }
 
     async fn close(&self) {

@@ -115,6 +115,7 @@ pub struct Redis {
     claim_script: Script,
     failed_script: Script,
     raise_script: Script,
+    hot_script: Script,
 }
 
 const SEQ_LUA: &str = r#"
@@ -153,6 +154,27 @@ for i = 2, #KEYS do
 end
 redis.call('SET', KEYS[1], cur)
 return out
+"#;
+
+const HOT_LUA: &str = r#"
+-- KEYS[1]: a conversation's hot cache (sorted set, score = seq).
+-- ARGV[1]: messages kept; ARGV[2]: TTL (s); then seq, body pairs in seq
+-- order. Only messages above the highest cached seq are added: a message
+-- replayed from Kafka after a crash never brings back a body replaced
+-- since (a revoke) nor a second body at one seq.
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+local max = -1
+if top[2] then max = tonumber(top[2]) end
+for i = 3, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > max then
+    redis.call('ZADD', KEYS[1], seq, ARGV[i + 1])
+    max = seq
+  end
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 "#;
 
 const CLAIM_LUA: &str = r#"
@@ -282,6 +304,7 @@ impl Redis {
             claim_script: Script::new(CLAIM_LUA),
             failed_script: Script::new(FAILED_LUA),
             raise_script: Script::new(RAISE_LUA),
+            hot_script: Script::new(HOT_LUA),
         }))
     }
 
@@ -451,6 +474,14 @@ impl Redis {
 
     /// Forget every user of `gateway` (it starts with no connections).
     pub async fn presence_reset(&self, gateway: &str) -> Result<()> {
+        let users = self.presence_of(gateway).await?;
+        let gone: Vec<(&str, u8, bool)> = users
+            .iter()
+            .flat_map(|u| (1..=9u8).map(move |p| (u.as_str(), p, false)))
+            .collect();
+        for chunk in gone.chunks(900) {
+            self.online_update(gateway, chunk).await?;
+        }
         let _: i64 = redis::cmd("DEL")
             .arg(self.presence_key(gateway))
             .query_async(&mut self.conn())
@@ -477,6 +508,49 @@ impl Redis {
             .arg(self.presence_key(gateway))
             .query_async(&mut self.conn())
             .await?)
+    }
+
+    fn online_key(&self, user: &str) -> String {
+        format!("{}:online:{{{user}}}", self.settings.prefix)
+    }
+
+    /// Record that `user` is (`on`) or no longer is connected on `platform`
+    /// through `gateway`: a hash per user, field `GATEWAY|PLATFORM`, so any
+    /// door can say where a user is online.
+    pub async fn online_update(&self, gateway: &str, changes: &[(&str, u8, bool)]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        for (user, platform, on) in changes {
+            let field = format!("{gateway}|{platform}");
+            if *on {
+                p.cmd("HSET")
+                    .arg(self.online_key(user))
+                    .arg(field)
+                    .arg(1)
+                    .ignore();
+            } else {
+                p.cmd("HDEL").arg(self.online_key(user)).arg(field).ignore();
+            }
+        }
+        let _: () = p.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Where `user` is connected: (gateway, platform) pairs.
+    pub async fn online_of(&self, user: &str) -> Result<Vec<(String, u8)>> {
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.online_key(user))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(fields
+            .into_iter()
+            .filter_map(|f| {
+                let (g, p) = f.rsplit_once('|')?;
+                Some((g.to_string(), p.parse().ok()?))
+            })
+            .collect())
     }
 
     /// Cached token generation, if any.
@@ -708,24 +782,71 @@ impl Hot for RedisHot {
         let keep = self.redis.settings.hot_keep.max(1) as i64;
         let ttl = self.redis.settings.hot_ttl.as_secs().max(1);
         let results = join_all(by_conv.into_iter().map(|(conv, ms)| {
-            let key = self.redis.key("hot", conv);
-            let mut p = redis::pipe();
-            p.atomic();
+            let mut inv = self.redis.hot_script.key(self.redis.key("hot", conv));
+            inv.arg(keep).arg(ttl);
             for m in ms {
-                p.cmd("ZADD").arg(&key).arg(m.seq).arg(&*m.body).ignore();
+                inv.arg(m.seq).arg(&*m.body);
             }
-            p.cmd("ZREMRANGEBYRANK")
-                .arg(&key)
-                .arg(0)
-                .arg(-(keep + 1))
-                .ignore();
-            p.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
             let mut conn = self.redis.conn();
-            async move { p.query_async::<()>(&mut conn).await }
+            async move { inv.invoke_async::<i64>(&mut conn).await }
         }))
         .await;
         for r in results {
             r?;
+        }
+        Ok(())
+    }
+
+    async fn last(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, (u64, Arc<str>)> {
+        let results = join_all(conversations.iter().map(|c| {
+            let mut conn = self.redis.conn();
+            let key = self.redis.key("hot", c);
+            async move {
+                let top: Result<Vec<(String, f64)>, _> = redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(-1)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await;
+                (c.clone(), top)
+            }
+        }))
+        .await;
+        let mut out = HashMap::new();
+        for (c, r) in results {
+            match r {
+                Ok(top) => {
+                    if let Some((body, s)) = top.into_iter().next() {
+                        out.insert(c, (s as u64, Arc::from(body)));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "hot cache read failed; reading the history"),
+            }
+        }
+        out
+    }
+
+    async fn replace(&self, conversation: &str, seq: u64, body: &Arc<str>) -> Result<()> {
+        let key = self.redis.key("hot", conversation);
+        let mut p = redis::pipe();
+        p.atomic();
+        // Only if it is cached: a conversation the cache dropped stays out.
+        p.cmd("ZREMRANGEBYSCORE").arg(&key).arg(seq).arg(seq);
+        p.cmd("ZADD")
+            .arg(&key)
+            .arg("XX")
+            .arg(seq)
+            .arg(&**body)
+            .ignore();
+        let (removed,): (i64,) = p.query_async(&mut self.redis.conn()).await?;
+        if removed > 0 {
+            let _: i64 = redis::cmd("ZADD")
+                .arg(&key)
+                .arg(seq)
+                .arg(&**body)
+                .query_async(&mut self.redis.conn())
+                .await?;
         }
         Ok(())
     }

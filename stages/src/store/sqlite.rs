@@ -22,7 +22,16 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 
-use super::{Directory, Durability, GroupState, History, Role, Taken};
+use super::{
+    ConversationRow, Device, Directory, Durability, GroupChanges, GroupInfo, GroupState, History,
+    Profile, Role, Taken,
+};
+
+/// A value bound into a group change's statement.
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+}
 use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced};
 
 struct WriteJob {
@@ -39,6 +48,8 @@ pub struct SqliteStore {
     /// Membership changes are serialised so the cache and the table agree.
     group_writes: Mutex<()>,
     generations: DashMap<(Arc<str>, u8), u64>,
+    /// Who blocks whom (asked on every single-chat send).
+    blocks: DashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
 }
 
 /// Rows per multi-row INSERT: 7 parameters each stays far below SQLite's limit.
@@ -94,6 +105,18 @@ impl SqliteStore {
             let generation: i64 = row.try_get(2)?;
             generations.insert((Arc::from(user), platform as u8), generation as u64);
         }
+        let blocks: DashMap<Arc<str>, std::collections::HashSet<Arc<str>>> = DashMap::new();
+        for row in sqlx::query("SELECT user_id, blocked_id FROM blocks")
+            .fetch_all(&read)
+            .await?
+        {
+            let user: String = row.try_get(0)?;
+            let other: String = row.try_get(1)?;
+            blocks
+                .entry(Arc::from(user))
+                .or_default()
+                .insert(Arc::from(other));
+        }
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(message_writer(write.clone(), rx));
         tracing::info!(path = %file.display(), users = users.len(), ?durability, "embedded store open");
@@ -105,6 +128,7 @@ impl SqliteStore {
             groups: DashMap::new(),
             group_writes: Mutex::new(()),
             generations,
+            blocks,
         }))
     }
 
@@ -117,33 +141,50 @@ impl SqliteStore {
     }
 
     async fn load_group(&self, group_id: &str) -> Result<Option<GroupState>> {
-        let Some(row) = sqlx::query("SELECT name, owner FROM groups WHERE group_id = ?")
-            .bind(group_id)
-            .fetch_optional(&self.write)
-            .await?
+        let Some(row) = sqlx::query(
+            "SELECT name, owner, notice, avatar_url, muted, dismissed FROM groups WHERE group_id = ?",
+        )
+        .bind(group_id)
+        .fetch_optional(&self.write)
+        .await?
         else {
             return Ok(None);
         };
-        let name: String = row.try_get(0)?;
-        let owner: String = row.try_get(1)?;
-        let rows = sqlx::query("SELECT user_id, role FROM group_members WHERE group_id = ? ORDER BY joined_at, user_id")
-            .bind(group_id)
-            .fetch_all(&self.write)
-            .await?;
-        let mut roles = HashMap::with_capacity(rows.len());
-        let mut members = Vec::with_capacity(rows.len());
-        for r in rows {
-            let u: Arc<str> = Arc::from(r.try_get::<String, _>(0)?);
-            roles.insert(u.clone(), Role::from_i64(r.try_get(1)?));
-            members.push(u);
+        let info = GroupInfo {
+            name: row.try_get(0)?,
+            owner: row.try_get(1)?,
+            notice: row.try_get(2)?,
+            avatar_url: row.try_get(3)?,
+            muted: row.try_get::<i64, _>(4)? != 0,
+            dismissed: row.try_get::<i64, _>(5)? != 0,
+        };
+        let rows = sqlx::query(
+            "SELECT user_id, role, min_seq, muted_until FROM group_members WHERE group_id = ? \
+             ORDER BY joined_at, user_id",
+        )
+        .bind(group_id)
+        .fetch_all(&self.write)
+        .await?;
+        let members = rows
+            .into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(GroupState::from_rows(group_id, info, members)))
+    }
+
+    /// Run `sql` (binding the group id last) as one change of the group,
+    /// then reload it.
+    async fn change_group(&self, group_id: &str, sql: &str, binds: &[Bind<'_>]) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = match b {
+                Bind::Int(v) => q.bind(*v),
+                Bind::Text(v) => q.bind(*v),
+            };
         }
-        Ok(Some(GroupState {
-            group_id: group_id.into(),
-            name,
-            owner: owner.into(),
-            roles,
-            members: members.into(),
-        }))
+        q.bind(group_id).execute(&self.write).await?;
+        self.refresh_group(group_id).await
     }
 
     async fn refresh_group(&self, group_id: &str) -> Result<()> {
@@ -217,6 +258,135 @@ impl Directory for SqliteStore {
         Ok(users.len())
     }
 
+    async fn profile(&self, user: &str) -> Result<Option<Profile>> {
+        let row = sqlx::query("SELECT nickname, avatar_url FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|r| {
+            Ok(Profile {
+                user_id: user.to_string(),
+                nickname: r.try_get(0)?,
+                avatar_url: r.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn update_profile(
+        &self,
+        user: &str,
+        nickname: Option<&str>,
+        avatar_url: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE users SET nickname = COALESCE(?, nickname), avatar_url = COALESCE(?, avatar_url) \
+             WHERE user_id = ?",
+        )
+        .bind(nickname)
+        .bind(avatar_url)
+        .bind(user)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<()> {
+        if blocked {
+            sqlx::query(
+                "INSERT OR IGNORE INTO blocks (user_id, blocked_id, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(user)
+            .bind(other)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+            self.blocks
+                .entry(Arc::from(user))
+                .or_default()
+                .insert(Arc::from(other));
+        } else {
+            sqlx::query("DELETE FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(user)
+                .bind(other)
+                .execute(&self.write)
+                .await?;
+            if let Some(mut set) = self.blocks.get_mut(user) {
+                set.remove(other);
+            }
+        }
+        Ok(())
+    }
+
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>> {
+        let mut list: Vec<String> = self
+            .blocks
+            .get(user)
+            .map(|s| s.iter().map(|u| u.to_string()).collect())
+            .unwrap_or_default();
+        list.sort();
+        Ok(list)
+    }
+
+    async fn is_blocked(&self, blocker: &str, sender: &str) -> Result<bool> {
+        Ok(self.blocks.get(blocker).is_some_and(|s| s.contains(sender)))
+    }
+
+    async fn set_device(&self, user: &str, device: &Device) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO devices (user_id, platform, push_token, provider, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (user_id, platform) DO UPDATE SET push_token = excluded.push_token, \
+             provider = excluded.provider, updated_at = excluded.updated_at",
+        )
+        .bind(user)
+        .bind(device.platform as i64)
+        .bind(&device.push_token)
+        .bind(&device.provider)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {
+        let rows = sqlx::query(
+            "SELECT platform, push_token, provider FROM devices WHERE user_id = ? ORDER BY platform",
+        )
+        .bind(user)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Device {
+                    platform: r.try_get::<i64, _>(0)? as u8,
+                    push_token: r.try_get(1)?,
+                    provider: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_seen(&self, user: &str) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT last_seen FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for (u, at) in users {
+            sqlx::query("UPDATE users SET last_seen = MAX(last_seen, ?) WHERE user_id = ?")
+                .bind(*at)
+                .bind(&**u)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The generation tokens of `user` on `platform` must carry. Every
     /// generation is held in memory (only users who logged out have one), so
     /// the check before a WebSocket upgrade never waits on the disk.
@@ -263,6 +433,11 @@ impl Directory for SqliteStore {
         Ok(Some(state))
     }
 
+    async fn group_fresh(&self, group_id: &str) -> Result<Option<Arc<GroupState>>> {
+        // Every write here reloads the snapshot: the cache is never behind.
+        self.group(group_id).await
+    }
+
     async fn create_group(
         &self,
         group_id: &str,
@@ -288,7 +463,7 @@ impl Directory for SqliteStore {
             return Err(ImError::conflict(format!("group {group_id} already exists")).into());
         }
         sqlx::query(
-            "INSERT INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO group_members (group_id, user_id, role, joined_at, min_seq) VALUES (?, ?, ?, ?, NULL)",
         )
         .bind(group_id)
         .bind(owner)
@@ -301,15 +476,27 @@ impl Directory for SqliteStore {
         self.refresh_group(group_id).await
     }
 
-    /// Add members; returns how many were not members before.
-    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<u64> {
+    async fn add_members(&self, group_id: &str, users: &[String]) -> Result<Vec<String>> {
         self.check_users_exist(users)?;
         let _guard = self.group_writes.lock().await;
         let mut tx = self.write.begin().await?;
-        let added = insert_members(&mut tx, group_id, users, now_ms()).await?;
+        insert_members(&mut tx, group_id, users, now_ms()).await?;
+        let mut waiting = Vec::new();
+        for u in users {
+            let pending: Option<Option<i64>> = sqlx::query_scalar(
+                "SELECT min_seq FROM group_members WHERE group_id = ? AND user_id = ?",
+            )
+            .bind(group_id)
+            .bind(u)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if matches!(pending, Some(None)) && !waiting.contains(u) {
+                waiting.push(u.clone());
+            }
+        }
         tx.commit().await?;
         self.refresh_group(group_id).await?;
-        Ok(added)
+        Ok(waiting)
     }
 
     async fn remove_member(&self, group_id: &str, user: &str) -> Result<bool> {
@@ -325,32 +512,133 @@ impl Directory for SqliteStore {
     }
 
     async fn set_role(&self, group_id: &str, user: &str, role: Role) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE group_members SET role = ? WHERE user_id = ? AND group_id = ?",
+            &[Bind::Int(role as i64), Bind::Text(user)],
+        )
+        .await
+    }
+
+    async fn update_group(&self, group_id: &str, changes: &GroupChanges) -> Result<()> {
         let _guard = self.group_writes.lock().await;
-        sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
-            .bind(role as i64)
-            .bind(group_id)
-            .bind(user)
-            .execute(&self.write)
-            .await?;
+        sqlx::query(
+            "UPDATE groups SET name = COALESCE(?, name), notice = COALESCE(?, notice), \
+             avatar_url = COALESCE(?, avatar_url) WHERE group_id = ?",
+        )
+        .bind(changes.name.as_deref())
+        .bind(changes.notice.as_deref())
+        .bind(changes.avatar_url.as_deref())
+        .bind(group_id)
+        .execute(&self.write)
+        .await?;
         self.refresh_group(group_id).await
     }
 
-    async fn conversations_of(&self, user: &str) -> Result<Vec<(String, u64)>> {
+    async fn set_group_muted(&self, group_id: &str, muted: bool) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE groups SET muted = ? WHERE group_id = ?",
+            &[Bind::Int(muted as i64)],
+        )
+        .await
+    }
+
+    async fn set_member_muted(&self, group_id: &str, user: &str, until: i64) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE group_members SET muted_until = ? WHERE user_id = ? AND group_id = ?",
+            &[Bind::Int(until), Bind::Text(user)],
+        )
+        .await
+    }
+
+    async fn transfer_group(&self, group_id: &str, from: &str, to: &str) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.write.begin().await?;
+        for (user, role) in [(from, Role::Admin), (to, Role::Owner)] {
+            sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
+                .bind(role as i64)
+                .bind(group_id)
+                .bind(user)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE groups SET owner = ? WHERE group_id = ?")
+            .bind(to)
+            .bind(group_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn dismiss_group(&self, group_id: &str) -> Result<()> {
+        self.change_group(
+            group_id,
+            "UPDATE groups SET dismissed = 1 WHERE group_id = ?",
+            &[],
+        )
+        .await
+    }
+
+    async fn set_min_seq(&self, group_id: &str, users: &[String], seq: u64) -> Result<()> {
+        let _guard = self.group_writes.lock().await;
+        let mut tx = self.write.begin().await?;
+        for u in users {
+            sqlx::query(
+                "UPDATE group_members SET min_seq = ? WHERE group_id = ? AND user_id = ? AND min_seq IS NULL",
+            )
+            .bind(seq as i64)
+            .bind(group_id)
+            .bind(u)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.refresh_group(group_id).await
+    }
+
+    async fn groups_of(&self, user: &str) -> Result<Vec<(String, String, Role)>> {
         let rows = sqlx::query(
-            "SELECT uc.conversation_id, uc.read_seq \
-               FROM user_conversations uc \
-              WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
-             UNION ALL \
-             SELECT 'sg_' || gm.group_id, COALESCE(uc.read_seq, 0) \
-               FROM group_members gm \
-               LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
-              WHERE gm.user_id = ?1",
+            "SELECT g.group_id, g.name, gm.role FROM group_members gm \
+               JOIN groups g ON g.group_id = gm.group_id \
+              WHERE gm.user_id = ? ORDER BY g.group_id",
         )
         .bind(user)
         .fetch_all(&self.read)
         .await?;
         rows.into_iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? as u64)))
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, Role::from_i64(r.try_get(2)?))))
+            .collect()
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationRow>> {
+        let rows = sqlx::query(
+            "SELECT uc.conversation_id, uc.read_seq, 1, uc.pinned, uc.muted, uc.changed_at \
+               FROM user_conversations uc \
+              WHERE uc.user_id = ?1 AND uc.conversation_id LIKE 'si\\_%' ESCAPE '\\' \
+             UNION ALL \
+             SELECT 'sg_' || gm.group_id, COALESCE(uc.read_seq, 0), gm.min_seq, \
+                    COALESCE(uc.pinned, 0), COALESCE(uc.muted, 0), COALESCE(uc.changed_at, 0) \
+               FROM group_members gm \
+               LEFT JOIN user_conversations uc ON uc.user_id = gm.user_id AND uc.conversation_id = 'sg_' || gm.group_id \
+              WHERE gm.user_id = ?1 AND gm.min_seq IS NOT NULL",
+        )
+        .bind(user)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ConversationRow {
+                    conversation_id: r.try_get(0)?,
+                    read_seq: r.try_get::<i64, _>(1)? as u64,
+                    min_seq: r.try_get::<i64, _>(2)?.max(1) as u64,
+                    pinned: r.try_get::<i64, _>(3)? != 0,
+                    muted: r.try_get::<i64, _>(4)? != 0,
+                    changed_at: r.try_get(5)?,
+                })
+            })
             .collect()
     }
 
@@ -373,17 +661,42 @@ impl Directory for SqliteStore {
 
     async fn set_read(&self, user: &str, conversation: &str, seq: u64) -> Result<u64> {
         let v: i64 = sqlx::query_scalar(
-            "INSERT INTO user_conversations (user_id, conversation_id, read_seq) \
-             VALUES (?1, ?2, ?3) \
-             ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq) \
+            "INSERT INTO user_conversations (user_id, conversation_id, read_seq, changed_at) \
+             VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (user_id, conversation_id) DO UPDATE SET read_seq = MAX(read_seq, excluded.read_seq), \
+             changed_at = excluded.changed_at \
              RETURNING read_seq",
         )
         .bind(user)
         .bind(conversation)
         .bind(seq.min(i64::MAX as u64) as i64)
+        .bind(now_ms())
         .fetch_one(&self.write)
         .await?;
         Ok(v as u64)
+    }
+
+    async fn set_conversation_settings(
+        &self,
+        user: &str,
+        conversation: &str,
+        pinned: Option<bool>,
+        muted: Option<bool>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO user_conversations (user_id, conversation_id, pinned, muted, changed_at) \
+             VALUES (?1, ?2, COALESCE(?3, 0), COALESCE(?4, 0), ?5) \
+             ON CONFLICT (user_id, conversation_id) DO UPDATE SET \
+             pinned = COALESCE(?3, pinned), muted = COALESCE(?4, muted), changed_at = ?5",
+        )
+        .bind(user)
+        .bind(conversation)
+        .bind(pinned.map(i64::from))
+        .bind(muted.map(i64::from))
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(())
     }
 
     async fn close(&self) {
@@ -424,6 +737,75 @@ impl History for SqliteStore {
                 ))
             })
             .collect()
+    }
+
+    async fn last_messages(
+        &self,
+        conversations: &[Arc<str>],
+    ) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>> {
+        let list: Vec<&str> = conversations.iter().map(|c| &**c).collect();
+        let json = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into());
+        // Through the writer's pool: the latest commit must be seen.
+        let rows = sqlx::query(
+            "SELECT m.conversation_id, m.seq, m.body FROM json_each(?) j \
+               JOIN messages m ON m.conversation_id = j.value \
+              AND m.seq = (SELECT MAX(seq) FROM messages WHERE conversation_id = j.value)",
+        )
+        .bind(json)
+        .fetch_all(&self.write)
+        .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let c: String = r.try_get(0)?;
+            let seq: i64 = r.try_get(1)?;
+            let body: String = r.try_get(2)?;
+            out.insert(Arc::from(c), (seq as u64, Arc::from(body)));
+        }
+        Ok(out)
+    }
+
+    async fn sent_after(
+        &self,
+        sender: &str,
+        after: &[(Arc<str>, u64)],
+    ) -> Result<HashMap<Arc<str>, u64>> {
+        if after.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let list: Vec<(&str, u64)> = after.iter().map(|(c, s)| (&**c, *s)).collect();
+        let json = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into());
+        let rows = sqlx::query(
+            "SELECT json_extract(j.value, '$[0]'), \
+                    (SELECT COUNT(*) FROM messages m \
+                      WHERE m.conversation_id = json_extract(j.value, '$[0]') \
+                        AND m.seq > json_extract(j.value, '$[1]') AND m.sender = ?) \
+               FROM json_each(?) j",
+        )
+        .bind(sender)
+        .bind(json)
+        .fetch_all(&self.write)
+        .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let c: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            out.insert(Arc::from(c), n as u64);
+        }
+        Ok(out)
+    }
+
+    async fn replace_if(&self, conversation: &str, seq: u64, old: &str, new: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE messages SET body = ? WHERE conversation_id = ? AND seq = ? AND body = ?",
+        )
+        .bind(new)
+        .bind(conversation)
+        .bind(seq as i64)
+        .bind(old)
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
     }
 
     /// The `limit` most recent stored messages, oldest first, as
@@ -486,7 +868,7 @@ async fn insert_members(
 ) -> Result<u64> {
     let mut added = 0;
     for u in users {
-        added += sqlx::query("INSERT OR IGNORE INTO group_members (group_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)")
+        added += sqlx::query("INSERT OR IGNORE INTO group_members (group_id, user_id, role, joined_at, min_seq) VALUES (?, ?, ?, ?, NULL)")
             .bind(group_id)
             .bind(u)
             .bind(Role::Member as i64)
@@ -572,8 +954,7 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
             .bind(m.seq as i64)
             .fetch_optional(&mut *tx)
             .await?;
-            taken[c * ROWS_PER_STATEMENT + i] =
-                holder.is_some_and(|h| h != *m.msg.server_msg_id);
+            taken[c * ROWS_PER_STATEMENT + i] = holder.is_some_and(|h| h != *m.msg.server_msg_id);
         }
     }
     tx.commit().await?;
