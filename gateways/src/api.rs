@@ -391,12 +391,6 @@ impl Api {
         };
         let head = StoredHead::of(&body)
             .ok_or_else(|| ImError::unavailable("a stored message could not be read"))?;
-        if notification::is(head.content_type) {
-            return Err(ImError::conflict("a notification cannot be revoked"));
-        }
-        if head.revoked {
-            return Err(ImError::conflict("the message is already revoked"));
-        }
         let (target, admin) = match &conv {
             Conversation::Group(g) => {
                 let state = self.group(g).await?;
@@ -413,14 +407,21 @@ impl Api {
                 (Target::User(peer), false)
             }
         };
+        // Who may, first: a stranger learns nothing of the message's state.
+        if !admin && head.sender != user {
+            return Err(ImError::forbidden(
+                "only the sender, or a group's owner or admins, may revoke a message",
+            ));
+        }
+        if notification::is(head.content_type) {
+            return Err(ImError::conflict("a notification cannot be revoked"));
+        }
+        if head.revoked {
+            return Err(ImError::conflict("the message is already revoked"));
+        }
         if !admin {
-            if head.sender != user {
-                return Err(ImError::forbidden(
-                    "only the sender, or a group's owner or admins, may revoke a message",
-                ));
-            }
             let window = self.rules.revoke_window_secs as i64 * 1000;
-            if now_ms() - head.send_time > window {
+            if now_ms() - head.send_time >= window {
                 return Err(ImError::new(
                     ErrorCode::TooLate,
                     format!(
@@ -729,7 +730,29 @@ impl Api {
             json!({"group_id": group_id, "name": name, "members": all}),
         )
         .await?;
+        self.until_readable(&group_id, &all).await;
         Ok(group_id)
+    }
+
+    /// Wait (a few seconds at most) until `users` may read the group: with
+    /// Kafka edges a notification is acked once the broker has it, before
+    /// it is stored and its seq recorded as their first; a caller who then
+    /// reads at once should find the group as they left it.
+    async fn until_readable(&self, group_id: &str, users: &[String]) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match self.services.directory.group_fresh(group_id).await {
+                Ok(Some(g))
+                    if users
+                        .iter()
+                        .all(|u| g.member(u).is_none_or(|m| m.min_seq.is_some())) =>
+                {
+                    return
+                }
+                Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => return,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// The group, refusing changes once it is dismissed.
@@ -792,6 +815,7 @@ impl Api {
                 json!({"user_ids": waiting}),
             )
             .await?;
+            self.until_readable(group_id, &waiting).await;
         }
         Ok(added)
     }
