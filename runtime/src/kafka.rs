@@ -472,8 +472,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         // Items whose ack failed, to hand to the stage again.
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<(i32, i64, u64)>();
-        let retried =
-            metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone());
+        let retried = metrics::counter!("imflow_kafka_items_retried_total", "stage" => stage.clone(), "topic" => topic.clone());
         // Zero once everything handed over is committed; a partition that
         // never gets there is stuck.
         let uncommitted = metrics::gauge!("imflow_kafka_uncommitted", "stage" => stage.clone(), "topic" => topic.clone());
