@@ -156,11 +156,11 @@ impl Drop for Cluster {
 }
 
 /// The im_msg process a conversation's sends go through: the gateways hash
-/// the conversation id over the live list of ingest processes (sorted by
-/// address), as `RemoteIngest` does. If that ever changes, the kill below
-/// hits another im_msg and the test is weaker, not wrong.
+/// the conversation id (the stable `partition_key`) over the live list of
+/// ingest processes (sorted by address), as `RemoteIngest` does. If that
+/// ever changes, the kill below hits another im_msg and the test is
+/// weaker, not wrong.
 fn ingest_for(conversation: &str) -> (&'static str, String) {
-    use std::hash::{Hash, Hasher};
     let mut addrs: Vec<(&'static str, u16)> = Vec::new();
     for h in HOSTS {
         for p in 10130..=10135 {
@@ -168,9 +168,8 @@ fn ingest_for(conversation: &str) -> (&'static str, String) {
         }
     }
     addrs.sort_by_key(|(h, p)| format!("{h}:{p}"));
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    conversation.hash(&mut hasher);
-    let (host, port) = addrs[(hasher.finish() % addrs.len() as u64) as usize];
+    let key = imflow_stages::model::partition_key(conversation);
+    let (host, port) = addrs[(key % addrs.len() as u64) as usize];
     (host, format!("im_msg-{}", port - 10130))
 }
 

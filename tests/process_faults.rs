@@ -1,0 +1,238 @@
+//! A cluster of separate processes (gateway, api, im_msg, im_msg_transfer,
+//! im_push, one of each) on the servers of `script/infra.sh`, and the
+//! crashes between two stages that must cost no push: a process that dies
+//! after the history has a message and before the next topic has it must
+//! not have let its input offset go (issue "Trust", item 2b).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::load::{assert_all_pushed, Endpoint, Load};
+use common::{ADMIN, PATIENCE};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const CLUSTER_SECRET: &str = "process-faults-cluster-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One process of each kind, with its own topics, groups, databases, keys
+/// and etcd prefix.
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    gateway_port: u16,
+    api_port: u16,
+    im_msg_port: u16,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = common::unique();
+        let pipeline = dir.path().join("pipeline.yaml");
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"))
+            .unwrap()
+            .replace("topic: ws2ms_chat", &format!("topic: ws2ms_chat-{id}"))
+            .replace("topic: msg_to_mongo", &format!("topic: msg_to_mongo-{id}"))
+            .replace("topic: ms2ps_chat", &format!("topic: ms2ps_chat-{id}"));
+        // One process per group.
+        let im_msg_port = free_port();
+        let text = text
+            .replace(
+                "ports: [10130, 10131, 10132, 10133, 10134, 10135]",
+                &format!("ports: [{im_msg_port}]"),
+            )
+            .replace("count: 4", "count: 1")
+            .replace(
+                "ports: [10170, 10171, 10172, 10173, 10174]",
+                &format!("ports: [{}]", free_port()),
+            );
+        std::fs::write(&pipeline, text).unwrap();
+        let (gateway_port, api_port) = (free_port(), free_port());
+        let config = dir.path().join("config.yaml");
+        let yaml = format!(
+            "pipeline: {pipeline}\nadmin_secret: {ADMIN}\ncluster_secret: {CLUSTER_SECRET}\n\
+             listen:\n  gateway: 127.0.0.1:{gateway_port}\n  api: 127.0.0.1:{api_port}\n  gateway_rpc: {rpc}\n\
+             kafka:\n  addr: [127.0.0.1:9092]\n  group_prefix: {id}\n  linger_ms: 1\n\
+             etcd:\n  etcdSchema: {id}\n  etcdAddr: [127.0.0.1:2379]\n\
+             mysql:\n  dbMysqlAddress: [127.0.0.1:13306]\n  dbMysqlDatabaseName: {id}\n\
+             mongo:\n  dbAddress: [127.0.0.1:37017]\n  dbDatabase: {id}\n\
+             redis:\n  dbAddress: [127.0.0.1:16379]\n  keyPrefix: {id}\n\
+             websocket:\n  rate_limit_per_sec: 100000\n  rate_limit_burst: 100000\n\
+             rest:\n  rate_limit_per_sec: 100000\n  rate_limit_burst: 100000\n",
+            pipeline = pipeline.display(),
+            rpc = free_port(),
+        );
+        std::fs::write(&config, yaml).unwrap();
+        Cluster {
+            dir,
+            config,
+            gateway_port,
+            api_port,
+            im_msg_port,
+        }
+    }
+
+    /// Start `process` (with `env`), and wait until it serves.
+    async fn start(&self, process: &str, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imflow"));
+        cmd.args(["serve", "--log-json", "--config"])
+            .arg(&self.config)
+            .args(["--process", process, "--index", "0", "--host", "127.0.0.1"])
+            .env("IMFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the imflow binary");
+        let log_path = self.dir.path().join(format!("{process}.log"));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let served = tokio::time::timeout(PATIENCE * 3, async {
+            let mut log = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"] == "imflow process serving" {
+                        return Ok(log);
+                    }
+                }
+            }
+            Err(log)
+        })
+        .await;
+        match served {
+            Ok(Ok(_)) => {}
+            Ok(Err(log)) => panic!("{process} exited before serving:\n{log}"),
+            Err(_) => panic!("{process} did not serve within {:?}", PATIENCE * 3),
+        }
+        // Keep draining its log (to a file) so it never blocks on the pipe.
+        tokio::spawn(async move {
+            let mut out = String::new();
+            while let Ok(Some(l)) = lines.next_line().await {
+                out.push_str(&l);
+                out.push('\n');
+                let _ = std::fs::write(&log_path, &out);
+            }
+        });
+        Proc { child }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::new(
+            &format!("ws://127.0.0.1:{}/ws", self.gateway_port),
+            &format!("http://127.0.0.1:{}", self.api_port),
+        )
+    }
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    async fn kill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+}
+
+/// How many messages of `conversation` the history holds, as `user` pulls
+/// them through the API.
+async fn stored(api: &str, token: &str, conversation: &str) -> usize {
+    let r: Value = reqwest::Client::new()
+        .get(format!(
+            "{api}/conversations/{conversation}/messages?from_seq=1&to_seq=1000"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("pull")
+        .json()
+        .await
+        .expect("pull body");
+    r["messages"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+async fn token(api: &str, user: &str) -> String {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{api}/auth/token"))
+        .header("X-Admin-Secret", ADMIN)
+        .json(&serde_json::json!({"user_id": user, "platform": 3}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("token body");
+    r["token"].as_str().expect("a token").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_history_commit_still_pushes_every_message() {
+    let c = Cluster::new();
+    let _gateway = c.start("gateway", &[]).await;
+    let _api = c.start("api", &[]).await;
+    let _im_msg = c.start("im_msg", &[]).await;
+    let _im_push = c.start("im_push", &[]).await;
+    // The transfer process stores messages in the history, and its next
+    // stage never hands them on (as if it died right after the commit).
+    let transfer = c
+        .start(
+            "im_msg_transfer",
+            &[("IMFLOW_FAULTS", "stall-output:hot")],
+        )
+        .await;
+    // The internal ports take only the cluster secret.
+    let send = serde_json::json!({"sender": "mallory", "req": {"client_msg_id": "x", "recv_id": "bob", "content_type": 101, "content": {"text": "hi"}}});
+    for secret in [None, Some(ADMIN), Some("guess")] {
+        let mut req = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}/rpc/send", c.im_msg_port))
+            .json(&send);
+        if let Some(s) = secret {
+            req = req.header("x-imflow-cluster-secret", s);
+        }
+        let st = req.send().await.expect("rpc").status().as_u16();
+        assert_eq!(st, 403, "secret {secret:?}");
+    }
+    let endpoint = c.endpoint();
+    let api = format!("http://127.0.0.1:{}", c.api_port);
+    let load = Load::start(&endpoint, "cr", "p", 8, 10.0, 4, &[]).await;
+    load.wait_acked(8 * 5).await;
+    // Wait for the event: the history holds messages nobody was pushed.
+    let (s0, r0) = common::load::pair_users("cr", 0);
+    let t = token(&api, &r0).await;
+    let conversation = if s0 < r0 {
+        format!("si_{s0}_{r0}")
+    } else {
+        format!("si_{r0}_{s0}")
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while stored(&api, &t, &conversation).await < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing reached the history"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    transfer.kill().await;
+    let _transfer = c.start("im_msg_transfer", &[]).await;
+    // Every receiver stayed connected to the gateway throughout: each must
+    // get every message by push, those stored before the crash included.
+    let logs = load.finish().await;
+    assert_all_pushed(&logs);
+    assert!(common::load::acked(&logs) >= 40);
+    let _ = Path::new("");
+}
