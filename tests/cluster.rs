@@ -851,3 +851,26 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
     }
     stop_before_the_broker(s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_away_for_a_while_under_load_loses_nothing() {
+    use common::load::{Endpoint, Load};
+    let redis = Private::redis().await;
+    let addr = redis.addr();
+    let s = cluster_server(|c| {
+        if let Some(r) = c.redis.as_mut() {
+            r.db_address = vec![addr.clone()];
+        }
+    })
+    .await;
+    let endpoint = Endpoint::new(&s.ws, &s.api);
+    let load = Load::start(&endpoint, "ra", "p", 12, 20.0, 4, &[]).await;
+    load.wait_acked(12 * 5).await;
+    // Redis stops answering: resend claims and seq counters wait (sends are
+    // refused as unavailable and resent), nothing is skipped.
+    redis.signal("-STOP");
+    load.wait_refused(12).await;
+    redis.signal("-CONT");
+    let logs = load.finish().await;
+    common::load::assert_all_pushed(&logs);
+}

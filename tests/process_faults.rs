@@ -190,10 +190,7 @@ async fn a_crash_after_the_history_commit_still_pushes_every_message() {
     // The transfer process stores messages in the history, and its next
     // stage never hands them on (as if it died right after the commit).
     let transfer = c
-        .start(
-            "im_msg_transfer",
-            &[("IMFLOW_FAULTS", "stall-output:hot")],
-        )
+        .start("im_msg_transfer", &[("IMFLOW_FAULTS", "stall-output:hot")])
         .await;
     // The internal ports take only the cluster secret.
     let send = serde_json::json!({"sender": "mallory", "req": {"client_msg_id": "x", "recv_id": "bob", "content_type": 101, "content": {"text": "hi"}}});

@@ -68,6 +68,7 @@ pub struct Load {
     tasks: Vec<JoinHandle<PairLog>>,
     pub started: Instant,
     acked: Arc<std::sync::atomic::AtomicUsize>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The users of pair `i` of a load named `prefix`.
@@ -110,6 +111,7 @@ impl Load {
         }
         let (stop, stopped) = watch::channel(false);
         let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks = (0..pairs)
             .map(|i| {
                 let (s, r) = pair_users(prefix, i);
@@ -124,6 +126,7 @@ impl Load {
                     http: http.clone(),
                     prefix: format!("{phase}-"),
                     acked: acked.clone(),
+                    refused: refused.clone(),
                     log: PairLog {
                         conversation: conv,
                         sender: s,
@@ -141,6 +144,17 @@ impl Load {
             tasks,
             started: Instant::now(),
             acked,
+            refused,
+        }
+    }
+
+    /// Wait until `n` sends have been refused (`unavailable`) in all: the
+    /// fault is felt.
+    pub async fn wait_refused(&self, n: usize) {
+        let deadline = Instant::now() + MESSAGE_DEADLINE;
+        while self.refused.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "no send was ever refused");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -205,6 +219,7 @@ struct Pair {
     http: reqwest::Client,
     prefix: String,
     acked: Arc<std::sync::atomic::AtomicUsize>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
     log: PairLog,
     period: Duration,
     in_flight: usize,
@@ -331,6 +346,7 @@ impl Pair {
                             }
                             _ => {
                                 assert_eq!(v["code"], "unavailable", "{}: {v}", self.log.conversation);
+                                self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 retry_at.push((Instant::now() + Duration::from_millis(100), o.cmid));
                             }
                         }
