@@ -219,6 +219,11 @@ pub struct KafkaConfig {
     /// How long the broker waits for a silent consumer before moving its
     /// partitions to the others (ms).
     pub session_timeout_ms: u64,
+    /// How a consumer group shares partitions: `cooperative-sticky` (a
+    /// member that dies moves only its own; the rest never stop) or an
+    /// eager `range` / `roundrobin` (for brokers without incremental
+    /// rebalancing; every member stops while the group settles).
+    pub assignment: String,
 }
 
 impl Default for KafkaConfig {
@@ -232,6 +237,7 @@ impl Default for KafkaConfig {
             batch_messages: d.batch_messages,
             message_timeout_ms: d.message_timeout.as_millis() as u64,
             session_timeout_ms: d.session_timeout.as_millis() as u64,
+            assignment: d.assignment,
         }
     }
 }
@@ -385,6 +391,9 @@ impl Config {
             }
             if k.message_timeout_ms < 1000 {
                 bail!("{file}: kafka.message_timeout_ms must be at least 1000, e.g. 30000");
+            }
+            if !["cooperative-sticky", "range", "roundrobin"].contains(&k.assignment.as_str()) {
+                bail!("{file}: kafka.assignment must be cooperative-sticky, range or roundrobin");
             }
             if !(1000..=300_000).contains(&k.session_timeout_ms) {
                 bail!("{file}: kafka.session_timeout_ms must be between 1000 and 300000 (and within the broker's group.min/max.session.timeout.ms), e.g. 10000");

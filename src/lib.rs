@@ -71,6 +71,7 @@ pub fn kafka_settings(cfg: &Config) -> Option<imflow_runtime::KafkaSettings> {
         batch_messages: k.batch_messages.clamp(1, 1_000_000),
         message_timeout: Duration::from_millis(k.message_timeout_ms.max(1)),
         session_timeout: Duration::from_millis(k.session_timeout_ms.max(1)),
+        assignment: k.assignment.clone(),
         ..Default::default()
     })
 }

@@ -54,6 +54,16 @@ impl Cluster {
             .replace("dbDatabase: imflow", &format!("dbDatabase: {id}"))
             .replace("keyPrefix: imflow", &format!("keyPrefix: {id}"))
             .replace("rate_limit_per_sec: 100", "rate_limit_per_sec: 10000")
+            // For side-by-side runs of the kill timeline (benches/README.md):
+            // IMFLOW_TEST_KAFKA_ASSIGNMENT=range is the eager rebalance.
+            .replace(
+                "assignment: cooperative-sticky",
+                &format!(
+                    "assignment: {}",
+                    std::env::var("IMFLOW_TEST_KAFKA_ASSIGNMENT")
+                        .unwrap_or_else(|_| "cooperative-sticky".into())
+                ),
+            )
             + "\nhosts:\n  - addr: 127.0.0.2\n  - addr: 127.0.0.3\n";
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, text).expect("write config");
@@ -605,6 +615,8 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
     assert_ne!(cluster.child_pid(host, &name), victim, "restarted:\n{out}");
     check_everything(&mut dave, &mut erin, &sent, false).await;
 
+    kills_under_a_pipelined_load(&cluster, &a).await;
+
     // stop_all.sh leaves nothing behind; a second start_all.sh works.
     let mut pids = Vec::new();
     for h in HOSTS {
@@ -623,4 +635,80 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
         pids.iter().all(|p| !alive(*p)),
         "second stop left processes"
     );
+}
+
+/// A pipelined load over many conversations while one transfer, one push
+/// and one ingest process are killed, 20 s apart: nothing acked is lost,
+/// every receiver gets every message, and the pause is measured: most
+/// conversations do not notice (their partitions never stop: cooperative
+/// rebalancing), and those of the dead process resume within the session
+/// timeout and a rebalance. The per-second delivery timeline around each
+/// kill is printed (benches/README.md, "Kills under load").
+async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
+    use common::load::{longest_gap, timeline, Endpoint, Load};
+    let endpoint = Endpoint::new(&a.ws, &a.api);
+    let pairs = 24;
+    let load = Load::start(&endpoint, "kl", "p", pairs, 10.0, 4, &[]).await;
+    load.wait_acked(pairs * 20).await;
+    let victims = [
+        (HOSTS[0], "im_msg_transfer-0"),
+        (HOSTS[1], "im_push-1"),
+        (HOSTS[0], "im_msg-2"),
+    ];
+    let mut kills = Vec::new();
+    for (host, name) in victims {
+        let at = load.acked_so_far();
+        let pid = cluster.child_pid(host, name);
+        let t = tokio::time::Instant::now();
+        sigkill(pid);
+        kills.push((name, t));
+        cluster.all_up(host).await;
+        // 20 s of load after each kill (at 240 msg/s, ~4,800 messages).
+        load.wait_acked(at + pairs * 10 * 20).await;
+    }
+    let logs = load.finish().await;
+    let per_sec = timeline(&logs, load_start(&logs));
+    eprintln!("deliveries per second from the load's start: {per_sec:?}");
+    for (name, t) in &kills {
+        let from = *t;
+        let to = from + Duration::from_secs(15);
+        let mut gaps: Vec<(Duration, String)> = logs
+            .iter()
+            .map(|l| longest_gap(std::slice::from_ref(l), from, to))
+            .collect();
+        gaps.sort();
+        let median = gaps[gaps.len() / 2].0;
+        let worst = gaps.last().cloned().unwrap_or_default();
+        let start = load_start(&logs);
+        let second = t.saturating_duration_since(start).as_secs() as usize;
+        let around: Vec<usize> = per_sec
+            .iter()
+            .skip(second.saturating_sub(3))
+            .take(16)
+            .copied()
+            .collect();
+        eprintln!(
+            "kill of {name} at {second} s: deliveries/s from 3 s before: {around:?}; longest gap per conversation: median {median:?}, worst {:?} ({})",
+            worst.0, worst.1
+        );
+        assert!(
+            median < Duration::from_secs(3),
+            "{name}: most conversations paused {median:?} (a stop-the-world rebalance?)"
+        );
+        assert!(
+            worst.0 < Duration::from_secs(14),
+            "{name}: {} paused {:?}: the dead process's partitions should resume within about 10 s",
+            worst.1,
+            worst.0
+        );
+    }
+    common::load::assert_all_pushed(&logs);
+}
+
+/// When the load's first delivery arrived.
+fn load_start(logs: &[common::load::PairLog]) -> tokio::time::Instant {
+    logs.iter()
+        .filter_map(|l| l.pushes.first().map(|(t, _, _)| *t))
+        .min()
+        .unwrap_or_else(tokio::time::Instant::now)
 }

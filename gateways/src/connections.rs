@@ -30,18 +30,48 @@ pub struct ConnHandle {
     tx: mpsc::Sender<Outbound>,
     /// Cancelled to make the connection close now (queue overflow, shutdown).
     pub close: CancellationToken,
-    /// The highest seq pushed on this connection per conversation. Between
-    /// stages delivery is at-least-once (a crash replays what was not yet
-    /// committed), so the same message can reach `push` twice; pushes of a
-    /// conversation come in seq order, so anything at or below the last one
-    /// pushed is a repeat and is dropped: each connection gets each message
-    /// once.
-    pushed: std::sync::Mutex<HashMap<Arc<str>, u64>>,
+    /// What was pushed on this connection per conversation. Between stages
+    /// delivery is at-least-once (a crash replays what was not yet
+    /// committed), so the same message can reach `push` twice: a repeat is
+    /// dropped, so each connection gets each message once. Pushes come in
+    /// seq order but for a message whose seq was given again after a fault
+    /// (it arrives after later ones): that one is still delivered, late,
+    /// rather than lost.
+    pushed: std::sync::Mutex<HashMap<Arc<str>, Pushed>>,
     /// The users whose presence this connection follows.
     watching: std::sync::Mutex<Vec<Arc<str>>>,
     /// When it last sent `typing` per conversation (at most one a second is
     /// forwarded).
     typed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// The seqs pushed of one conversation: the highest, and which of the 128
+/// below it were pushed too.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pushed {
+    max: u64,
+    /// Bit i: seq `max - i` was pushed.
+    below: u128,
+}
+
+impl Pushed {
+    /// Whether `seq` is new here (and remember it); `late` when it comes
+    /// after a higher one.
+    fn first(&mut self, seq: u64) -> Option<bool> {
+        if seq > self.max {
+            let shift = seq - self.max;
+            self.below = if shift >= 128 { 0 } else { self.below << shift };
+            self.below |= 1;
+            self.max = seq;
+            return Some(false);
+        }
+        let d = self.max - seq;
+        if d >= 128 || self.below & (1 << d) != 0 {
+            return None;
+        }
+        self.below |= 1 << d;
+        Some(true)
+    }
 }
 
 impl ConnHandle {
@@ -71,16 +101,18 @@ impl ConnHandle {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        match pushed.get_mut(&item.conversation_id) {
-            Some(last) if *last >= item.seq => false,
-            Some(last) => {
-                *last = item.seq;
+        let window = match pushed.get_mut(&item.conversation_id) {
+            Some(w) => w,
+            None => pushed.entry(item.conversation_id.clone()).or_default(),
+        };
+        match window.first(item.seq) {
+            Some(late) => {
+                if late {
+                    metrics::counter!("imflow_gateway_late_pushes_total").increment(1);
+                }
                 true
             }
-            None => {
-                pushed.insert(item.conversation_id.clone(), item.seq);
-                true
-            }
+            None => false,
         }
     }
 
@@ -444,6 +476,22 @@ mod tests {
             got.push(p.seq);
         }
         assert_eq!(got, [1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_message_given_a_later_seq_after_a_fault_is_still_delivered_once() {
+        let c = Connections::new(16);
+        let user: Arc<str> = "a".into();
+        let (_h, mut rx) = c.register(&user, 1);
+        // 7 was reassigned after 8 and 9 went out; then replays of all.
+        for s in [5, 6, 8, 9, 7, 7, 8, 9, 200, 7] {
+            c.deliver("a", &item(s));
+        }
+        let mut got = Vec::new();
+        while let Ok(Outbound::Push(p)) = rx.try_recv() {
+            got.push(p.seq);
+        }
+        assert_eq!(got, [5, 6, 8, 9, 7, 200]);
     }
 
     #[tokio::test]

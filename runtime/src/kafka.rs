@@ -60,6 +60,10 @@ pub struct KafkaSettings {
     /// How long the broker waits for a consumer that stopped answering
     /// before giving its partitions to the others (`session.timeout.ms`).
     pub session_timeout: Duration,
+    /// `partition.assignment.strategy`: `cooperative-sticky` (a member that
+    /// joins or dies moves only its own partitions) or an eager one
+    /// (`range`, `roundrobin`: every member stops while the group settles).
+    pub assignment: String,
 }
 
 impl Default for KafkaSettings {
@@ -73,6 +77,7 @@ impl Default for KafkaSettings {
             commit_interval: Duration::from_millis(200),
             message_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(6),
+            assignment: "cooperative-sticky".into(),
         }
     }
 }
@@ -447,7 +452,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
         // A member that dies (or joins) moves only its own partitions; the
         // others keep consuming through the rebalance instead of all
         // stopping until it settles (KIP-429).
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("partition.assignment.strategy", &settings.assignment)
         .set(
             "heartbeat.interval.ms",
             (settings.session_timeout.as_millis() / 3)

@@ -305,9 +305,18 @@ impl Pair {
                 }
                 _ = check.tick() => {
                     let now = Instant::now();
-                    if stopping {
-                        assert!(now < stop_deadline, "{}: not everything was acked and pushed within {:?} of the end: {} unanswered, {} to resend, {} acked, {} pushed",
-                            self.log.conversation, MESSAGE_DEADLINE, outstanding.len(), retry_at.len(), self.log.acked.len(), self.log.pushes.len());
+                    if stopping && now >= stop_deadline {
+                        // Say what is missing: not stored, or stored and not pushed.
+                        let stored = self.read_all(&mut rx).await;
+                        let ids: HashSet<&str> = stored.iter().filter_map(|m| m["server_msg_id"].as_str()).collect();
+                        let pushed: HashSet<&str> = self.log.pushes.iter().map(|(_, _, id)| id.as_str()).collect();
+                        let missing: Vec<(&String, &String, bool)> = self.log.acked.iter()
+                            .filter(|(_, id)| !pushed.contains(id.as_str()))
+                            .map(|(c, id)| (c, id, ids.contains(id.as_str())))
+                            .collect();
+                        let seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
+                        panic!("{}: not everything was acked and pushed within {:?} of the end: {} unanswered, {} to resend, {} acked, {} pushed; stored {} (max seq {:?}); acked and not pushed (cmid, id, stored?): {missing:?}",
+                            self.log.conversation, MESSAGE_DEADLINE, outstanding.len(), retry_at.len(), self.log.acked.len(), self.log.pushes.len(), stored.len(), seqs.iter().max());
                     }
                     for o in outstanding.values() {
                         assert!(now < o.first + MESSAGE_DEADLINE, "{}: {} not acked within {:?}", self.log.conversation, o.cmid, MESSAGE_DEADLINE);

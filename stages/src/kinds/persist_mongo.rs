@@ -225,12 +225,12 @@ async fn reassign(
     let convs: Vec<Arc<str>> = by_conv.iter().map(|(c, _)| c.clone()).collect();
     let stored = stores.history.max_seqs(&convs).await?;
     for (conv, idx) in by_conv {
-        let ids: Vec<Arc<str>> = idx
+        let taken: Vec<(Arc<str>, u64)> = idx
             .iter()
-            .map(|&i| batch[i].item.msg.server_msg_id.clone())
+            .map(|&i| (batch[i].item.msg.server_msg_id.clone(), batch[i].item.seq))
             .collect();
         let max = stored.get(&conv).copied().unwrap_or(0);
-        let seqs = stores.sequencer.reassign(&conv, &ids, max).await?;
+        let seqs = stores.sequencer.reassign(&conv, &taken, max).await?;
         for (&i, seq) in idx.iter().zip(seqs) {
             let item = &mut batch[i].item;
             tracing::warn!(conversation = %conv, server_msg_id = %item.msg.server_msg_id, taken = item.seq, seq, "seq already taken in the history (a counter was behind it); given a new one");

@@ -457,13 +457,15 @@ pub trait Sequencer: Send + Sync + 'static {
     ) -> Result<Vec<u64>>;
 
     /// New seqs for messages of `conversation` whose seqs the history found
-    /// taken: above `stored_max` (the history's max, read after the refusal)
-    /// and above every seq handed out since; a replay of one of them then
-    /// gets its new seq.
+    /// taken (`taken`: server_msg_id and the seq it had): above
+    /// `stored_max` (the history's max, read after the refusal) and above
+    /// every seq handed out since; a replay of one of them then gets its
+    /// new seq. A message another copy of which already got a new seq
+    /// (replayed twice across a rebalance) gets that one again.
     async fn reassign(
         &self,
         conversation: &Arc<str>,
-        server_msg_ids: &[Arc<str>],
+        taken: &[(Arc<str>, u64)],
         stored_max: u64,
     ) -> Result<Vec<u64>>;
 }
@@ -539,13 +541,15 @@ impl Sequencer for LocalSequencer {
     async fn reassign(
         &self,
         conversation: &Arc<str>,
-        server_msg_ids: &[Arc<str>],
+        taken: &[(Arc<str>, u64)],
         stored_max: u64,
     ) -> Result<Vec<u64>> {
+        // One process owns every copy here (its resend index drops a
+        // repeat before it gets a seq), so each needs a fresh seq.
         let mut given = self.given();
         let n = given.get_or_insert_mut(conversation.clone(), || 0);
         *n = (*n).max(stored_max);
-        Ok(server_msg_ids
+        Ok(taken
             .iter()
             .map(|_| {
                 *n += 1;

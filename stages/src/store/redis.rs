@@ -127,8 +127,12 @@ const SEQ_LUA: &str = r#"
 --   raise:    the counter is raised to the floor (the last seq the task
 --             gave); a missing counter is refused ({-1}) so the caller
 --             reads the history first
---   reassign: raise, and give every message a new seq even if it has a mark
---             (its seq was found taken in the history)
+--   reassign: raise, and give every message a new seq (its seq was found
+--             taken in the history): ARGV[4..] are the taken seqs, one per
+--             message. A message whose mark already points at another seq
+--             than the one taken (another copy of it, replayed after a
+--             rebalance, was given one) keeps that: two copies of one
+--             message must never become two messages.
 local cur = redis.call('GET', KEYS[1])
 local floor = tonumber(ARGV[1])
 local mode = ARGV[2]
@@ -142,8 +146,10 @@ else
 end
 local out = {}
 for i = 2, #KEYS do
-  local had = false
-  if mode ~= 'reassign' then had = redis.call('GET', KEYS[i]) end
+  local had = redis.call('GET', KEYS[i])
+  if had and mode == 'reassign' and tonumber(had) == tonumber(ARGV[i + 2]) then
+    had = false
+  end
   if had then
     out[#out + 1] = tonumber(had)
   else
@@ -583,6 +589,7 @@ impl Redis {
         ids: &[&str],
         floor: u64,
         mode: SeqMode,
+        taken: &[u64],
     ) -> Result<Option<Vec<u64>>> {
         let mut inv = self.seq_script.key(self.key("seq", conversation));
         for id in ids {
@@ -591,6 +598,9 @@ impl Redis {
         inv.arg(floor)
             .arg(mode.as_str())
             .arg(self.settings.replay_ttl.as_secs().max(1));
+        for t in taken {
+            inv.arg(*t);
+        }
         let out: Vec<i64> = inv.invoke_async(&mut self.conn()).await?;
         if out.first() == Some(&-1) {
             return Ok(None);
@@ -677,7 +687,7 @@ impl Sequencer for RedisSequencer {
             join_all(floors.into_iter().map(move |(g, floor, mode)| {
                 let (conv, idx) = &groups[g];
                 let ids: Vec<&str> = idx.iter().map(|&i| &*messages[i].1).collect();
-                async move { (g, self.redis.assign_one(conv, &ids, floor, mode).await) }
+                async move { (g, self.redis.assign_one(conv, &ids, floor, mode, &[]).await) }
             }))
         };
         let first = run(groups
@@ -742,12 +752,13 @@ impl Sequencer for RedisSequencer {
     async fn reassign(
         &self,
         conversation: &Arc<str>,
-        server_msg_ids: &[Arc<str>],
+        taken: &[(Arc<str>, u64)],
         stored_max: u64,
     ) -> Result<Vec<u64>> {
-        let ids: Vec<&str> = server_msg_ids.iter().map(|s| &**s).collect();
+        let ids: Vec<&str> = taken.iter().map(|(s, _)| &**s).collect();
+        let seqs: Vec<u64> = taken.iter().map(|(_, s)| *s).collect();
         self.redis
-            .assign_one(conversation, &ids, stored_max, SeqMode::Reassign)
+            .assign_one(conversation, &ids, stored_max, SeqMode::Reassign, &seqs)
             .await?
             .ok_or_else(|| Error::Backend("redis: seq script refused a reassignment".into()))
     }
