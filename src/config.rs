@@ -602,6 +602,59 @@ mod tests {
         assert_eq!(c.kafka.unwrap().addr, ["127.0.0.1:9092"]);
     }
 
+    /// config/standalone.yaml says its values are the defaults: they are.
+    #[test]
+    fn the_shipped_standalone_config_shows_the_defaults() {
+        let text = include_str!("../config/standalone.yaml");
+        let c = Config::parse("config/standalone.yaml", text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.store.dedup_remember, d.store.dedup_remember);
+        assert_eq!(c.store.hot_cache_bytes, d.store.hot_cache_bytes);
+        assert_eq!(c.store.durability, d.store.durability);
+        assert_eq!(c.token_ttl_secs, d.token_ttl_secs);
+        assert_eq!(c.shutdown_deadline_secs, d.shutdown_deadline_secs);
+        assert_eq!(c.revoke_window_secs, d.revoke_window_secs);
+        assert_eq!(c.max_group_members, d.max_group_members);
+        assert_eq!(c.listen.gateway, d.listen.gateway);
+        assert_eq!(c.listen.api, d.listen.api);
+        let (w, dw) = (&c.websocket, &d.websocket);
+        assert_eq!(
+            (
+                w.max_connections,
+                w.rate_limit_per_sec,
+                w.rate_limit_burst,
+                w.max_pending_acks,
+                w.outgoing_queue,
+                w.read_buffer_bytes
+            ),
+            (
+                dw.max_connections,
+                dw.rate_limit_per_sec,
+                dw.rate_limit_burst,
+                dw.max_pending_acks,
+                dw.outgoing_queue,
+                dw.read_buffer_bytes
+            )
+        );
+        let (r, dr) = (&c.rest, &d.rest);
+        assert_eq!(
+            (
+                r.max_connections,
+                r.header_timeout_secs,
+                r.request_timeout_secs,
+                r.rate_limit_per_sec,
+                r.rate_limit_burst
+            ),
+            (
+                dr.max_connections,
+                dr.header_timeout_secs,
+                dr.request_timeout_secs,
+                dr.rate_limit_per_sec,
+                dr.rate_limit_burst
+            )
+        );
+    }
+
     #[test]
     fn defaults_follow_the_seed() {
         let c = Config::parse("c.yaml", "").unwrap();

@@ -874,3 +874,24 @@ async fn redis_away_for_a_while_under_load_loses_nothing() {
     let logs = load.finish().await;
     common::load::assert_all_pushed(&logs);
 }
+
+/// A verify that read the old token generation from MySQL just before a
+/// logout must not put it back into the cache after the logout wrote the
+/// new one (a revoked token would pass for an hour): the cache keeps the
+/// larger generation, whatever the order the two writes land in.
+#[tokio::test]
+async fn a_stale_token_generation_never_replaces_a_newer_one_in_the_cache() {
+    use imflow_stages::store::redis::{Redis, RedisSettings};
+    let redis = Redis::connect(RedisSettings {
+        prefix: common::unique(),
+        ..Default::default()
+    })
+    .await
+    .expect("the infra Redis");
+    // The logout's write lands first, the racing verify's second.
+    redis.cache_generation("alice", 1, 5).await.unwrap();
+    redis.cache_generation("alice", 1, 4).await.unwrap();
+    assert_eq!(redis.cached_generation("alice", 1).await.unwrap(), Some(5));
+    redis.cache_generation("alice", 1, 6).await.unwrap();
+    assert_eq!(redis.cached_generation("alice", 1).await.unwrap(), Some(6));
+}
