@@ -895,3 +895,90 @@ async fn a_stale_token_generation_never_replaces_a_newer_one_in_the_cache() {
     redis.cache_generation("alice", 1, 6).await.unwrap();
     assert_eq!(redis.cached_generation("alice", 1).await.unwrap(), Some(6));
 }
+
+/// A partition that moves (a crash, a rebalance) while seqs handed out by
+/// its old owner are still on their way to the history: the new owner
+/// starts above them, so no seq is handed out twice and nothing has to be
+/// given a new seq (and pushed out of order) later. A counter ahead of the
+/// history with nothing on its way is still brought back to the history.
+#[tokio::test]
+async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() {
+    use imflow_stages::model::{Sequenced, Stamped, Target as To};
+    use imflow_stages::store::mongo::{MongoHistory, MongoSettings};
+    use imflow_stages::store::redis::{Redis, RedisSequencer, RedisSettings};
+    use imflow_stages::store::{seq_memory, History, Sequencer};
+    use std::sync::Arc;
+    let id = common::unique();
+    let redis = Redis::connect(RedisSettings {
+        prefix: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the infra Redis");
+    let history: Arc<dyn History> = MongoHistory::connect(&MongoSettings {
+        database: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the infra MongoDB");
+    let sequencer = RedisSequencer::new(redis.clone(), history.clone());
+    let conv: Arc<str> = "si_a_b".into();
+    let msg = |i: usize| -> (Arc<str>, Arc<str>) { (conv.clone(), format!("m{i}").into()) };
+    let sequenced = |i: usize, seq: u64| Sequenced {
+        msg: Stamped {
+            conversation_id: conv.clone(),
+            server_msg_id: format!("m{i}").into(),
+            client_msg_id: format!("c{i}").into(),
+            sender: "a".into(),
+            target: To::User("b".into()),
+            content_type: 101,
+            content: "{}".into(),
+            send_time: 0,
+        },
+        seq,
+        body: format!("{{\"seq\":{seq}}}").into(),
+    };
+
+    // The old owner hands out 1..=5; the history has stored 1..=2 when the
+    // partition moves.
+    let mut old_owner = seq_memory(16);
+    let first: Vec<_> = (1..=5).map(msg).collect();
+    assert_eq!(
+        sequencer.assign(&mut old_owner, &first).await.unwrap(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let taken = history
+        .commit(vec![sequenced(1, 1), sequenced(2, 2)])
+        .await
+        .unwrap();
+    assert!(taken.is_empty());
+    sequencer.stored(&[(conv.clone(), 2)]).await.unwrap();
+
+    // The new owner meets the conversation for the first time.
+    let mut new_owner = seq_memory(16);
+    assert_eq!(
+        sequencer.assign(&mut new_owner, &[msg(6)]).await.unwrap(),
+        vec![6],
+        "3..=5 are still on their way: not handed out again"
+    );
+    // The replays of 3..=5 and the new message all find their seqs free.
+    let taken = history
+        .commit((3..=6).map(|i| sequenced(i, i as u64)).collect())
+        .await
+        .unwrap();
+    assert!(taken.is_empty(), "no seq was taken twice");
+    sequencer.stored(&[(conv.clone(), 6)]).await.unwrap();
+
+    // Nothing on its way, and a counter ahead of the history (seqs handed
+    // out and lost): the next owner starts from the history, leaving no hole.
+    let key = format!("{id}:seq:{{si_a_b}}");
+    assert_eq!(
+        redis_cmd("127.0.0.1:16379", &["SET", &key, "40"]).await,
+        "OK"
+    );
+    let mut third_owner = seq_memory(16);
+    assert_eq!(
+        sequencer.assign(&mut third_owner, &[msg(7)]).await.unwrap(),
+        vec![7]
+    );
+}

@@ -37,7 +37,12 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("IMFLOW_TEST_KEEP").is_some() {
+            // The processes' logs stay for a look after a failure.
+            dir.disable_cleanup(true);
+            eprintln!("process logs in {}", dir.path().display());
+        }
         let id = common::unique();
         let pipeline = dir.path().join("pipeline.yaml");
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml"))
@@ -97,7 +102,10 @@ impl Cluster {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("the imflow binary");
-        let log_path = self.dir.path().join(format!("{process}.log"));
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("{process}-{}.log", common::unique()));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let served = tokio::time::timeout(PATIENCE * 3, async {
             let mut log = String::new();
@@ -113,14 +121,18 @@ impl Cluster {
             Err(log)
         })
         .await;
-        match served {
+        match &served {
             Ok(Ok(_)) => {}
             Ok(Err(log)) => panic!("{process} exited before serving:\n{log}"),
             Err(_) => panic!("{process} did not serve within {:?}", PATIENCE * 3),
         }
+        let early = match served {
+            Ok(Ok(l)) => l,
+            _ => String::new(),
+        };
         // Keep draining its log (to a file) so it never blocks on the pipe.
         tokio::spawn(async move {
-            let mut out = String::new();
+            let mut out = early;
             while let Ok(Some(l)) = lines.next_line().await {
                 out.push_str(&l);
                 out.push('\n');
@@ -231,5 +243,15 @@ async fn a_crash_after_the_history_commit_still_pushes_every_message() {
     let logs = load.finish().await;
     assert_all_pushed(&logs);
     assert!(common::load::acked(&logs) >= 40);
+    // The restarted process knew which seqs were still in flight: none was
+    // handed out twice, so none had to move, and pushes kept seq order.
+    for l in &logs {
+        let seqs: Vec<u64> = l.pushes.iter().map(|(_, s, _)| *s).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{}: pushes out of seq order: {seqs:?}",
+            l.conversation
+        );
+    }
     let _ = Path::new("");
 }

@@ -96,7 +96,7 @@ async fn a_group_of_200_with_50_online_gets_every_message_in_order() {
     // Seq 1 is the "group created" notification (PROTOCOL v2).
     let expected: Vec<u64> = (2..=total as u64 + 1).collect();
     for c in online.iter_mut() {
-        let got = c.pushed(total).await;
+        let got = c.pushed_chat(total).await;
         assert_eq!(seqs_of(&got, "sg_big"), expected);
         assert!(got
             .iter()

@@ -46,7 +46,7 @@ async fn a_client_that_never_reads_is_cut_off_and_others_get_everything() {
     let mut reader = s.connect("reader", 1).await;
 
     let total = 1500;
-    let collect = tokio::spawn(async move { reader.pushed(total).await });
+    let collect = tokio::spawn(async move { reader.pushed_chat(total).await });
     let text = "z".repeat(8000);
     for window in 0..(total / 50) {
         for i in 0..50 {
@@ -69,7 +69,8 @@ async fn a_client_that_never_reads_is_cut_off_and_others_get_everything() {
     let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(
         seqs,
-        (1..=total as u64).collect::<Vec<_>>(),
+        // Seq 1 is the "group created" notification (PROTOCOL v2).
+        (2..=total as u64 + 1).collect::<Vec<_>>(),
         "the reading client got everything in order"
     );
 

@@ -408,17 +408,29 @@ impl Pair {
         self.log
     }
 
-    /// The receiver was pushed the conversation's last message (seq n, n
-    /// the messages acked in it): it knows of every message (a push that
-    /// came out of order after a fault is dropped by its connection, and
-    /// the client fills the gap it sees by pull). A receiver that was
-    /// reconnected finds what it missed by pull.
+    /// The receiver was pushed every message acked in this load, and the
+    /// conversation's last one (seq n, n the messages acked in it): it
+    /// knows of every message. (A message given a new seq after a fault is
+    /// pushed after higher seqs: the highest seq alone does not say the
+    /// others are stored.) A receiver that was reconnected finds what it
+    /// missed by pull.
     fn all_pushed(&self) -> bool {
         if self.log.receiver_reconnected {
             return true;
         }
         let n = (self.earlier.len() + self.log.acked.len()) as u64;
+        let pushed: HashSet<&str> = self
+            .log
+            .pushes
+            .iter()
+            .map(|(_, _, id)| id.as_str())
+            .collect();
         self.log.pushes.iter().any(|(_, seq, _)| *seq >= n)
+            && self
+                .log
+                .acked
+                .values()
+                .all(|id| pushed.contains(id.as_str()))
     }
 
     /// Every message of the conversation, by pull, until a page is empty.

@@ -388,6 +388,26 @@ impl Client {
         }
         out
     }
+
+    /// The next `n` messages pushed that a user sent: server notifications
+    /// (content types from 1000, PROTOCOL v2) are skipped, since whether
+    /// one written just before this client connected reaches it by push or
+    /// only by sync depends on timing.
+    pub async fn pushed_chat(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let f = self.next_where(|f| f["op"] == "push").await;
+            out.extend(
+                f["messages"]
+                    .as_array()
+                    .expect("push has messages")
+                    .iter()
+                    .filter(|m| m["content_type"].as_u64().is_some_and(|t| t < 1000))
+                    .cloned(),
+            );
+        }
+        out
+    }
 }
 
 #[derive(Clone, Copy)]

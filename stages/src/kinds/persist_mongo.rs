@@ -157,6 +157,19 @@ async fn run(
                 }
             }
         }
+        let mut up_to: std::collections::HashMap<Arc<str>, u64> = Default::default();
+        for env in &batch {
+            let s = up_to
+                .entry(env.item.msg.conversation_id.clone())
+                .or_default();
+            *s = (*s).max(env.item.seq);
+        }
+        let up_to: Vec<(Arc<str>, u64)> = up_to.into_iter().collect();
+        if let Err(e) = stores.sequencer.stored(&up_to).await {
+            // Bookkeeping only: what stays listed in flight is at or below
+            // the history's max now, which is never taken for in flight.
+            tracing::warn!(error = %e, "recording stored seqs failed");
+        }
         let opened: Vec<Arc<str>> = batch
             .iter()
             .filter(|e| e.item.seq == 1 && matches!(e.item.msg.target, Target::User(_)))

@@ -442,9 +442,12 @@ pub fn seq_memory(entries: usize) -> SeqMemory {
 /// from the history's max, whatever a counter says: a counter behind it (a
 /// Redis restored from an old snapshot, a failover to a lagging replica)
 /// would hand out stored seqs, one ahead of it would leave a hole. Seqs
-/// handed out but not yet stored when the task starts (still in a Kafka
-/// topic) may then be handed out again; the history refuses the second
-/// (`Taken`) and [`reassign`](Sequencer::reassign) gives it a new one.
+/// handed out and not yet stored (still in a Kafka topic, after a crash or
+/// while a partition moves) are the exception: a sequencer that knows them
+/// starts above them, so they are not handed out twice and nothing is
+/// reordered. One it does not know is handed out again; the history refuses
+/// the second (`Taken`) and [`reassign`](Sequencer::reassign) gives it a new
+/// one (after the seqs in flight, so it is stored and pushed after them).
 #[async_trait]
 pub trait Sequencer: Send + Sync + 'static {
     /// The seqs of `messages` (conversation, server_msg_id), in order. A
@@ -468,6 +471,14 @@ pub trait Sequencer: Send + Sync + 'static {
         taken: &[(Arc<str>, u64)],
         stored_max: u64,
     ) -> Result<Vec<u64>>;
+
+    /// The history now holds each conversation's messages up to the given
+    /// seq (the highest of a committed batch): seqs up to it are no longer
+    /// in flight. Only bookkeeping: forgetting it is harmless, since a
+    /// seq at or below the history's max never counts as in flight.
+    async fn stored(&self, _up_to: &[(Arc<str>, u64)]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Conversations of `messages` that `last` does not know, once each.

@@ -119,16 +119,19 @@ pub struct Redis {
 }
 
 const SEQ_LUA: &str = r#"
--- KEYS[1]: the conversation's counter; KEYS[2..]: one replay mark per message.
--- ARGV[1]: floor; ARGV[2]: mode; ARGV[3]: replay mark TTL (s).
---   set:      the floor is the history's max: the counter becomes it (a
---             counter behind the history would hand out stored seqs, one
---             ahead of it would leave a hole)
+-- KEYS[1]: the conversation's counter; KEYS[2]: its seqs in flight (a sorted
+-- set: handed out, not yet known stored); KEYS[3..]: one replay mark per
+-- message. ARGV[1]: floor; ARGV[2]: mode; ARGV[3]: TTL (s) of marks and of
+-- the in-flight set; ARGV[4]: most seqs kept in flight per conversation.
+--   set:      the floor is the history's max: the counter becomes it, or
+--             the highest seq still in flight above it (a counter behind
+--             the history would hand out stored seqs; one ahead of it would
+--             leave a hole, unless what is ahead is still on its way)
 --   raise:    the counter is raised to the floor (the last seq the task
 --             gave); a missing counter is refused ({-1}) so the caller
 --             reads the history first
 --   reassign: raise, and give every message a new seq (its seq was found
---             taken in the history): ARGV[4..] are the taken seqs, one per
+--             taken in the history): ARGV[5..] are the taken seqs, one per
 --             message. A message whose mark already points at another seq
 --             than the one taken (another copy of it, replayed after a
 --             rebalance, was given one) keeps that: two copies of one
@@ -137,7 +140,10 @@ local cur = redis.call('GET', KEYS[1])
 local floor = tonumber(ARGV[1])
 local mode = ARGV[2]
 if mode == 'set' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', floor)
   cur = floor
+  local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  if top[2] and tonumber(top[2]) > cur then cur = tonumber(top[2]) end
 elseif not cur then
   if mode == 'raise' then return {-1} end
   cur = floor
@@ -145,7 +151,8 @@ else
   cur = math.max(tonumber(cur), floor)
 end
 local out = {}
-for i = 2, #KEYS do
+local added = false
+for i = 3, #KEYS do
   local had = redis.call('GET', KEYS[i])
   if had and mode == 'reassign' and tonumber(had) == tonumber(ARGV[i + 2]) then
     had = false
@@ -155,8 +162,14 @@ for i = 2, #KEYS do
   else
     cur = cur + 1
     redis.call('SET', KEYS[i], cur, 'EX', ARGV[3])
+    redis.call('ZADD', KEYS[2], cur, cur)
+    added = true
     out[#out + 1] = cur
   end
+end
+if added then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
 redis.call('SET', KEYS[1], cur)
 return out
@@ -592,12 +605,14 @@ impl Redis {
         taken: &[u64],
     ) -> Result<Option<Vec<u64>>> {
         let mut inv = self.seq_script.key(self.key("seq", conversation));
+        inv.key(self.key("inflight", conversation));
         for id in ids {
             inv.key(format!("{}:{id}", self.key("seqof", conversation)));
         }
         inv.arg(floor)
             .arg(mode.as_str())
-            .arg(self.settings.replay_ttl.as_secs().max(1));
+            .arg(self.settings.replay_ttl.as_secs().max(1))
+            .arg(MAX_IN_FLIGHT);
         for t in taken {
             inv.arg(*t);
         }
@@ -617,6 +632,12 @@ impl Redis {
             .await?)
     }
 }
+
+/// Seqs of one conversation remembered as in flight at most: a backlog
+/// deeper than this (the history away for long) is partly forgotten, and a
+/// partition that moves meanwhile hands those seqs out again (they are then
+/// reassigned, never lost).
+const MAX_IN_FLIGHT: u64 = 16_384;
 
 /// How the seq script treats its floor (see `SEQ_LUA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -645,9 +666,11 @@ impl From<redis::RedisError> for Error {
 /// Seq counters in Redis, one Lua script per conversation per batch: the
 /// allocation is atomic in Redis, and a message replayed from Kafka (same
 /// server_msg_id) gets the seq it got before. A conversation the task meets
-/// for the first time starts from the history's max (see [`Sequencer`]);
-/// after that the floor is the last seq the task gave, so a counter that
-/// Redis lost or restored from an older snapshot meanwhile is raised back.
+/// for the first time starts from the history's max, or above the seqs
+/// still in flight (a set per conversation, emptied as `persist-mongo`
+/// stores them; see [`Sequencer`]); after that the floor is the last seq
+/// the task gave, so a counter that Redis lost or restored from an older
+/// snapshot meanwhile is raised back.
 pub struct RedisSequencer {
     redis: Arc<Redis>,
     history: Arc<dyn History>,
@@ -761,6 +784,26 @@ impl Sequencer for RedisSequencer {
             .assign_one(conversation, &ids, stored_max, SeqMode::Reassign, &seqs)
             .await?
             .ok_or_else(|| Error::Backend("redis: seq script refused a reassignment".into()))
+    }
+
+    async fn stored(&self, up_to: &[(Arc<str>, u64)]) -> Result<()> {
+        let results = join_all(up_to.iter().map(|(conv, seq)| {
+            let mut conn = self.redis.conn();
+            let key = self.redis.key("inflight", conv);
+            async move {
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(*seq)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        }))
+        .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
     }
 }
 
