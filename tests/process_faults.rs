@@ -255,3 +255,55 @@ async fn a_crash_after_the_history_commit_still_pushes_every_message() {
     }
     let _ = Path::new("");
 }
+
+/// PROTOCOL guarantee 6: a client that connects and syncs learns every
+/// message, by that sync or by push, without a later message revealing it.
+/// The push processes learn of a new connection from the presence registry;
+/// with the gateway slow to record it (a slow Redis, injected), a sync
+/// answered at once would miss a message stored just after it, pushed
+/// while no push process knew the connection. The connection answers only
+/// once its presence is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_connects_and_syncs_gets_the_next_message_by_push() {
+    let c = Cluster::new();
+    let _gateway = c
+        .start("gateway", &[("IMFLOW_FAULTS", "delay-presence:1500")])
+        .await;
+    let _api = c.start("api", &[]).await;
+    let _im_msg = c.start("im_msg", &[]).await;
+    let _im_push = c.start("im_push", &[]).await;
+    let _transfer = c.start("im_msg_transfer", &[]).await;
+    let s = common::TestServer::attach(
+        &format!("127.0.0.1:{}", c.gateway_port),
+        &format!("127.0.0.1:{}", c.api_port),
+    );
+    let users: Vec<String> = (0..3).map(|i| format!("newcomer{i}")).collect();
+    let mut all: Vec<&str> = users.iter().map(String::as_str).collect();
+    all.push("sender");
+    s.register(&all).await;
+    let mut sender = s.connect("sender", 1).await;
+    for u in &users {
+        let mut newcomer = s.connect(u, 1).await;
+        let sync = newcomer.request(serde_json::json!({"op": "sync"})).await;
+        assert_eq!(sync["op"], "sync", "{sync}");
+        let ack = sender
+            .send_text(common::Target::User(u), &format!("to-{u}"), "hello")
+            .await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+        let id = ack["server_msg_id"].clone();
+        let pushed = tokio::time::timeout(
+            PATIENCE,
+            newcomer.next_where(|f| {
+                f["op"] == "push"
+                    && f["messages"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == id))
+            }),
+        )
+        .await;
+        assert!(
+            pushed.is_ok(),
+            "{u}: the message after its sync was never pushed"
+        );
+    }
+}

@@ -441,13 +441,22 @@ impl Presence for RemotePresence {
 
     fn deliver_all(&self, users: &[Arc<str>], item: &PushItem, done: Ack) {
         let mut per: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut offline = 0u64;
         for u in users {
-            if let Some(gws) = self.online.get(u) {
-                for g in gws.iter() {
-                    per.entry(g.clone()).or_default().push(u.clone());
+            match self.online.get(u) {
+                Some(gws) => {
+                    for g in gws.iter() {
+                        per.entry(g.clone()).or_default().push(u.clone());
+                    }
                 }
+                None => offline += 1,
             }
         }
+        // Recipients no gateway is known to hold: offline, or connected so
+        // recently that the registry has not told this process yet (their
+        // connection answers nothing until it has, so its sync finds what
+        // is skipped here).
+        metrics::counter!("imflow_push_skipped_offline_total").increment(offline);
         for (g, users) in per {
             let entry = PushEntry {
                 conversation_id: item.conversation_id.clone(),
@@ -739,9 +748,15 @@ async fn record_presence(
         let mut platforms: Vec<(Arc<str>, u8, bool)> = Vec::new();
         let mut seen: Vec<(Arc<str>, i64)> = Vec::new();
         let mut kicks = Vec::new();
+        let mut recorded = Vec::new();
         for e in batch.drain(..) {
             match e {
-                ConnEvent::Opened { user, platform } => {
+                ConnEvent::Opened {
+                    user,
+                    platform,
+                    recorded: r,
+                } => {
+                    recorded.push(r);
                     kicks.push(Control {
                         origin: link.me.clone(),
                         user: user.to_string(),
@@ -759,6 +774,9 @@ async fn record_presence(
                     last.insert(user, false);
                 }
             }
+        }
+        if let Some(delay) = imflow_runtime::fault::presence_delay() {
+            tokio::time::sleep(delay).await;
         }
         // Registry first, then the announcement: a process that reads it
         // after hearing finds the entries.
@@ -792,6 +810,11 @@ async fn record_presence(
                 .redis
                 .publish(PRESENCE_CHANNEL, &lines.join("\n"))
                 .await;
+        }
+        // The push processes have been told (or read the registry when
+        // their subscription comes back): the connections may now answer.
+        for r in recorded {
+            r.done();
         }
         if !seen.is_empty() {
             if let Err(e) = directory.set_last_seen(&seen).await {

@@ -43,6 +43,37 @@ pub struct ConnHandle {
     /// When it last sent `typing` per conversation (at most one a second is
     /// forwarded).
     typed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Becomes true once the cluster's push processes can know of this
+    /// connection (its presence is recorded and announced); at once alone.
+    recorded: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ConnHandle {
+    /// Wait (at most `limit`) until pushes can find this connection: its
+    /// requests are answered only then, so a client that connects and
+    /// syncs either finds a message by that sync or gets it by push
+    /// (PROTOCOL guarantee 6). False when `limit` passed first.
+    pub async fn recorded(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.recorded.clone();
+        let waited = tokio::time::timeout(limit, rx.wait_for(|r| *r)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+}
+
+/// Tells a connection its presence is recorded (see [`ConnHandle::recorded`]).
+#[derive(Clone)]
+pub struct Recorded(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Recorded {
+    pub fn done(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recorded")
+    }
 }
 
 /// The seqs pushed of one conversation: the highest, and which of the 128
@@ -142,17 +173,14 @@ pub enum ConnEvent {
     Opened {
         user: Arc<str>,
         platform: u8,
+        /// To call once the connection is in the registry and announced.
+        recorded: Recorded,
     },
     /// A connection of the user on `platform` closed (and no other of that
     /// platform is left).
-    Closed {
-        user: Arc<str>,
-        platform: u8,
-    },
+    Closed { user: Arc<str>, platform: u8 },
     /// The user's last connection on this gateway closed.
-    LastClosed {
-        user: Arc<str>,
-    },
+    LastClosed { user: Arc<str> },
 }
 
 type Observer = Box<dyn Fn(ConnEvent) + Send + Sync>;
@@ -320,6 +348,8 @@ impl Connections {
         platform: u8,
     ) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(self.queue_capacity);
+        // Alone, this gateway's pushes find the connection at once.
+        let (recorded_tx, recorded) = tokio::sync::watch::channel(self.observer.get().is_none());
         let handle = Arc::new(ConnHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             platform,
@@ -328,6 +358,7 @@ impl Connections {
             pushed: std::sync::Mutex::new(HashMap::new()),
             watching: std::sync::Mutex::new(Vec::new()),
             typed: std::sync::Mutex::new(HashMap::new()),
+            recorded,
         });
         let first = !self.users.contains_key(&**user);
         let replaced = {
@@ -350,6 +381,7 @@ impl Connections {
         self.tell(ConnEvent::Opened {
             user: user.clone(),
             platform,
+            recorded: Recorded(Arc::new(recorded_tx)),
         });
         if first && self.local_presence() && self.is_watched(user) {
             self.presence_seen(user, &self.platforms(user));

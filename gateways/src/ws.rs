@@ -217,6 +217,10 @@ async fn accept(
     Ok(())
 }
 
+/// Longest a new connection waits for its presence to be recorded before
+/// its requests are answered anyway (the registry away).
+const PRESENCE_WAIT: Duration = Duration::from_secs(5);
+
 /// Per-connection limits.
 pub struct Limits {
     pub rate_per_sec: u32,
@@ -328,6 +332,14 @@ pub async fn run_connection<S>(
 ) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
+    if !handle.recorded(PRESENCE_WAIT).await {
+        metrics::counter!("imflow_gateway_presence_unrecorded_total").increment(1);
+        tracing::warn!(
+            user = %me.user_id,
+            conn = handle.id,
+            "presence not recorded in time; serving the connection anyway (pushes may miss it until then)"
+        );
+    }
     let rate: DefaultDirectRateLimiter = RateLimiter::direct(
         Quota::per_second(NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN)),

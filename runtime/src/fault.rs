@@ -4,6 +4,9 @@
 //! - `stall-output:STAGE`: the stage's output never sends; what it
 //!   processed stays in it, unacknowledged downstream (e.g. a crash after
 //!   the history commit and before the next stage has the message).
+//! - `delay-presence:MS`: a cluster gateway records each batch of new
+//!   connections in the presence registry MS milliseconds late (a slow
+//!   Redis), so pushes cannot find them meanwhile.
 //!
 //! Unset, nothing changes and nothing is paid on the message path.
 
@@ -30,4 +33,14 @@ pub fn output_stalled(stage: &str) -> bool {
     faults()
         .iter()
         .any(|f| f.strip_prefix("stall-output:") == Some(stage))
+}
+
+/// How late a gateway records new connections, if it is to.
+pub fn presence_delay() -> Option<std::time::Duration> {
+    faults().iter().find_map(|f| {
+        f.strip_prefix("delay-presence:")?
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_millis)
+    })
 }
