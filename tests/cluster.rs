@@ -969,6 +969,24 @@ async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() 
     assert!(taken.is_empty(), "no seq was taken twice");
     sequencer.stored(&[(conv.clone(), 6)]).await.unwrap();
 
+    // A batch stored between a new owner's read of the history's max and
+    // its first seq (simulated: the history is told of 7..=9 and the
+    // owner reads 6): the stored mark still keeps it above them.
+    sequencer.stored(&[(conv.clone(), 9)]).await.unwrap();
+    let mut racing_owner = seq_memory(16);
+    assert_eq!(
+        sequencer
+            .assign(&mut racing_owner, &[msg(10)])
+            .await
+            .unwrap(),
+        vec![10]
+    );
+    let _ = history
+        .commit((7..=10).map(|i| sequenced(i, i as u64)).collect())
+        .await
+        .unwrap();
+    sequencer.stored(&[(conv.clone(), 10)]).await.unwrap();
+
     // Nothing on its way, and a counter ahead of the history (seqs handed
     // out and lost): the next owner starts from the history, leaving no hole.
     let key = format!("{id}:seq:{{si_a_b}}");
@@ -978,7 +996,10 @@ async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() 
     );
     let mut third_owner = seq_memory(16);
     assert_eq!(
-        sequencer.assign(&mut third_owner, &[msg(7)]).await.unwrap(),
-        vec![7]
+        sequencer
+            .assign(&mut third_owner, &[msg(11)])
+            .await
+            .unwrap(),
+        vec![11]
     );
 }

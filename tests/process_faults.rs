@@ -292,7 +292,7 @@ async fn a_client_that_connects_and_syncs_gets_the_next_message_by_push() {
         assert_eq!(ack["op"], "ack", "{ack}");
         let id = ack["server_msg_id"].clone();
         let pushed = tokio::time::timeout(
-            PATIENCE,
+            Duration::from_secs(10),
             newcomer.next_where(|f| {
                 f["op"] == "push"
                     && f["messages"]

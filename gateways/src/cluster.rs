@@ -806,10 +806,12 @@ async fn record_presence(
                 .iter()
                 .map(|u| format!("{sign} {} {u}", link.me))
                 .collect();
-            let _ = link
-                .redis
-                .publish(PRESENCE_CHANNEL, &lines.join("\n"))
-                .await;
+            let text = lines.join("\n");
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            while let Err(err) = link.redis.publish(PRESENCE_CHANNEL, &text).await {
+                tracing::warn!(error = %err, "cannot announce presence; retrying");
+                backoff.wait().await;
+            }
         }
         // The push processes have been told (or read the registry when
         // their subscription comes back): the connections may now answer.
@@ -817,9 +819,14 @@ async fn record_presence(
             r.done();
         }
         if !seen.is_empty() {
-            if let Err(e) = directory.set_last_seen(&seen).await {
-                tracing::warn!(error = %e, "last seen times not recorded");
-            }
+            // Off the loop: a slow MySQL must not hold up the next batch of
+            // connections waiting to be recorded.
+            let directory = directory.clone();
+            tokio::spawn(async move {
+                if let Err(e) = directory.set_last_seen(&seen).await {
+                    tracing::warn!(error = %e, "last seen times not recorded");
+                }
+            });
         }
         if !kicks.is_empty() {
             if let Ok(text) = serde_json::to_string(&kicks) {

@@ -332,7 +332,11 @@ pub async fn run_connection<S>(
 ) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    if !handle.recorded(PRESENCE_WAIT).await {
+    let recorded = tokio::select! {
+        r = handle.recorded(PRESENCE_WAIT) => r,
+        _ = handle.close.cancelled() => return,
+    };
+    if !recorded {
         metrics::counter!("imflow_gateway_presence_unrecorded_total").increment(1);
         tracing::warn!(
             user = %me.user_id,

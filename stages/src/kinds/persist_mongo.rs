@@ -165,11 +165,6 @@ async fn run(
             *s = (*s).max(env.item.seq);
         }
         let up_to: Vec<(Arc<str>, u64)> = up_to.into_iter().collect();
-        if let Err(e) = stores.sequencer.stored(&up_to).await {
-            // Bookkeeping only: what stays listed in flight is at or below
-            // the history's max now, which is never taken for in flight.
-            tracing::warn!(error = %e, "recording stored seqs failed");
-        }
         let opened: Vec<Arc<str>> = batch
             .iter()
             .filter(|e| e.item.seq == 1 && matches!(e.item.msg.target, Target::User(_)))
@@ -215,6 +210,12 @@ async fn run(
             if out.send(env).await.is_err() {
                 return Err("downstream of persist-mongo stopped".into());
             }
+        }
+        // After the acks: bookkeeping, off the path a client waits on.
+        if let Err(e) = stores.sequencer.stored(&up_to).await {
+            // What stays listed in flight is at or below the history's max
+            // now, which never counts as in flight.
+            tracing::warn!(error = %e, "recording stored seqs failed");
         }
     }
     Ok(())

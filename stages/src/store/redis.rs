@@ -112,6 +112,7 @@ pub struct Redis {
     subscribe_url: String,
     settings: RedisSettings,
     seq_script: Script,
+    stored_script: Script,
     claim_script: Script,
     failed_script: Script,
     raise_script: Script,
@@ -120,7 +121,8 @@ pub struct Redis {
 
 const SEQ_LUA: &str = r#"
 -- KEYS[1]: the conversation's counter; KEYS[2]: its seqs in flight (a sorted
--- set: handed out, not yet known stored); KEYS[3..]: one replay mark per
+-- set: handed out, not yet known stored, and the highest seq known stored,
+-- see STORED_LUA); KEYS[3..]: one replay mark per
 -- message. ARGV[1]: floor; ARGV[2]: mode; ARGV[3]: TTL (s) of marks and of
 -- the in-flight set; ARGV[4]: most seqs kept in flight per conversation.
 --   set:      the floor is the history's max: the counter becomes it, or
@@ -139,14 +141,16 @@ const SEQ_LUA: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local floor = tonumber(ARGV[1])
 local mode = ARGV[2]
-if mode == 'set' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', floor)
-  cur = floor
+local function above_in_flight(n)
   local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-  if top[2] and tonumber(top[2]) > cur then cur = tonumber(top[2]) end
+  if top[2] and tonumber(top[2]) > n then return tonumber(top[2]) end
+  return n
+end
+if mode == 'set' then
+  cur = above_in_flight(floor)
 elseif not cur then
   if mode == 'raise' then return {-1} end
-  cur = floor
+  cur = above_in_flight(floor)
 else
   cur = math.max(tonumber(cur), floor)
 end
@@ -173,6 +177,17 @@ if added then
 end
 redis.call('SET', KEYS[1], cur)
 return out
+"#;
+
+const STORED_LUA: &str = r#"
+-- KEYS[1]: a conversation's seqs in flight (see SEQ_LUA); ARGV[1]: the
+-- highest seq of a batch the history has just stored; ARGV[2]: TTL (s).
+-- Seqs up to it are no longer in flight; it stays as a lower bound, so a
+-- task that read an older history max just before cannot start below it.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 "#;
 
 const HOT_LUA: &str = r#"
@@ -320,6 +335,7 @@ impl Redis {
             subscribe_url,
             settings,
             seq_script: Script::new(SEQ_LUA),
+            stored_script: Script::new(STORED_LUA),
             claim_script: Script::new(CLAIM_LUA),
             failed_script: Script::new(FAILED_LUA),
             raise_script: Script::new(RAISE_LUA),
@@ -787,17 +803,15 @@ impl Sequencer for RedisSequencer {
     }
 
     async fn stored(&self, up_to: &[(Arc<str>, u64)]) -> Result<()> {
+        let ttl = self.redis.settings.replay_ttl.as_secs().max(1);
         let results = join_all(up_to.iter().map(|(conv, seq)| {
             let mut conn = self.redis.conn();
-            let key = self.redis.key("inflight", conv);
-            async move {
-                redis::cmd("ZREMRANGEBYSCORE")
-                    .arg(key)
-                    .arg("-inf")
-                    .arg(*seq)
-                    .query_async::<i64>(&mut conn)
-                    .await
-            }
+            let mut inv = self
+                .redis
+                .stored_script
+                .key(self.redis.key("inflight", conv));
+            inv.arg(*seq).arg(ttl);
+            async move { inv.invoke_async::<i64>(&mut conn).await }
         }))
         .await;
         for r in results {
