@@ -27,7 +27,12 @@ impl Cluster {
     /// config/config.yaml with this test's own topics, consumer groups,
     /// databases, Redis keys and etcd prefix, and the two hosts.
     fn new() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("IMFLOW_TEST_KEEP").is_some() {
+            // The processes' logs stay for a look after a failure.
+            dir.disable_cleanup(true);
+            eprintln!("process logs in {}", dir.path().display());
+        }
         let id = common::unique();
         let pipeline = common::pipeline_with_own_topics(dir.path(), &id);
         let root = env!("CARGO_MANIFEST_DIR");
