@@ -282,17 +282,24 @@ impl MongoHistory {
                 holder.insert((c.to_string(), seq), id.to_string());
             }
         }
-        Ok(dups
-            .iter()
-            .copied()
-            .filter(|&i| {
-                messages.get(i).is_some_and(|m| {
-                    holder
-                        .get(&(m.msg.conversation_id.to_string(), m.seq as i64))
-                        .is_some_and(|id| *id != *m.msg.server_msg_id)
-                })
-            })
-            .collect())
+        let mut taken = Taken::new();
+        for &i in dups {
+            let Some(m) = messages.get(i) else { continue };
+            match holder.get(&(m.msg.conversation_id.to_string(), m.seq as i64)) {
+                Some(id) if *id == *m.msg.server_msg_id => {}
+                Some(_) => taken.push(i),
+                // A duplicate key with nobody holding the seq: not stored,
+                // whatever the error said. Never taken as done: the caller
+                // retries the batch (the insert is idempotent).
+                None => {
+                    return Err(Error::Backend(format!(
+                        "mongodb reported seq {} of {} as a duplicate, and no message holds it",
+                        m.seq, m.msg.conversation_id
+                    )))
+                }
+            }
+        }
+        Ok(taken)
     }
 
     async fn range_now(
