@@ -438,16 +438,7 @@ async fn await_presence(from: &mut Client, to: &mut Client, target: Target<'_>, 
         let ack = from.request(send_frame(target, &cmid, "hello")).await;
         assert_eq!(ack["op"], "ack", "{ack}");
         let id = ack["server_msg_id"].clone();
-        let got = tokio::time::timeout(
-            Duration::from_millis(500),
-            to.next_where(|f| {
-                f["op"] == "push"
-                    && f["messages"]
-                        .as_array()
-                        .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == id))
-            }),
-        )
-        .await;
+        let got = tokio::time::timeout(Duration::from_millis(500), to.push_of(&id)).await;
         if got.is_ok() {
             to.backlog.clear();
             return;

@@ -375,18 +375,7 @@ impl Client {
 
     /// Messages from `push` frames until `n` have arrived, in arrival order.
     pub async fn pushed(&mut self, n: usize) -> Vec<Value> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let f = self.next_where(|f| f["op"] == "push").await;
-            out.extend(
-                f["messages"]
-                    .as_array()
-                    .expect("push has messages")
-                    .iter()
-                    .cloned(),
-            );
-        }
-        out
+        self.pushed_where(n, |_| true).await
     }
 
     /// The next `n` messages pushed that a user sent: server notifications
@@ -394,6 +383,11 @@ impl Client {
     /// one written just before this client connected reaches it by push or
     /// only by sync depends on timing.
     pub async fn pushed_chat(&mut self, n: usize) -> Vec<Value> {
+        self.pushed_where(n, |m| m["content_type"].as_u64().is_some_and(|t| t < 1000))
+            .await
+    }
+
+    async fn pushed_where(&mut self, n: usize, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
         let mut out = Vec::new();
         while out.len() < n {
             let f = self.next_where(|f| f["op"] == "push").await;
@@ -402,11 +396,22 @@ impl Client {
                     .as_array()
                     .expect("push has messages")
                     .iter()
-                    .filter(|m| m["content_type"].as_u64().is_some_and(|t| t < 1000))
+                    .filter(|m| keep(m))
                     .cloned(),
             );
         }
         out
+    }
+
+    /// The `push` frame carrying the message `server_msg_id`.
+    pub async fn push_of(&mut self, server_msg_id: &Value) -> Value {
+        self.next_where(|f| {
+            f["op"] == "push"
+                && f["messages"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == *server_msg_id))
+        })
+        .await
     }
 }
 
