@@ -33,14 +33,40 @@ async fn single_chat_over_kafka_reaches_every_connection_in_seq_order() {
         f["rid"] = json!(format!("x{i}"));
         a1.send_json(&f).await;
     }
+    let mut last_id = String::new();
     for i in 0..n {
         let ack = a1.next_where(|f| f["rid"] == json!(format!("x{i}"))).await;
         assert_eq!(ack["op"], "ack", "{ack}");
+        last_id = ack["server_msg_id"].as_str().unwrap().to_string();
     }
     let want: Vec<u64> = (1..=n as u64).collect();
     for c in [&mut a1, &mut a2, &mut b1] {
         let got = c.pushed(n).await;
         assert_eq!(seqs_of(&got, "si_alice_bob"), want);
+    }
+    // What a test that lost a message uses to say where it stopped: it
+    // finds this one at every hop.
+    let kafka = s.cfg.kafka.clone().unwrap();
+    let id = kafka.group_prefix.trim_start_matches("test-").to_string();
+    let topics: Vec<String> = ["ws2ms_chat", "msg_to_mongo", "ms2ps_chat"]
+        .iter()
+        .map(|t| format!("{t}-{id}"))
+        .collect();
+    let (brokers, wanted) = (kafka.addr[0].clone(), topics.clone());
+    let found = tokio::task::spawn_blocking(move || {
+        common::trace::find_in_topics(&brokers, &wanted, &last_id)
+    })
+    .await
+    .unwrap();
+    for t in &topics {
+        assert_eq!(
+            found
+                .iter()
+                .filter(|f| f.starts_with(&format!("{t}[")))
+                .count(),
+            1,
+            "{t} in {found:?}"
+        );
     }
     let r = b1
         .request(

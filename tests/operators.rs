@@ -18,6 +18,8 @@ const HOSTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 struct Cluster {
     dir: tempfile::TempDir,
     config: PathBuf,
+    /// What this test's topics, groups and databases are named after.
+    id: String,
 }
 
 /// What the test cluster's processes present to each other.
@@ -72,7 +74,7 @@ impl Cluster {
             + "\nhosts:\n  - addr: 127.0.0.2\n  - addr: 127.0.0.3\n";
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, text).expect("write config");
-        Cluster { dir, config }
+        Cluster { dir, config, id }
     }
 
     fn run_dir(&self, host: &str) -> PathBuf {
@@ -662,7 +664,33 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
         // 20 s of load after each kill (at 240 msg/s, ~4,800 messages).
         load.wait_acked(at + pairs * 10 * 20).await;
     }
-    let logs = load.finish().await;
+    let logs =
+        match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(load.finish())).await {
+            Ok(logs) => logs,
+            Err(panic) => {
+                // Say at which hop a lost message stopped before failing.
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                let topics: Vec<String> = ["ws2ms_chat", "msg_to_mongo", "ms2ps_chat"]
+                    .iter()
+                    .map(|t| format!("{t}-{}", cluster.id))
+                    .collect();
+                for id in common::trace::ids_in(&text) {
+                    let topics = topics.clone();
+                    let needle = id.clone();
+                    let found = tokio::task::spawn_blocking(move || {
+                        common::trace::find_in_topics("127.0.0.1:9092", &topics, &needle)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    eprintln!("message {id} in the topics: {found:?}");
+                }
+                std::panic::resume_unwind(panic)
+            }
+        };
     let per_sec = timeline(&logs, load_start(&logs));
     eprintln!("deliveries per second from the load's start: {per_sec:?}");
     for (name, t) in &kills {

@@ -16,6 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod faults;
 pub mod load;
+pub mod trace;
 
 pub const ADMIN: &str = "test-admin-secret";
 /// How long a test waits for an event before it fails.
