@@ -59,12 +59,8 @@ async fn single_chat_over_kafka_reaches_every_connection_in_seq_order() {
     .await
     .unwrap();
     for t in &topics {
-        assert_eq!(
-            found
-                .iter()
-                .filter(|f| f.starts_with(&format!("{t}[")))
-                .count(),
-            1,
+        assert!(
+            found.iter().any(|f| f.starts_with(&format!("{t}["))),
             "{t} in {found:?}"
         );
     }
