@@ -418,6 +418,66 @@ impl Offsets {
     }
 }
 
+/// Reads of one gap before it is taken as real.
+const MAX_GAP_READS: u32 = 20;
+
+/// The next offset expected per partition. Offsets of imflow's topics are
+/// contiguous (no transactions, no compaction), so a record past the next
+/// expected offset means the broker let this consumer read past records not
+/// yet visible to it (seen with tansu's in-memory engine under concurrent
+/// producers: two records of one producer's batch skipped while a later
+/// batch was read): they would be lost for good, since the commit moves
+/// past them. The gap is read again (a seek back), and taken as real only
+/// after [`MAX_GAP_READS`] reads still miss it.
+#[derive(Default)]
+struct Gaps {
+    next: HashMap<i32, i64>,
+    /// The gap being read again per partition: (its first offset, reads).
+    reading: HashMap<i32, (i64, u32)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// In order (or the partition started again lower): hand it over.
+    Take,
+    /// Records before it are missing: read again from this offset.
+    ReadAgain(i64),
+    /// Still missing after every read: go on without them (from this offset).
+    Skip(i64),
+}
+
+impl Gaps {
+    fn seen(&mut self, partition: i32, offset: i64) -> Seen {
+        match self.next.get(&partition).copied() {
+            Some(next) if offset > next => {
+                let r = self.reading.entry(partition).or_insert((next, 0));
+                if r.0 != next {
+                    *r = (next, 0);
+                }
+                if r.1 < MAX_GAP_READS {
+                    r.1 += 1;
+                    return Seen::ReadAgain(next);
+                }
+                self.reading.remove(&partition);
+                self.next.insert(partition, offset + 1);
+                Seen::Skip(next)
+            }
+            _ => {
+                self.next.insert(partition, offset + 1);
+                self.reading.remove(&partition);
+                Seen::Take
+            }
+        }
+    }
+
+    /// Forget partitions no longer this consumer's: their next owner starts
+    /// wherever the group's commit says.
+    fn forget_unowned(&mut self, owned: impl Fn(i32) -> bool) {
+        self.next.retain(|p, _| owned(*p));
+        self.reading.retain(|p, _| owned(*p));
+    }
+}
+
 /// Delay before a failed item is handed over again: 100 ms doubling to 10 s.
 fn retry_delay(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(8).saturating_sub(1)))
@@ -508,6 +568,9 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                 }
             }
         };
+        let mut gaps = Gaps::default();
+        let read_again = metrics::counter!("imflow_kafka_gaps_read_again_total", "stage" => stage.clone(), "topic" => topic.clone());
+        let skipped = metrics::counter!("imflow_kafka_gaps_skipped_total", "stage" => stage.clone(), "topic" => topic.clone());
         let mut retries: FuturesUnordered<futures::future::BoxFuture<'static, (i32, i64, u64)>> =
             FuturesUnordered::new();
         loop {
@@ -518,6 +581,7 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                     commit(&consumer, &topic, &offsets, CommitMode::Async, ticks % 10 == 0);
                     if let Ok(owned) = consumer.assignment() {
                         lock(&offsets).forget_unowned(|p| owned.find_partition(&topic, p).is_some());
+                        gaps.forget_unowned(|p| owned.find_partition(&topic, p).is_some());
                     }
                     uncommitted.set(lock(&offsets).uncommitted() as f64);
                     if !assigned && consumer.assignment().is_ok_and(|a| a.count() > 0) {
@@ -576,6 +640,22 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         }
                     };
                     let (partition, offset) = (msg.partition(), msg.offset());
+                    match gaps.seen(partition, offset) {
+                        Seen::Take => {}
+                        Seen::ReadAgain(from) => {
+                            read_again.increment(1);
+                            tracing::warn!(%stage, %topic, partition, from, to = offset, "the broker skipped records; reading them again");
+                            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                                tracing::warn!(%stage, %topic, partition, error = %e, "cannot seek back to skipped records");
+                            }
+                            continue;
+                        }
+                        Seen::Skip(from) => {
+                            skipped.increment(1);
+                            errors.increment(1);
+                            tracing::error!(%stage, %topic, partition, from, to = offset, "records missing from the partition after every read; going on without them");
+                        }
+                    }
                     let key = msg
                         .key()
                         .and_then(|k| <[u8; 8]>::try_from(k).ok())
@@ -692,6 +772,32 @@ pub async fn ensure_topics(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_gap_is_read_again_and_taken_as_real_only_after_every_read() {
+        use super::{Gaps, Seen, MAX_GAP_READS};
+        let mut g = Gaps::default();
+        assert_eq!(g.seen(2, 4886), Seen::Take);
+        // 4887 and 4888 skipped: read again from 4887.
+        assert_eq!(g.seen(2, 4889), Seen::ReadAgain(4887));
+        assert_eq!(g.seen(2, 4887), Seen::Take);
+        assert_eq!(g.seen(2, 4888), Seen::Take);
+        assert_eq!(g.seen(2, 4889), Seen::Take);
+        // Another partition is its own.
+        assert_eq!(g.seen(3, 10), Seen::Take);
+        // A partition that starts again lower (it moved away and back).
+        assert_eq!(g.seen(2, 4000), Seen::Take);
+        assert_eq!(g.seen(2, 4001), Seen::Take);
+        // A gap that stays: read again MAX_GAP_READS times, then skipped.
+        for _ in 0..MAX_GAP_READS {
+            assert_eq!(g.seen(2, 4010), Seen::ReadAgain(4002));
+        }
+        assert_eq!(g.seen(2, 4010), Seen::Skip(4002));
+        assert_eq!(g.seen(2, 4011), Seen::Take);
+        // A partition no longer ours starts afresh.
+        g.forget_unowned(|p| p != 3);
+        assert_eq!(g.seen(3, 50), Seen::Take);
+    }
+
     use super::{retry_delay, Offsets, State};
     use std::sync::Arc;
 
