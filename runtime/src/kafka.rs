@@ -418,8 +418,8 @@ impl Offsets {
     }
 }
 
-/// Reads of one gap before it is taken as real.
-const MAX_GAP_READS: u32 = 20;
+/// How long a gap is read again before it is taken as real.
+const GAP_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The next offset expected per partition. Offsets of imflow's topics are
 /// contiguous (no transactions, no compaction), so a record past the next
@@ -428,12 +428,13 @@ const MAX_GAP_READS: u32 = 20;
 /// producers: two records of one producer's batch skipped while a later
 /// batch was read): they would be lost for good, since the commit moves
 /// past them. The gap is read again (a seek back), and taken as real only
-/// after [`MAX_GAP_READS`] reads still miss it.
+/// when reads still miss it after [`GAP_PATIENCE`].
 #[derive(Default)]
 struct Gaps {
     next: HashMap<i32, i64>,
-    /// The gap being read again per partition: (its first offset, reads).
-    reading: HashMap<i32, (i64, u32)>,
+    /// The gap being read again per partition: its first offset, and since
+    /// when.
+    reading: HashMap<i32, (i64, std::time::Instant)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -442,32 +443,36 @@ enum Seen {
     Take,
     /// Records before it are missing: read again from this offset.
     ReadAgain(i64),
-    /// Still missing after every read: go on without them (from this offset).
+    /// Still missing after reading again for long: go on without them
+    /// (missing from this offset).
     Skip(i64),
 }
 
 impl Gaps {
-    fn seen(&mut self, partition: i32, offset: i64) -> Seen {
+    fn seen(&mut self, partition: i32, offset: i64, now: std::time::Instant) -> Seen {
         match self.next.get(&partition).copied() {
             Some(next) if offset > next => {
-                let r = self.reading.entry(partition).or_insert((next, 0));
+                let r = self.reading.entry(partition).or_insert((next, now));
                 if r.0 != next {
-                    *r = (next, 0);
+                    *r = (next, now);
                 }
-                if r.1 < MAX_GAP_READS {
-                    r.1 += 1;
+                if now.duration_since(r.1) < GAP_PATIENCE {
                     return Seen::ReadAgain(next);
                 }
-                self.reading.remove(&partition);
-                self.next.insert(partition, offset + 1);
+                self.accept(partition, offset);
                 Seen::Skip(next)
             }
             _ => {
-                self.next.insert(partition, offset + 1);
-                self.reading.remove(&partition);
+                self.accept(partition, offset);
                 Seen::Take
             }
         }
+    }
+
+    /// Go on from `offset`, whatever came before it.
+    fn accept(&mut self, partition: i32, offset: i64) {
+        self.next.insert(partition, offset + 1);
+        self.reading.remove(&partition);
     }
 
     /// Forget partitions no longer this consumer's: their next owner starts
@@ -640,15 +645,24 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                         }
                     };
                     let (partition, offset) = (msg.partition(), msg.offset());
-                    match gaps.seen(partition, offset) {
+                    match gaps.seen(partition, offset, std::time::Instant::now()) {
                         Seen::Take => {}
                         Seen::ReadAgain(from) => {
-                            read_again.increment(1);
-                            tracing::warn!(%stage, %topic, partition, from, to = offset, "the broker skipped records; reading them again");
-                            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
-                                tracing::warn!(%stage, %topic, partition, error = %e, "cannot seek back to skipped records");
+                            match consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                                Ok(()) => {
+                                    // This record comes again after the missing ones.
+                                    read_again.increment(1);
+                                    tracing::warn!(%stage, %topic, partition, from, to = offset, "the broker skipped records; reading them again");
+                                    continue;
+                                }
+                                Err(e) => {
+                                    // Never drop what was read: go on from here.
+                                    gaps.accept(partition, offset);
+                                    skipped.increment(1);
+                                    errors.increment(1);
+                                    tracing::error!(%stage, %topic, partition, from, to = offset, error = %e, "the broker skipped records and they cannot be read again; going on without them");
+                                }
                             }
-                            continue;
                         }
                         Seen::Skip(from) => {
                             skipped.increment(1);
@@ -773,29 +787,30 @@ pub async fn ensure_topics(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_gap_is_read_again_and_taken_as_real_only_after_every_read() {
-        use super::{Gaps, Seen, MAX_GAP_READS};
+    fn a_gap_is_read_again_and_taken_as_real_only_after_a_while() {
+        use super::{Gaps, Seen, GAP_PATIENCE};
+        let t = std::time::Instant::now();
         let mut g = Gaps::default();
-        assert_eq!(g.seen(2, 4886), Seen::Take);
+        assert_eq!(g.seen(2, 4886, t), Seen::Take);
         // 4887 and 4888 skipped: read again from 4887.
-        assert_eq!(g.seen(2, 4889), Seen::ReadAgain(4887));
-        assert_eq!(g.seen(2, 4887), Seen::Take);
-        assert_eq!(g.seen(2, 4888), Seen::Take);
-        assert_eq!(g.seen(2, 4889), Seen::Take);
+        assert_eq!(g.seen(2, 4889, t), Seen::ReadAgain(4887));
+        assert_eq!(g.seen(2, 4887, t), Seen::Take);
+        assert_eq!(g.seen(2, 4888, t), Seen::Take);
+        assert_eq!(g.seen(2, 4889, t), Seen::Take);
         // Another partition is its own.
-        assert_eq!(g.seen(3, 10), Seen::Take);
+        assert_eq!(g.seen(3, 10, t), Seen::Take);
         // A partition that starts again lower (it moved away and back).
-        assert_eq!(g.seen(2, 4000), Seen::Take);
-        assert_eq!(g.seen(2, 4001), Seen::Take);
-        // A gap that stays: read again MAX_GAP_READS times, then skipped.
-        for _ in 0..MAX_GAP_READS {
-            assert_eq!(g.seen(2, 4010), Seen::ReadAgain(4002));
-        }
-        assert_eq!(g.seen(2, 4010), Seen::Skip(4002));
-        assert_eq!(g.seen(2, 4011), Seen::Take);
+        assert_eq!(g.seen(2, 4000, t), Seen::Take);
+        assert_eq!(g.seen(2, 4001, t), Seen::Take);
+        // A gap that stays: read again until the patience is spent, then
+        // skipped.
+        assert_eq!(g.seen(2, 4010, t), Seen::ReadAgain(4002));
+        assert_eq!(g.seen(2, 4011, t + GAP_PATIENCE / 2), Seen::ReadAgain(4002));
+        assert_eq!(g.seen(2, 4010, t + GAP_PATIENCE), Seen::Skip(4002));
+        assert_eq!(g.seen(2, 4011, t + GAP_PATIENCE), Seen::Take);
         // A partition no longer ours starts afresh.
         g.forget_unowned(|p| p != 3);
-        assert_eq!(g.seen(3, 50), Seen::Take);
+        assert_eq!(g.seen(3, 50, t), Seen::Take);
     }
 
     use super::{retry_delay, Offsets, State};
