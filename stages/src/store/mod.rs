@@ -581,16 +581,11 @@ pub async fn visible_max_seqs(
     history: &dyn History,
     conversations: &[Arc<str>],
 ) -> Result<HashMap<Arc<str>, u64>> {
-    let mut known = hot.max_seqs(conversations).await;
-    let missing: Vec<Arc<str>> = conversations
-        .iter()
-        .filter(|c| !known.contains_key(*c))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        known.extend(history.max_seqs(&missing).await?);
-    }
-    Ok(known)
+    let known = hot.max_seqs(conversations).await;
+    hot_first(known, conversations, |missing| async move {
+        history.max_seqs(&missing).await
+    })
+    .await
 }
 
 /// The last message of each conversation: the hot store first, the history
@@ -600,14 +595,31 @@ pub async fn last_messages(
     history: &dyn History,
     conversations: &[Arc<str>],
 ) -> Result<HashMap<Arc<str>, (u64, Arc<str>)>> {
-    let mut known = hot.last(conversations).await;
+    let known = hot.last(conversations).await;
+    hot_first(known, conversations, |missing| async move {
+        history.last_messages(&missing).await
+    })
+    .await
+}
+
+/// What the hot store `known`, completed by one history read (`rest`) for
+/// the conversations it does not know.
+async fn hot_first<V, F, Fut>(
+    mut known: HashMap<Arc<str>, V>,
+    conversations: &[Arc<str>],
+    rest: F,
+) -> Result<HashMap<Arc<str>, V>>
+where
+    F: FnOnce(Vec<Arc<str>>) -> Fut,
+    Fut: std::future::Future<Output = Result<HashMap<Arc<str>, V>>>,
+{
     let missing: Vec<Arc<str>> = conversations
         .iter()
         .filter(|c| !known.contains_key(*c))
         .cloned()
         .collect();
     if !missing.is_empty() {
-        known.extend(history.last_messages(&missing).await?);
+        known.extend(rest(missing).await?);
     }
     Ok(known)
 }

@@ -943,32 +943,11 @@ impl Hot for RedisHot {
     }
 
     async fn max_seqs(&self, conversations: &[Arc<str>]) -> HashMap<Arc<str>, u64> {
-        let results = join_all(conversations.iter().map(|c| {
-            let mut conn = self.redis.conn();
-            let key = self.redis.key("hot", c);
-            async move {
-                let top: Result<Vec<(String, f64)>, _> = redis::cmd("ZRANGE")
-                    .arg(key)
-                    .arg(-1)
-                    .arg(-1)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await;
-                (c.clone(), top)
-            }
-        }))
-        .await;
-        let mut out = HashMap::new();
-        for (c, r) in results {
-            match r {
-                Ok(top) => {
-                    if let Some((_, s)) = top.first() {
-                        out.insert(c, *s as u64);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "hot cache read failed; reading the history"),
-            }
-        }
-        out
+        // The highest score is the last message: one read serves both.
+        self.last(conversations)
+            .await
+            .into_iter()
+            .map(|(c, (seq, _))| (c, seq))
+            .collect()
     }
 }
