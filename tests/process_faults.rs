@@ -28,6 +28,8 @@ fn free_port() -> u16 {
 /// One process of each kind, with its own topics, groups, databases, keys
 /// and etcd prefix.
 struct Cluster {
+    /// Names its topics, groups, databases, keys and etcd prefix.
+    id: String,
     dir: tempfile::TempDir,
     config: PathBuf,
     gateway_port: u16,
@@ -37,6 +39,11 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_etcd("127.0.0.1:2379")
+    }
+
+    /// As `new`, with etcd at `etcd`.
+    fn with_etcd(etcd: &str) -> Cluster {
         let mut dir = tempfile::tempdir().expect("tempdir");
         if std::env::var_os("IMFLOW_TEST_KEEP").is_some() {
             // The processes' logs stay for a look after a failure.
@@ -69,7 +76,7 @@ impl Cluster {
             "pipeline: {pipeline}\nadmin_secret: {ADMIN}\ncluster_secret: {CLUSTER_SECRET}\n\
              listen:\n  gateway: 127.0.0.1:{gateway_port}\n  api: 127.0.0.1:{api_port}\n  gateway_rpc: {rpc}\n\
              kafka:\n  addr: [127.0.0.1:9092]\n  group_prefix: {id}\n  linger_ms: 1\n\
-             etcd:\n  etcdSchema: {id}\n  etcdAddr: [127.0.0.1:2379]\n\
+             etcd:\n  etcdSchema: {id}\n  etcdAddr: [{etcd}]\n\
              mysql:\n  dbMysqlAddress: [127.0.0.1:13306]\n  dbMysqlDatabaseName: {id}\n\
              mongo:\n  dbAddress: [127.0.0.1:37017]\n  dbDatabase: {id}\n\
              redis:\n  dbAddress: [127.0.0.1:16379]\n  keyPrefix: {id}\n\
@@ -80,6 +87,7 @@ impl Cluster {
         );
         std::fs::write(&config, yaml).unwrap();
         Cluster {
+            id,
             dir,
             config,
             gateway_port,
@@ -140,6 +148,11 @@ impl Cluster {
             }
         });
         Proc { child }
+    }
+
+    /// Where its processes announce themselves in etcd.
+    fn etcd_prefix(&self) -> String {
+        self.id.clone()
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -297,4 +310,122 @@ async fn a_client_that_connects_and_syncs_gets_the_next_message_by_push() {
             "{u}: the message after its sync was never pushed"
         );
     }
+}
+
+/// An etcd of this test's own, which it may kill and start again empty.
+struct Etcd {
+    child: Child,
+    client_port: u16,
+    peer_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// A fresh etcd (no data) on the given ports, once it answers.
+    async fn start(client_port: u16, peer_port: u16) -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcd (script/infra.sh installs it)");
+        let e = Etcd {
+            child,
+            client_port,
+            peer_port,
+            _dir: dir,
+        };
+        e.members("").await;
+        e
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The processes announced under `prefix`, once etcd answers.
+    async fn members(&self, prefix: &str) -> Vec<imflow_gateways::discovery::Member> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let listed =
+                match imflow_gateways::discovery::Discovery::connect(&[self.addr()], prefix, None)
+                    .await
+                {
+                    Ok(d) => d.members().await.map(|(m, _)| m).ok(),
+                    Err(_) => None,
+                };
+            if let Some(m) = listed {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd at {} never answered",
+                self.addr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL, and a new etcd on the same ports with no data: the worst
+    /// an etcd outage can leave (a node rebuilt from nothing).
+    async fn kill(mut self) -> (u16, u16) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+        (self.client_port, self.peer_port)
+    }
+}
+
+/// etcd is only where processes find each other: while it is gone the
+/// cluster keeps serving with the processes it knows, and when it comes
+/// back (empty, at worst) every process announces itself again, so a
+/// process started afterwards finds the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_gone_and_back_empty_costs_no_message() {
+    let etcd = Etcd::start(free_port(), free_port()).await;
+    let c = Cluster::with_etcd(&etcd.addr());
+    let prefix = c.etcd_prefix();
+    let _gateway = c.start("gateway", &[]).await;
+    let _api = c.start("api", &[]).await;
+    let _im_msg = c.start("im_msg", &[]).await;
+    let im_push = c.start("im_push", &[]).await;
+    let _transfer = c.start("im_msg_transfer", &[]).await;
+    assert_eq!(etcd.members(&prefix).await.len(), 5);
+    let load = Load::start(&c.endpoint(), "ed", "p", 8, 10.0, 4, &[]).await;
+    load.wait_acked(8 * 5).await;
+    let (client_port, peer_port) = etcd.kill().await;
+    // Messages keep flowing while etcd is gone, longer than a lease lives
+    // (80 msg/s: some 6 s).
+    let before = load.acked_so_far();
+    load.wait_acked(before + 8 * 10 * 6).await;
+    let etcd = Etcd::start(client_port, peer_port).await;
+    // Every process announces itself again in the new etcd.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let listed = etcd.members(&prefix).await;
+        if listed.len() == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {listed:?} announced again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A push process started now finds the gateway through the new etcd.
+    im_push.kill().await;
+    let _im_push = c.start("im_push", &[]).await;
+    let before = load.acked_so_far();
+    load.wait_acked(before + 8 * 5).await;
+    let logs = load.finish().await;
+    assert_all_pushed(&logs);
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -199,23 +200,34 @@ impl Discovery {
         let d = self.clone();
         tokio::spawn(async move {
             let mut from = revision + 1;
+            let mut held = Held::default();
             loop {
-                let outcome = tokio::select! {
+                let grace_ends = held.until;
+                let lost = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = d.follow(from, &tx) => r,
+                    e = d.follow(from, &tx, &mut held) => Some(e),
+                    // The held members that never came back are dropped.
+                    _ = sleep_until(grace_ends), if grace_ends.is_some() => None,
                 };
-                match outcome {
-                    Ok(next) => from = next,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "etcd watch lost; listing again");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        if let Ok((list, rev)) = d.members().await {
-                            tx.send_replace(list);
+                if let Some(e) = lost {
+                    tracing::warn!(error = %e, "etcd watch lost; listing again");
+                    held.hold(&tx.borrow());
+                }
+                // Never follow again before a list succeeded: etcd may have
+                // come back with its history gone, and a watch from the old
+                // revision would wait for changes that already happened.
+                loop {
+                    match d.members().await {
+                        Ok((list, rev)) => {
+                            tx.send_replace(held.merge(list));
                             from = rev + 1;
+                            break;
                         }
+                        Err(e) => tracing::debug!(error = %e, "etcd still away"),
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
             }
@@ -223,33 +235,128 @@ impl Discovery {
         Ok(rx)
     }
 
-    /// Watch from revision `from` and re-list on every change; returns the
-    /// next revision to watch from when the stream ends.
-    async fn follow(&self, from: i64, tx: &watch::Sender<Vec<Member>>) -> Result<i64, Error> {
+    /// Watch from revision `from` and re-list on every change, until the
+    /// watch fails or ends (what it returns says why).
+    async fn follow(&self, from: i64, tx: &watch::Sender<Vec<Member>>, held: &mut Held) -> Error {
         let mut c = self.client.clone();
-        let mut stream = c
+        let mut stream = match c
             .watch(
                 format!("{}/", self.prefix),
                 Some(WatchOptions::new().with_prefix().with_start_revision(from)),
             )
             .await
-            .map_err(|e| etcd_err(&self.endpoints, e))?;
-        let mut next = from;
-        while let Some(resp) = stream
-            .message()
-            .await
-            .map_err(|e| etcd_err(&self.endpoints, e))?
         {
+            Ok(stream) => stream,
+            Err(e) => return etcd_err(&self.endpoints, e),
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return etcd_err(&self.endpoints, "the watch ended"),
+                Err(e) => return etcd_err(&self.endpoints, e),
+            };
             if resp.canceled() {
-                break;
+                // Compacted past `from`, or etcd dropped the watch.
+                return etcd_err(
+                    &self.endpoints,
+                    format!("watch cancelled: {}", resp.cancel_reason()),
+                );
             }
             if resp.events().is_empty() {
                 continue;
             }
-            let (list, rev) = self.members().await?;
-            tx.send_replace(list);
-            next = rev + 1;
+            match self.members().await {
+                Ok((list, _)) => {
+                    tx.send_replace(held.merge(list));
+                }
+                Err(e) => return e,
+            }
         }
-        Ok(next)
+    }
+}
+
+/// After etcd was lost, a process it no longer lists may only not have
+/// announced itself again yet (etcd came back empty, or the lease ran out
+/// while etcd was away; a live process announces again within a second
+/// of etcd's return). Dropping it at once would cost its work: a push
+/// process forgets every connection of a gateway it drops. So the members
+/// known when etcd was lost stay listed until they announce again or this
+/// grace ends; a process that really died is then dropped, as its lease
+/// would have been.
+const REANNOUNCE_GRACE: Duration = Duration::from_secs(2 * LEASE_TTL_SECS as u64);
+
+#[derive(Default)]
+struct Held {
+    members: Vec<Member>,
+    until: Option<Instant>,
+}
+
+impl Held {
+    fn hold(&mut self, known: &[Member]) {
+        self.members = known.to_vec();
+        self.until = Some(Instant::now() + REANNOUNCE_GRACE);
+    }
+
+    /// `listed` plus the members still held.
+    fn merge(&mut self, mut listed: Vec<Member>) -> Vec<Member> {
+        match self.until {
+            Some(t) if Instant::now() < t => {
+                for m in &self.members {
+                    if !listed
+                        .iter()
+                        .any(|l| (&l.role, &l.addr) == (&m.role, &m.addr))
+                    {
+                        listed.push(m.clone());
+                    }
+                }
+                listed.sort_by(|a, b| (&a.role, &a.addr).cmp(&(&b.role, &b.addr)));
+            }
+            _ => *self = Held::default(),
+        }
+        listed
+    }
+}
+
+/// Until `t`; forever when there is none (the branch is disabled then).
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(role: &str, addr: &str) -> Member {
+        Member {
+            role: role.into(),
+            index: 0,
+            host: "127.0.0.1".into(),
+            addr: addr.into(),
+            pid: 1,
+            kinds: vec![],
+        }
+    }
+
+    #[test]
+    fn members_known_when_etcd_was_lost_stay_listed_until_the_grace_ends() {
+        let gateway = member("gateway", "g:1");
+        let push = member("im_push", "p:1");
+        let mut held = Held::default();
+        // Before any loss, a list is taken as it is.
+        assert_eq!(held.merge(vec![push.clone()]), vec![push.clone()]);
+        held.hold(&[gateway.clone(), push.clone()]);
+        // etcd came back empty; the push process announced again first.
+        assert_eq!(
+            held.merge(vec![push.clone()]),
+            vec![gateway.clone(), push.clone()]
+        );
+        // Past the grace, a member that never came back is gone.
+        held.until = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(held.merge(vec![push.clone()]), vec![push.clone()]);
+        assert!(held.until.is_none());
+        assert_eq!(held.merge(vec![]), vec![]);
     }
 }

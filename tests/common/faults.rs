@@ -53,6 +53,8 @@ where
             Target::Group(group)
         };
         let cmid = format!("{prefix}{i}");
+        // A wedged server fails the test here rather than at CI's timeout.
+        let deadline = tokio::time::Instant::now() + PATIENCE * 3;
         loop {
             let reply = a
                 .request(send_frame(target, &cmid, &format!("text {i}")))
@@ -64,6 +66,11 @@ where
                 break;
             }
             assert_eq!(reply["code"], "unavailable", "{reply}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{cmid}: still refused as unavailable after {:?}",
+                PATIENCE * 3
+            );
             // A client backs off before it resends.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
