@@ -108,6 +108,29 @@ impl Private {
         Self::start(cmd, port, dir, "secantusd-py").await
     }
 
+    /// A MariaDB of its own (a fresh data directory; a few seconds).
+    async fn mysql() -> Private {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let data = dir.path().join("data");
+        let installed = Command::new("mariadb-install-db")
+            .args(["--user=root", "--auth-root-authentication-method=normal"])
+            .args(["--skip-test-db"])
+            .arg(format!("--datadir={}", data.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("mariadb-install-db (script/infra.sh installs it)");
+        assert!(installed.success(), "mariadb-install-db");
+        let mut cmd = Command::new("mariadbd");
+        cmd.args(["--user=root", "--bind-address=127.0.0.1", "--skip-log-bin"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.path().join("sock").display()));
+        Self::start(cmd, port, dir, "mariadbd").await
+    }
+
     /// A tansu broker on `port` with the given storage engine, run in `dir`
     /// (tansu reads a `sqlite://` path relative to its working directory).
     fn tansu_command(bin: &Path, port: u16, storage: &str, dir: &Path) -> Command {
@@ -1002,4 +1025,61 @@ async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() 
             .unwrap(),
         vec![11]
     );
+}
+
+/// MySQL holds the directory (users, groups, tokens); the send path reads
+/// it through caches. Frozen, it must neither stop messages in
+/// conversations already going nor hang what needs it: those requests are
+/// answered `unavailable` within seconds. Back, everything works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_frozen_for_a_while_stops_no_conversation_and_hangs_no_request() {
+    use common::load::{Endpoint, Load};
+    let mysql = Private::mysql().await;
+    let addr = mysql.addr();
+    let s = cluster_server(|c| {
+        if let Some(m) = c.mysql.as_mut() {
+            m.db_mysql_address = vec![addr.clone()];
+        }
+    })
+    .await;
+    let endpoint = Endpoint::new(&s.ws, &s.api);
+    let load = Load::start(&endpoint, "my", "p", 8, 10.0, 4, &[]).await;
+    load.wait_acked(8 * 5).await;
+    mysql.signal("-STOP");
+    // Conversations already going keep going (80 msg/s: some 3 s).
+    let before = load.acked_so_far();
+    load.wait_acked(before + 8 * 10 * 3).await;
+    // What needs MySQL is refused, not left hanging.
+    let http = reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let r = http
+        .post(format!("{}/auth/register", s.api))
+        .header("X-Admin-Secret", common::ADMIN)
+        .json(&json!({"users": [{"user_id": "newcomer"}]}))
+        .send()
+        .await
+        .expect("an answer while MySQL is frozen");
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    let took = started.elapsed();
+    mysql.signal("-CONT");
+    let logs = load.finish().await;
+    common::load::assert_all_pushed(&logs);
+    let r = http
+        .post(format!("{}/auth/register", s.api))
+        .header("X-Admin-Secret", common::ADMIN)
+        .json(&json!({"users": [{"user_id": "newcomer"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    eprintln!("the refusal took {took:?}");
 }

@@ -116,7 +116,9 @@ async fn pool(settings: &MysqlSettings, addr: &str, max: u32) -> Result<MySqlPoo
     drop(bare);
     MySqlPoolOptions::new()
         .max_connections(max)
-        .acquire_timeout(Duration::from_secs(10))
+        // A MySQL that stops answering costs a request this long, then it
+        // is refused as unavailable (a connection is pinged before use).
+        .acquire_timeout(Duration::from_secs(5))
         // A host runs many processes; connections a burst opened go back.
         .idle_timeout(Duration::from_secs(60))
         .connect_with(opts.database(db))
