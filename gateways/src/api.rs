@@ -69,8 +69,30 @@ pub struct SyncReply {
     pub more: bool,
 }
 
+/// A group as its members see it (GET /groups/{group_id}).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct GroupInfo {
+    pub group_id: String,
+    pub name: String,
+    pub notice: String,
+    pub avatar_url: String,
+    pub owner: String,
+    pub member_count: usize,
+    pub muted: bool,
+    pub dismissed: bool,
+}
+
+/// One group of the caller's (GET /users/me/groups).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct MyGroup {
+    pub group_id: String,
+    pub name: String,
+    /// `owner`, `admin` or `member`.
+    pub role: &'static str,
+}
+
 /// A user's presence.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct PresenceState {
     pub online: bool,
     pub platforms: Vec<u8>,
@@ -916,27 +938,23 @@ impl Api {
     }
 
     /// GET /groups/{group_id}: for members.
-    pub async fn group_info(
-        &self,
-        caller: &str,
-        group_id: &str,
-    ) -> Result<serde_json::Value, ImError> {
+    pub async fn group_info(&self, caller: &str, group_id: &str) -> Result<GroupInfo, ImError> {
         let g = self.group(group_id).await?;
         if g.role_of(caller).is_none() {
             return Err(ImError::forbidden(format!(
                 "{caller} is not a member of group {group_id}"
             )));
         }
-        Ok(json!({
-            "group_id": &*g.group_id,
-            "name": g.name,
-            "notice": g.notice,
-            "avatar_url": g.avatar_url,
-            "owner": &*g.owner,
-            "member_count": g.members.len(),
-            "muted": g.muted,
-            "dismissed": g.dismissed,
-        }))
+        Ok(GroupInfo {
+            group_id: g.group_id.to_string(),
+            name: g.name.clone(),
+            notice: g.notice.clone(),
+            avatar_url: g.avatar_url.clone(),
+            owner: g.owner.to_string(),
+            member_count: g.members.len(),
+            muted: g.muted,
+            dismissed: g.dismissed,
+        })
     }
 
     pub async fn update_group(
@@ -1084,14 +1102,18 @@ impl Api {
         .await
     }
 
-    pub async fn my_groups(&self, user: &str) -> Result<Vec<serde_json::Value>, ImError> {
+    pub async fn my_groups(&self, user: &str) -> Result<Vec<MyGroup>, ImError> {
         Ok(self
             .services
             .directory
             .groups_of(user)
             .await?
             .into_iter()
-            .map(|(g, name, role)| json!({"group_id": g, "name": name, "role": role.as_str()}))
+            .map(|(group_id, name, role)| MyGroup {
+                group_id,
+                name,
+                role: role.as_str(),
+            })
             .collect())
     }
 

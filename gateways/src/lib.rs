@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod error;
 pub mod handshake;
 pub mod http;
+pub mod openapi;
 pub mod rest;
 pub mod ws;
 

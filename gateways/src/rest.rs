@@ -3,21 +3,25 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use imflow_stages::model::{ErrorCode, ImError, SendRequest};
+use imflow_stages::model::{ErrorCode, ImError, Message, SendRequest};
+use imflow_stages::store::{ConversationState, Profile};
 
-use crate::api::{http_status, Api, SyncOptions};
+use crate::api::{http_status, Api, GroupInfo, MyGroup, PresenceState, SyncOptions};
 use crate::auth::{token_from, Identity};
+use crate::openapi::{ApiDoc, ErrorBody};
 
 /// What the REST router shares between requests.
 #[derive(Clone)]
@@ -70,13 +74,36 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(http_status(self.0.code)).unwrap_or(StatusCode::BAD_REQUEST);
-        (
-            status,
-            Json(json!({"code": self.0.code.as_str(), "message": self.0.message})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            code: self.0.code,
+            message: self.0.message,
+        };
+        (status, Json(body)).into_response()
     }
 }
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError(ImError::bad_request(r.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError(ImError::bad_request(r.body_text()))
+    }
+}
+
+/// axum's `Query`, failing with the protocol's error body (axum's own
+/// answers plain text).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+struct Query<T>(T);
+
+/// axum's `Path`, failing with the protocol's error body.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+struct Path<T>(T);
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -133,69 +160,95 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ImError::bad_request(format!("request body: {e}")).into())
 }
 
+/// The REST router, and the OpenAPI document of every route in it (both
+/// from the same list, so the document cannot miss a route).
 pub fn router(state: RestState) -> Router {
-    Router::new()
-        .route("/auth/register", post(register))
-        .route("/auth/token", post(token))
-        .route("/auth/logout", post(logout))
-        .route("/groups", post(create_group))
-        .route("/groups/{group_id}/members", post(add_members).get(members))
+    use utoipa::OpenApi;
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(register))
+        .routes(routes!(token))
+        .routes(routes!(logout))
+        .routes(routes!(create_group))
+        .routes(routes!(add_members, members))
+        .routes(routes!(remove_member))
+        .routes(routes!(set_role))
+        .routes(routes!(group_info, update_group, dismiss_group))
+        .routes(routes!(mute_group))
+        .routes(routes!(mute_member))
+        .routes(routes!(transfer_group))
+        .routes(routes!(my_profile, update_me))
+        .routes(routes!(my_groups))
+        .routes(routes!(blocks))
+        .routes(routes!(block, unblock))
+        .routes(routes!(set_device))
+        .routes(routes!(user_profile))
+        .routes(routes!(presence))
+        .routes(routes!(send))
+        .routes(routes!(conversations))
+        .routes(routes!(messages))
+        .routes(routes!(revoke))
+        .routes(routes!(read))
+        .routes(routes!(conversation_settings))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .split_for_parts();
+    let doc = crate::openapi::finish(doc);
+    router
         .route(
-            "/groups/{group_id}/members/{user_id}",
-            delete(remove_member),
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        doc,
+                    )
+                }
+            }),
         )
-        .route("/groups/{group_id}/members/{user_id}/role", put(set_role))
-        .route(
-            "/groups/{group_id}",
-            get(group_info).put(update_group).delete(dismiss_group),
-        )
-        .route("/groups/{group_id}/mute", post(mute_group))
-        .route(
-            "/groups/{group_id}/members/{user_id}/mute",
-            post(mute_member),
-        )
-        .route("/groups/{group_id}/transfer", post(transfer_group))
-        .route("/users/me", get(my_profile).put(update_me))
-        .route("/users/me/groups", get(my_groups))
-        .route("/users/me/blocks", get(blocks))
-        .route("/users/me/blocks/{user_id}", put(block).delete(unblock))
-        .route("/users/me/devices/{platform}", put(set_device))
-        .route("/users/{user_id}", get(user_profile))
-        .route("/users/{user_id}/presence", get(presence))
-        .route("/msg/send", post(send))
-        .route("/conversations", get(conversations))
-        .route("/conversations/{conversation_id}/messages", get(messages))
-        .route(
-            "/conversations/{conversation_id}/messages/{seq}/revoke",
-            post(revoke),
-        )
-        .route("/conversations/{conversation_id}/read", post(read))
-        .route(
-            "/conversations/{conversation_id}/settings",
-            put(conversation_settings),
-        )
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(ImError::not_found("no such endpoint")) })
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)
 }
 
-#[derive(Deserialize)]
+/// `{}`: done, nothing to tell.
+#[derive(Serialize, ToSchema)]
+pub struct Done {}
+
+const DONE: Json<Done> = Json(Done {});
+
+#[derive(Deserialize, ToSchema)]
 struct RegisterUser {
+    /// 1 to 64 of `A-Z a-z 0-9 . - @`.
+    #[schema(pattern = "^[A-Za-z0-9.@-]{1,64}$")]
     user_id: String,
     #[serde(default)]
     nickname: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RegisterBody {
+    /// At most 1000.
     users: Vec<RegisterUser>,
 }
 
-async fn register(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+#[derive(Serialize, ToSchema)]
+struct Registered {
+    registered: usize,
+}
+
+/// Register users; an existing user changes nothing but its nickname.
+#[utoipa::path(post, path = "/auth/register", tag = "auth",
+    request_body = RegisterBody,
+    responses((status = 200, body = Registered)),
+    security(("admin_secret" = [])))]
+async fn register(
+    _: Admin,
+    State(s): State<RestState>,
+    bytes: Bytes,
+) -> ApiResult<Json<Registered>> {
     let b: RegisterBody = body(&bytes)?;
-    let n = s
+    let registered = s
         .api
         .register(
             b.users
@@ -204,102 +257,160 @@ async fn register(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResu
                 .collect(),
         )
         .await?;
-    Ok(Json(json!({"registered": n})))
+    Ok(Json(Registered { registered }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct TokenBody {
+    #[schema(pattern = "^[A-Za-z0-9.@-]{1,64}$")]
     user_id: String,
+    /// 1 to 9.
+    #[schema(minimum = 1, maximum = 9)]
     platform: i64,
 }
 
-async fn token(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
-    let b: TokenBody = body(&bytes)?;
-    let (token, expires_at) = s.api.token(&b.user_id, b.platform).await?;
-    Ok(Json(json!({"token": token, "expires_at": expires_at})))
+#[derive(Serialize, ToSchema)]
+struct TokenReply {
+    token: String,
+    /// ms since the Unix epoch.
+    expires_at: i64,
 }
 
-#[derive(Deserialize)]
+/// A token for a user on a platform.
+#[utoipa::path(post, path = "/auth/token", tag = "auth",
+    request_body = TokenBody,
+    responses((status = 200, body = TokenReply)),
+    security(("admin_secret" = [])))]
+async fn token(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<TokenReply>> {
+    let b: TokenBody = body(&bytes)?;
+    let (token, expires_at) = s.api.token(&b.user_id, b.platform).await?;
+    Ok(Json(TokenReply { token, expires_at }))
+}
+
+#[derive(Deserialize, ToSchema)]
 struct LogoutBody {
+    #[schema(pattern = "^[A-Za-z0-9.@-]{1,64}$")]
     user_id: String,
+    /// Every platform when absent.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9)]
     platform: Option<i64>,
 }
 
-async fn logout(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Value>> {
+/// Revoke a user's tokens and close those connections.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth",
+    request_body = LogoutBody,
+    responses((status = 200, body = Done)),
+    security(("admin_secret" = [])))]
+async fn logout(_: Admin, State(s): State<RestState>, bytes: Bytes) -> ApiResult<Json<Done>> {
     let b: LogoutBody = body(&bytes)?;
     s.api.logout(&b.user_id, b.platform).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateGroupBody {
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9.@-]{1,64}$")]
     group_id: Option<String>,
     name: String,
     #[serde(default)]
     members: Vec<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Created {
+    group_id: String,
+}
+
+/// Create a group; the caller owns it.
+#[utoipa::path(post, path = "/groups", tag = "groups",
+    request_body = CreateGroupBody,
+    responses((status = 201, body = Created)),
+    security(("bearer" = [])))]
 async fn create_group(
     Caller(me): Caller,
     State(s): State<RestState>,
     bytes: Bytes,
 ) -> ApiResult<Response> {
     let b: CreateGroupBody = body(&bytes)?;
-    let id = s
+    let group_id = s
         .api
         .create_group(&me.user_id, b.group_id, b.name, b.members)
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"group_id": id}))).into_response())
+    Ok((StatusCode::CREATED, Json(Created { group_id })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddMembersBody {
     user_ids: Vec<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Added {
+    added: u64,
+}
+
+/// Add members (owner or admin).
+#[utoipa::path(post, path = "/groups/{group_id}/members", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    request_body = AddMembersBody,
+    responses((status = 200, body = Added)),
+    security(("bearer" = [])))]
 async fn add_members(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Added>> {
     let b: AddMembersBody = body(&bytes)?;
     let added = s
         .api
         .add_members(&me.user_id, &group_id, b.user_ids)
         .await?;
-    Ok(Json(json!({"added": added})))
+    Ok(Json(Added { added }))
 }
 
+/// Remove a member (owner, admin, or the member leaving).
+#[utoipa::path(delete, path = "/groups/{group_id}/members/{user_id}", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team"), ("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn remove_member(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path((group_id, user_id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     s.api
         .remove_member(&me.user_id, &group_id, &user_id)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RoleBody {
+    /// `admin` or `member`.
+    #[schema(pattern = "^(admin|member)$")]
     role: String,
 }
 
+/// Make a member an admin or a member again (owner).
+#[utoipa::path(put, path = "/groups/{group_id}/members/{user_id}/role", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team"), ("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    request_body = RoleBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn set_role(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path((group_id, user_id)): Path<(String, String)>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: RoleBody = body(&bytes)?;
     s.api
         .set_role(&me.user_id, &group_id, &user_id, &b.role)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
 #[derive(Deserialize)]
@@ -317,34 +428,68 @@ fn number<T: std::str::FromStr>(name: &str, v: Option<&str>, default: T) -> Resu
     }
 }
 
+#[derive(Serialize, ToSchema)]
+struct MemberEntry {
+    user_id: String,
+    /// `owner`, `admin` or `member`.
+    role: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MembersPage {
+    members: Vec<MemberEntry>,
+    total: usize,
+}
+
+/// A page of the members (members only).
+#[utoipa::path(get, path = "/groups/{group_id}/members", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team"),
+        ("offset" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "1 to 1000; 100 when absent")),
+    responses((status = 200, body = MembersPage)),
+    security(("bearer" = [])))]
 async fn members(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
     Query(p): Query<Page>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<MembersPage>> {
     let offset = number("offset", p.offset.as_deref(), 0usize)?;
     let limit = number("limit", p.limit.as_deref(), 100usize)?;
     let (page, total) = s.api.members(&me.user_id, &group_id, offset, limit).await?;
-    let list: Vec<Value> = page
+    let members = page
         .into_iter()
-        .map(|(u, r)| json!({"user_id": &*u, "role": r.as_str()}))
+        .map(|(u, r)| MemberEntry {
+            user_id: u.to_string(),
+            role: r.as_str(),
+        })
         .collect();
-    Ok(Json(json!({"members": list, "total": total})))
+    Ok(Json(MembersPage { members, total }))
 }
 
+#[derive(Serialize, ToSchema)]
+struct SendAck {
+    server_msg_id: String,
+    conversation_id: String,
+    send_time: i64,
+}
+
+/// Send a message (the WebSocket `send`); the answer is its ack.
+#[utoipa::path(post, path = "/msg/send", tag = "messages",
+    request_body = SendRequest,
+    responses((status = 200, body = SendAck)),
+    security(("bearer" = [])))]
 async fn send(
     Caller(me): Caller,
     State(s): State<RestState>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SendAck>> {
     let req: SendRequest = body(&bytes)?;
     let info = s.api.send(&me.user_id, req).await?.wait().await?;
-    Ok(Json(json!({
-        "server_msg_id": info.server_msg_id,
-        "conversation_id": info.conversation_id,
-        "send_time": info.send_time,
-    })))
+    Ok(Json(SendAck {
+        server_msg_id: info.server_msg_id.to_string(),
+        conversation_id: info.conversation_id.to_string(),
+        send_time: info.send_time,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -353,11 +498,24 @@ struct SyncQuery {
     limit: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct SyncReplyBody {
+    conversations: Vec<ConversationState>,
+    /// More conversations than `limit` changed since `since`.
+    more: bool,
+}
+
+/// The caller's conversations (the WebSocket `sync`).
+#[utoipa::path(get, path = "/conversations", tag = "conversations",
+    params(("since" = Option<i64>, Query, description = "only those changed after this time (ms)"),
+        ("limit" = Option<u64>, Query, description = "1 to 1000; 100 when absent")),
+    responses((status = 200, body = SyncReplyBody)),
+    security(("bearer" = [])))]
 async fn conversations(
     Caller(me): Caller,
     State(s): State<RestState>,
     Query(q): Query<SyncQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SyncReplyBody>> {
     let since = match q.since.as_deref() {
         None | Some("") => None,
         Some(v) => Some(
@@ -376,12 +534,13 @@ async fn conversations(
         .api
         .sync(&me.user_id, SyncOptions { since, limit })
         .await?;
-    Ok(Json(
-        json!({"conversations": r.conversations, "more": r.more}),
-    ))
+    Ok(Json(SyncReplyBody {
+        conversations: r.conversations,
+        more: r.more,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SettingsBody {
     #[serde(default)]
@@ -390,38 +549,55 @@ struct SettingsBody {
     muted: Option<bool>,
 }
 
+/// The caller's settings of a conversation.
+#[utoipa::path(put, path = "/conversations/{conversation_id}/settings", tag = "conversations",
+    params(("conversation_id" = String, Path, example = "si_alice_bob")),
+    request_body = SettingsBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn conversation_settings(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(conversation_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: SettingsBody = body(&bytes)?;
     s.api
         .conversation_settings(&me.user_id, &conversation_id, b.pinned, b.muted)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+/// Revoke a message (its sender, or a group's owner or admin, within the
+/// window).
+#[utoipa::path(post, path = "/conversations/{conversation_id}/messages/{seq}/revoke", tag = "messages",
+    params(("conversation_id" = String, Path, example = "si_alice_bob"), ("seq" = u64, Path, minimum = 0, example = 1)),
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn revoke(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path((conversation_id, seq)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let seq = number("seq", Some(&seq), 0u64)?;
     s.api.revoke(&me.user_id, &conversation_id, seq).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+/// A group's profile (members only).
+#[utoipa::path(get, path = "/groups/{group_id}", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    responses((status = 200, body = GroupInfo)),
+    security(("bearer" = [])))]
 async fn group_info(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupInfo>> {
     Ok(Json(s.api.group_info(&me.user_id, &group_id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GroupEdit {
     #[serde(default)]
@@ -432,12 +608,18 @@ struct GroupEdit {
     avatar_url: Option<String>,
 }
 
+/// Edit a group's profile (owner or admin).
+#[utoipa::path(put, path = "/groups/{group_id}", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    request_body = GroupEdit,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn update_group(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: GroupEdit = body(&bytes)?;
     let changes = imflow_stages::store::GroupChanges {
         name: b.name,
@@ -445,87 +627,132 @@ async fn update_group(
         avatar_url: b.avatar_url,
     };
     s.api.update_group(&me.user_id, &group_id, changes).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+/// Dismiss a group (owner).
+#[utoipa::path(delete, path = "/groups/{group_id}", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn dismiss_group(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     s.api.dismiss_group(&me.user_id, &group_id).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct MuteBody {
     muted: bool,
 }
 
+/// Mute or unmute the whole group (owner or admin).
+#[utoipa::path(post, path = "/groups/{group_id}/mute", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    request_body = MuteBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn mute_group(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: MuteBody = body(&bytes)?;
     s.api.mute_group(&me.user_id, &group_id, b.muted).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct MuteMemberBody {
+    /// 0 lifts the mute.
     seconds: u64,
 }
 
+/// Mute one member for a while (owner or admin).
+#[utoipa::path(post, path = "/groups/{group_id}/members/{user_id}/mute", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team"), ("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    request_body = MuteMemberBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn mute_member(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path((group_id, user_id)): Path<(String, String)>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: MuteMemberBody = body(&bytes)?;
     s.api
         .mute_member(&me.user_id, &group_id, &user_id, b.seconds)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct TransferBody {
+    #[schema(pattern = "^[A-Za-z0-9.@-]{1,64}$")]
     user_id: String,
 }
 
+/// Hand the group to another member (owner).
+#[utoipa::path(post, path = "/groups/{group_id}/transfer", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    request_body = TransferBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn transfer_group(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(group_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: TransferBody = body(&bytes)?;
     s.api
         .transfer_group(&me.user_id, &group_id, &b.user_id)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-async fn my_groups(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({"groups": s.api.my_groups(&me.user_id).await?})))
+#[derive(Serialize, ToSchema)]
+struct MyGroups {
+    groups: Vec<MyGroup>,
 }
 
+/// The groups the caller is in.
+#[utoipa::path(get, path = "/users/me/groups", tag = "users",
+    responses((status = 200, body = MyGroups)),
+    security(("bearer" = [])))]
+async fn my_groups(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<MyGroups>> {
+    Ok(Json(MyGroups {
+        groups: s.api.my_groups(&me.user_id).await?,
+    }))
+}
+
+/// A user's profile.
+#[utoipa::path(get, path = "/users/{user_id}", tag = "users",
+    params(("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    responses((status = 200, body = Profile)),
+    security(("bearer" = [])))]
 async fn user_profile(
     Caller(_): Caller,
     State(s): State<RestState>,
     Path(user_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(s.api.profile(&user_id).await?)))
+) -> ApiResult<Json<Profile>> {
+    Ok(Json(s.api.profile(&user_id).await?))
 }
 
-async fn my_profile(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(s.api.profile(&me.user_id).await?)))
+/// The caller's profile.
+#[utoipa::path(get, path = "/users/me", tag = "users",
+    responses((status = 200, body = Profile)),
+    security(("bearer" = [])))]
+async fn my_profile(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Profile>> {
+    Ok(Json(s.api.profile(&me.user_id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProfileEdit {
     #[serde(default)]
@@ -534,66 +761,106 @@ struct ProfileEdit {
     avatar_url: Option<String>,
 }
 
+/// Change the caller's nickname or avatar.
+#[utoipa::path(put, path = "/users/me", tag = "users",
+    request_body = ProfileEdit,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn update_me(
     Caller(me): Caller,
     State(s): State<RestState>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: ProfileEdit = body(&bytes)?;
     s.api
         .update_profile(&me.user_id, b.nickname, b.avatar_url)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-async fn blocks(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({"user_ids": s.api.blocks(&me.user_id).await?})))
+#[derive(Serialize, ToSchema)]
+struct BlockList {
+    user_ids: Vec<String>,
 }
 
+/// Whom the caller blocks.
+#[utoipa::path(get, path = "/users/me/blocks", tag = "users",
+    responses((status = 200, body = BlockList)),
+    security(("bearer" = [])))]
+async fn blocks(Caller(me): Caller, State(s): State<RestState>) -> ApiResult<Json<BlockList>> {
+    Ok(Json(BlockList {
+        user_ids: s.api.blocks(&me.user_id).await?,
+    }))
+}
+
+/// Block a user's single-chat messages.
+#[utoipa::path(put, path = "/users/me/blocks/{user_id}", tag = "users",
+    params(("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn block(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(user_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     s.api.block(&me.user_id, &user_id, true).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+/// Unblock a user.
+#[utoipa::path(delete, path = "/users/me/blocks/{user_id}", tag = "users",
+    params(("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn unblock(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(user_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     s.api.block(&me.user_id, &user_id, false).await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct DeviceBody {
+    #[schema(min_length = 1, max_length = 4096)]
     push_token: String,
+    /// `fcm`, `apns` or `webhook`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     provider: String,
 }
 
+/// Register the caller's device for offline notifications on a platform.
+#[utoipa::path(put, path = "/users/me/devices/{platform}", tag = "users",
+    params(("platform" = u8, Path, minimum = 1, maximum = 9, example = 1)),
+    request_body = DeviceBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn set_device(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(platform): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let platform = number("platform", Some(&platform), 0i64)?;
     let b: DeviceBody = body(&bytes)?;
     s.api
         .set_device(&me.user_id, platform, b.push_token, b.provider)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+/// Whether a user is online, where, and when last seen.
+#[utoipa::path(get, path = "/users/{user_id}/presence", tag = "users",
+    params(("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "bob")),
+    responses((status = 200, body = PresenceState)),
+    security(("bearer" = [])))]
 async fn presence(
     Caller(_): Caller,
     State(s): State<RestState>,
     Path(user_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(s.api.user_presence(&user_id).await?)))
+) -> ApiResult<Json<PresenceState>> {
+    Ok(Json(s.api.user_presence(&user_id).await?))
 }
 
 #[derive(Deserialize)]
@@ -602,6 +869,21 @@ struct Range {
     to_seq: Option<String>,
 }
 
+/// What `messages` answers (the WebSocket `pull` reply); written from the
+/// pre-rendered message bodies, so this type only describes it.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullReply {
+    pub conversation_id: String,
+    pub messages: Vec<Message>,
+}
+
+/// Messages `from_seq` to `to_seq` of a conversation (participants).
+#[utoipa::path(get, path = "/conversations/{conversation_id}/messages", tag = "messages",
+    params(("conversation_id" = String, Path, example = "si_alice_bob"),
+        ("from_seq" = u64, Query, minimum = 0, example = 1), ("to_seq" = u64, Query, minimum = 0, example = 10)),
+    responses((status = 200, body = PullReply)),
+    security(("bearer" = [])))]
 async fn messages(
     Caller(me): Caller,
     State(s): State<RestState>,
@@ -614,52 +896,107 @@ async fn messages(
     let from = number("from_seq", Some(from), 0u64)?;
     let to = number("to_seq", Some(to), 0u64)?;
     let bodies = s.api.pull(&me.user_id, &conversation_id, from, to).await?;
-    let mut out = String::from("{\"conversation_id\":");
-    imflow_stages::model::push_json_str(&mut out, &conversation_id);
-    imflow_stages::model::close_with_messages(&mut out, &bodies);
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
-    );
-    Ok((headers, out).into_response())
+    Ok(pull_reply(&conversation_id, &bodies))
 }
 
-#[derive(Deserialize)]
+fn pull_reply(conversation_id: &str, bodies: &[Arc<str>]) -> Response {
+    let mut out = String::from("{\"conversation_id\":");
+    imflow_stages::model::push_json_str(&mut out, conversation_id);
+    imflow_stages::model::close_with_messages(&mut out, bodies);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize, ToSchema)]
 struct ReadBody {
     seq: u64,
 }
 
+/// The caller has read a conversation up to `seq`.
+#[utoipa::path(post, path = "/conversations/{conversation_id}/read", tag = "conversations",
+    params(("conversation_id" = String, Path, example = "si_alice_bob")),
+    request_body = ReadBody,
+    responses((status = 200, body = Done)),
+    security(("bearer" = [])))]
 async fn read(
     Caller(me): Caller,
     State(s): State<RestState>,
     Path(conversation_id): Path<String>,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Done>> {
     let b: ReadBody = body(&bytes)?;
     s.api
         .read(&me.user_id, &conversation_id, b.seq, None)
         .await?;
-    Ok(Json(json!({})))
+    Ok(DONE)
 }
 
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`, or `draining` (with 503) while the process stops.
+    status: &'static str,
+    /// Open WebSocket connections of this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<usize>,
+}
+
+/// Whether this process serves.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
 async fn healthz(State(s): State<RestState>) -> Response {
     if s.draining.is_cancelled() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response()
+        let h = Health {
+            status: "draining",
+            connections: None,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(h)).into_response()
     } else {
-        Json(json!({"status": "ok", "connections": s.api.conns.open_count()})).into_response()
+        let h = Health {
+            status: "ok",
+            connections: Some(s.api.conns.open_count()),
+        };
+        Json(h).into_response()
     }
 }
 
+/// This process's metrics, in Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<RestState>) -> Response {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    (headers, (s.metrics)()).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        (s.metrics)(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_reply_is_the_documented_shape() {
+        let m = imflow_stages::model::Stamped {
+            conversation_id: "sg_team".into(),
+            server_msg_id: "s1".into(),
+            client_msg_id: "c1".into(),
+            sender: "alice".into(),
+            target: imflow_stages::model::Target::Group("team".into()),
+            content_type: 110,
+            content: "[1,2]".into(),
+            send_time: 5,
+        };
+        let bodies: Vec<Arc<str>> = vec![m.render(1).into(), m.render(2).into()];
+        let r = pull_reply("sg_team", &bodies);
+        let bytes = futures::executor::block_on(axum::body::to_bytes(r.into_body(), usize::MAX))
+            .expect("body");
+        let typed: PullReply = serde_json::from_slice(&bytes).expect("the documented shape");
+        assert_eq!(typed.messages.len(), 2);
+    }
 }

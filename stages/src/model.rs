@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// The error codes of PROTOCOL.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
@@ -101,6 +101,35 @@ pub mod notification {
     pub fn is(content_type: i64) -> bool {
         content_type >= 1000
     }
+}
+
+/// A message as the server returns it (PROTOCOL.md, "Identifiers and
+/// shapes"): what [`Stamped::render`] writes and [`revoked_body`] turns into
+/// a revoked one. Messages travel pre-rendered; this type describes them
+/// (the REST API's OpenAPI document) and checks the renderer in tests.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub conversation_id: String,
+    pub seq: u64,
+    pub server_msg_id: String,
+    pub client_msg_id: String,
+    pub sender: String,
+    /// Single chat: the receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recv_id: Option<String>,
+    /// Group chat: the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// 101 text, 102–105 media, 106 mention, 110 custom; 1000 and up:
+    /// server notifications.
+    pub content_type: i64,
+    /// Any JSON value; null once the message is revoked.
+    pub content: serde_json::Value,
+    pub send_time: i64,
+    /// Present (true) once the message is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<bool>,
 }
 
 /// A stored message's JSON with its content deleted and `revoked: true`
@@ -208,14 +237,20 @@ pub enum Target {
 }
 
 /// A send request as a door received it, before any check.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SendRequest {
+    /// 1 to 64 printable ASCII characters chosen by the sender.
     pub client_msg_id: String,
+    /// Single chat: the receiver (or `group_id`).
     #[serde(default)]
     pub recv_id: Option<String>,
+    /// Group chat: the group (or `recv_id`).
     #[serde(default)]
     pub group_id: Option<String>,
+    /// 101 text, 102–105 media, 106 mention, 110 custom.
     pub content_type: i64,
+    /// Any JSON value, at most 16 KiB serialised.
+    #[schema(value_type = Value)]
     pub content: Box<RawValue>,
 }
 
@@ -530,6 +565,15 @@ mod tests {
         assert_eq!(v["recv_id"], "b");
         assert_eq!(v["content"]["text"], "hi");
         assert!(v.get("group_id").is_none());
+        // The documented shape, field for field, revoked or not.
+        let typed: Message = serde_json::from_str(&m.render(3)).unwrap();
+        assert_eq!(typed.recv_id.as_deref(), Some("b"));
+        let revoked = revoked_body(&m.render(3)).unwrap();
+        let typed: Message = serde_json::from_str(&revoked).unwrap();
+        assert_eq!(
+            (typed.revoked, typed.content),
+            (Some(true), serde_json::Value::Null)
+        );
     }
 
     #[test]

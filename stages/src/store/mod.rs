@@ -182,7 +182,7 @@ pub struct GroupChanges {
 }
 
 /// A user's public profile.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Profile {
     pub user_id: String,
     pub nickname: String,
@@ -223,13 +223,15 @@ pub enum Durability {
 
 /// One conversation a user takes part in, for `sync` (PROTOCOL v1 fields
 /// first, then v2's).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ConversationState {
     pub conversation_id: String,
     pub max_seq: u64,
     pub read_seq: u64,
     pub min_seq: u64,
     pub unread: u64,
+    /// The newest message the user may read; null when there is none.
+    #[schema(value_type = Option<crate::model::Message>)]
     pub last_message: Option<Box<serde_json::value::RawValue>>,
     pub pinned: bool,
     pub muted: bool,
