@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::faults::{check_everything, send_steadily_to};
 use common::{send_frame, Client, Target, TestServer, ADMIN, PATIENCE};
+use serde_json::json;
 
 const HOSTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 
@@ -523,15 +524,65 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
             .await;
         assert_eq!(ack["op"], "ack", "{ack}");
     }
+    let mut last_seq = 0;
     for member in [&mut bob, &mut carol] {
-        let got: Vec<String> = pushed_with(member, "g", 10)
-            .await
+        let got = pushed_with(member, "g", 10).await;
+        last_seq = got[9]["seq"].as_u64().unwrap();
+        let got: Vec<String> = got
             .into_iter()
             .map(|m| m["content"]["text"].as_str().unwrap().to_string())
             .collect();
         let want: Vec<String> = (0..10).map(|i| format!("to all {i}")).collect();
         assert_eq!(got, want);
     }
+
+    // PROTOCOL v2 across the hosts: a notification and a revoke made
+    // through host A's API reach the members on host B's gateway, and so
+    // does a typing event (gateway to gateway, never stored).
+    let (st, v) = a
+        .call(
+            "PUT",
+            &t,
+            "/groups/room",
+            Some(json!({"notice": "be kind"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = a
+        .call(
+            "POST",
+            &t,
+            &format!("/conversations/sg_room/messages/{last_seq}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    for member in [&mut bob, &mut carol] {
+        let notices = member
+            .pushed_where(2, |m| m["content_type"].as_u64().is_some_and(|t| t >= 1000))
+            .await;
+        assert_eq!(notices[0]["content_type"], 1006, "{notices:?}");
+        assert_eq!(notices[0]["content"]["notice"], "be kind");
+        assert_eq!(notices[1]["content_type"], 1100, "{notices:?}");
+        assert_eq!(notices[1]["content"]["seq"], json!(last_seq));
+    }
+    let (st, pulled) = b
+        .call(
+            "GET",
+            &b.token("bob", 3).await,
+            &format!("/conversations/sg_room/messages?from_seq={last_seq}&to_seq={last_seq}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{pulled}");
+    assert_eq!(pulled["messages"][0]["revoked"], true, "{pulled}");
+    assert!(pulled["messages"][0]["content"].is_null(), "{pulled}");
+    let r = alice
+        .request(json!({"op": "typing", "conversation_id": "si_alice_bob"}))
+        .await;
+    assert_eq!(r["op"], "ok", "{r}");
+    let typing = bob.next_where(|f| f["op"] == "typing").await;
+    assert_eq!(typing["user_id"], "alice", "{typing}");
     let ack = carol
         .send_text(Target::Group("room"), "c0", "from carol")
         .await;

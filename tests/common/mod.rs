@@ -388,7 +388,7 @@ impl Client {
             .await
     }
 
-    async fn pushed_where(&mut self, n: usize, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+    pub async fn pushed_where(&mut self, n: usize, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
         let mut out = Vec::new();
         while out.len() < n {
             let f = self.next_where(|f| f["op"] == "push").await;
