@@ -15,12 +15,16 @@
 #   BENCH_GATEWAY  WebSocket listen address (default 127.0.0.1:10001)
 #   BENCH_API      REST listen address      (default 127.0.0.1:10002)
 #   BENCH_CONFIG   server config file       (default: config/standalone.yaml)
+#   BENCH_SERVER   the imflow binary to serve (default: this tree's release
+#                  build); another commit's build, with that commit's
+#                  BENCH_CONFIG, measures it with this load generator, e.g.
+#                  before and after a change, side by side
 #   BENCH_KEEP_DATA=1  keep the data directory and server log afterwards
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ $# -eq 0 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -34,7 +38,8 @@ cargo build --release -q -p imflow -p imflow-bench
 
 data=$(mktemp -d /tmp/imflow-bench.XXXXXX)
 ulimit -n "$(ulimit -Hn)"
-IMFLOW_ADMIN_SECRET=$secret IMFLOW_LOG=${IMFLOW_LOG:-warn} ./target/release/imflow serve \
+server=${BENCH_SERVER:-./target/release/imflow}
+IMFLOW_ADMIN_SECRET=$secret IMFLOW_LOG=${IMFLOW_LOG:-warn} "$server" serve \
   --config "$config" --data-dir "$data/data" --gateway-addr "$gateway" --api-addr "$api" \
   >"$data/server.log" 2>&1 &
 pid=$!
