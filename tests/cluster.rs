@@ -1083,3 +1083,61 @@ async fn mysql_frozen_for_a_while_stops_no_conversation_and_hangs_no_request() {
     assert!(r.status().is_success(), "{}", r.status());
     eprintln!("the refusal took {took:?}");
 }
+
+/// A send in flight through an ingest process that dies holds its resend
+/// claim; the client's resend through another process takes it over as
+/// soon as the first process is known dead (its heartbeat key expired), not
+/// after the takeover time (here a minute, so only the death can explain
+/// the takeover). While the first process lives, the claim holds.
+#[tokio::test]
+async fn a_resend_claim_of_a_dead_process_is_taken_over_at_once() {
+    use imflow_stages::model::{Stamped, Target as To};
+    use imflow_stages::store::redis::{Redis, RedisSettings, ResendClaim};
+    let settings = RedisSettings {
+        prefix: common::unique(),
+        resend_takeover: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let first = Redis::connect(settings.clone())
+        .await
+        .expect("the infra Redis");
+    let second = Redis::connect(settings).await.expect("the infra Redis");
+    let msg = Stamped {
+        conversation_id: "si_alice_bob".into(),
+        server_msg_id: "first-id".into(),
+        client_msg_id: "c1".into(),
+        sender: "alice".into(),
+        target: To::User("bob".into()),
+        content_type: 101,
+        content: r#"{"text":"hi"}"#.into(),
+        send_time: 1,
+    };
+    assert!(matches!(
+        first.claim_resend(&msg).await.unwrap(),
+        ResendClaim::New { .. }
+    ));
+    let mut resend = msg.clone();
+    resend.server_msg_id = "second-id".into();
+    assert!(matches!(
+        second.claim_resend(&resend).await.unwrap(),
+        ResendClaim::Pending
+    ));
+    // The first process dies: its heartbeat stops.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match second.claim_resend(&resend).await.unwrap() {
+            ResendClaim::TakeOver { first, .. } => {
+                assert_eq!(first.server_msg_id, "first-id", "the first's ids");
+                break;
+            }
+            ResendClaim::Pending => {}
+            _ => panic!("neither held nor taken over"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead process's claim was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -117,7 +117,18 @@ pub struct Redis {
     failed_script: Script,
     raise_script: Script,
     hot_script: Script,
+    /// This process's name on its resend claims; it keeps a key alive
+    /// (`PREFIX:alive:OWNER`) while it runs, so a claim whose owner died is
+    /// taken over within [`ALIVE_TTL_SECS`] rather than after the takeover
+    /// time.
+    owner: String,
+    heartbeat: std::sync::OnceLock<()>,
+    /// The heartbeat task stops when this handle is dropped.
+    running: Arc<()>,
 }
+
+/// How long a claim's owner counts as alive after its last heartbeat.
+const ALIVE_TTL_SECS: u64 = 3;
 
 const SEQ_LUA: &str = r#"
 -- KEYS[1]: the conversation's counter; KEYS[2]: its seqs in flight (a sorted
@@ -212,28 +223,39 @@ return 1
 "#;
 
 const CLAIM_LUA: &str = r#"
--- KEYS[1]: the resend key. ARGV[1]: pending value 'p:<ms>:<json>';
--- ARGV[2]: TTL (s); ARGV[3]: now (ms); ARGV[4]: takeover after (ms).
+-- KEYS[1]: the resend key. ARGV[1]: pending value 'p:<ms>:<owner>:<json>';
+-- ARGV[2]: TTL (s); ARGV[3]: now (ms); ARGV[4]: takeover after (ms);
+-- ARGV[5]: this owner; ARGV[6]: an owner known dead ('' if none).
 -- Values: 'p:' pending, 'd:' durable, 'f:' failed with an unknown outcome
--- (taken over at once, with the first's ids).
+-- (taken over at once, with the first's ids). A value written before
+-- owners were recorded ('p:<ms>:<json>') has none.
 local v = redis.call('GET', KEYS[1])
 if not v then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   return {'new', ARGV[1]}
 end
-if string.sub(v, 1, 1) == 'f' then
-  local json = string.match(v, '^f:%d+:(.*)$')
-  local nv = 'p:' .. ARGV[3] .. ':' .. json
+local function json_of(value)
+  local rest = string.match(value, '^%a:%d+:(.*)$')
+  if string.sub(rest, 1, 1) ~= '{' then
+    rest = string.match(rest, '^[^:]*:(.*)$')
+  end
+  return rest
+end
+local function take()
+  local nv = 'p:' .. ARGV[3] .. ':' .. ARGV[5] .. ':' .. json_of(v)
   redis.call('SET', KEYS[1], nv, 'EX', ARGV[2])
   return {'takeover', nv}
+end
+if string.sub(v, 1, 1) == 'f' then
+  return take()
 end
 if string.sub(v, 1, 1) == 'p' then
   local at = tonumber(string.match(v, '^p:(%d+):'))
   if at and tonumber(ARGV[3]) - at > tonumber(ARGV[4]) then
-    local json = string.match(v, '^p:%d+:(.*)$')
-    local nv = 'p:' .. ARGV[3] .. ':' .. json
-    redis.call('SET', KEYS[1], nv, 'EX', ARGV[2])
-    return {'takeover', nv}
+    return take()
+  end
+  if ARGV[6] ~= '' and string.match(v, '^p:%d+:([^:{]*):') == ARGV[6] then
+    return take()
   end
 end
 return {'held', v}
@@ -251,15 +273,33 @@ return 0
 "#;
 
 const FAILED_LUA: &str = r#"
--- KEYS[1]: the resend key; ARGV[1]: the claim's token ('p:<ms>:<json>');
--- ARGV[2]: TTL (s); ARGV[3]: now (ms).
+-- KEYS[1]: the resend key; ARGV[1]: the claim's token
+-- ('p:<ms>:<owner>:<json>'); ARGV[2]: TTL (s); ARGV[3]: now (ms).
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  local json = string.match(ARGV[1], '^p:%d+:(.*)$')
+  local json = string.match(ARGV[1], '^p:%d+:[^:{]*:(.*)$')
+  if not json then json = string.match(ARGV[1], '^p:%d+:(.*)$') end
   redis.call('SET', KEYS[1], 'f:' .. ARGV[3] .. ':' .. json, 'EX', ARGV[2])
   return 1
 end
 return 0
 "#;
+
+/// The JSON of a claim's value (`X:<ms>:[<owner>:]<json>`).
+fn claim_json(v: &str) -> &str {
+    let rest = v.splitn(3, ':').nth(2).unwrap_or_default();
+    if rest.starts_with('{') {
+        rest
+    } else {
+        rest.split_once(':').map(|(_, j)| j).unwrap_or_default()
+    }
+}
+
+/// The owner of a pending claim, if it names one.
+fn claim_owner(v: &str) -> Option<&str> {
+    let rest = v.strip_prefix("p:")?.split_once(':')?.1;
+    let (owner, _) = rest.split_once(':')?;
+    (!owner.is_empty() && !owner.contains('{')).then_some(owner)
+}
 
 /// What a resend claim found.
 pub enum ResendClaim {
@@ -340,6 +380,9 @@ impl Redis {
             failed_script: Script::new(FAILED_LUA),
             raise_script: Script::new(RAISE_LUA),
             hot_script: Script::new(HOT_LUA),
+            owner: crate::model::new_server_msg_id(),
+            heartbeat: std::sync::OnceLock::new(),
+            running: Arc::new(()),
         }))
     }
 
@@ -363,34 +406,100 @@ impl Redis {
         format!("{}:tokgen:{user}:{platform}", self.settings.prefix)
     }
 
-    /// Claim the resend key of `msg` before it enters the pipeline.
+    fn alive_key(&self, owner: &str) -> String {
+        format!("{}:alive:{owner}", self.settings.prefix)
+    }
+
+    /// Keep this process's owner key alive from its first claim on (only
+    /// processes that claim need one), until this handle is dropped. The
+    /// first claim waits for the key: a claim must never name an owner that
+    /// looks dead.
+    async fn beat(&self) -> Result<()> {
+        if self.heartbeat.get().is_some() {
+            return Ok(());
+        }
+        let _: () = redis::cmd("SET")
+            .arg(self.alive_key(&self.owner))
+            .arg(1)
+            .arg("EX")
+            .arg(ALIVE_TTL_SECS)
+            .query_async(&mut self.conn())
+            .await?;
+        self.heartbeat.get_or_init(|| {
+            let conn = self.conn();
+            let key = self.alive_key(&self.owner);
+            let running = Arc::downgrade(&self.running);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                while running.upgrade().is_some() {
+                    tick.tick().await;
+                    let set: redis::RedisResult<()> = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("EX")
+                        .arg(ALIVE_TTL_SECS)
+                        .query_async(&mut conn.clone())
+                        .await;
+                    if let Err(e) = set {
+                        tracing::warn!(error = %e, "resend owner heartbeat failed");
+                    }
+                }
+            });
+        });
+        Ok(())
+    }
+
+    /// Claim the resend key of `msg` before it enters the pipeline. A claim
+    /// held by a process that is no longer alive is taken over at once.
     pub async fn claim_resend(&self, msg: &Stamped) -> Result<ResendClaim> {
+        self.beat().await?;
+        let key = self.resend_key(&msg.sender, &msg.client_msg_id);
         let info = msg.ack_info();
         let json = serde_json::to_string(&info).map_err(|e| Error::Backend(e.to_string()))?;
-        let now = now_ms();
-        let pending = format!("p:{now}:{json}");
-        let (state, value): (String, String) = self
-            .claim_script
-            .key(self.resend_key(&msg.sender, &msg.client_msg_id))
-            .arg(&pending)
-            .arg(self.settings.resend_ttl.as_secs().max(1))
-            .arg(now)
-            .arg(self.settings.resend_takeover.as_millis() as u64)
-            .invoke_async(&mut self.conn())
-            .await?;
-        let parsed = |v: &str| -> Result<AckInfo> {
-            let json = v.splitn(3, ':').nth(2).unwrap_or_default();
-            serde_json::from_str(json).map_err(|e| Error::Backend(format!("resend key: {e}")))
-        };
-        Ok(match state.as_str() {
-            "new" => ResendClaim::New { token: value },
-            "takeover" => ResendClaim::TakeOver {
-                first: parsed(&value)?,
-                token: value,
-            },
-            _ if value.starts_with("d:") => ResendClaim::Durable(parsed(&value)?),
-            _ => ResendClaim::Pending,
-        })
+        let mut dead = String::new();
+        loop {
+            let now = now_ms();
+            let pending = format!("p:{now}:{}:{json}", self.owner);
+            let (state, value): (String, String) = self
+                .claim_script
+                .key(&key)
+                .arg(&pending)
+                .arg(self.settings.resend_ttl.as_secs().max(1))
+                .arg(now)
+                .arg(self.settings.resend_takeover.as_millis() as u64)
+                .arg(&self.owner)
+                .arg(&dead)
+                .invoke_async(&mut self.conn())
+                .await?;
+            let parsed = |v: &str| -> Result<AckInfo> {
+                serde_json::from_str(claim_json(v))
+                    .map_err(|e| Error::Backend(format!("resend key: {e}")))
+            };
+            return Ok(match state.as_str() {
+                "new" => ResendClaim::New { token: value },
+                "takeover" => ResendClaim::TakeOver {
+                    first: parsed(&value)?,
+                    token: value,
+                },
+                _ if value.starts_with("d:") => ResendClaim::Durable(parsed(&value)?),
+                _ => match claim_owner(&value) {
+                    // Asked once per claim: the script checks the owner again.
+                    Some(owner) if dead.is_empty() && owner != self.owner => {
+                        let alive: bool = redis::cmd("EXISTS")
+                            .arg(self.alive_key(owner))
+                            .query_async(&mut self.conn())
+                            .await?;
+                        if alive {
+                            ResendClaim::Pending
+                        } else {
+                            dead = owner.to_string();
+                            continue;
+                        }
+                    }
+                    _ => ResendClaim::Pending,
+                },
+            });
+        }
     }
 
     /// The message of a claim is durable: resends now get its ids at once.
@@ -949,5 +1058,23 @@ impl Hot for RedisHot {
             .into_iter()
             .map(|(c, (seq, _))| (c, seq))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_values_with_and_without_an_owner() {
+        let json = r#"{"server_msg_id":"s","send_time":1}"#;
+        let with = format!("p:17:0abc:{json}");
+        let without = format!("p:17:{json}");
+        assert_eq!(claim_json(&with), json);
+        assert_eq!(claim_json(&without), json);
+        assert_eq!(claim_json(&format!("d:17:{json}")), json);
+        assert_eq!(claim_owner(&with), Some("0abc"));
+        assert_eq!(claim_owner(&without), None);
+        assert_eq!(claim_owner(&format!("d:17:{json}")), None);
     }
 }
