@@ -88,6 +88,15 @@ enum Scenario {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// One user in many single chats syncing its conversation list
+    /// (PROTOCOL v2): latency and size of `GET /conversations`.
+    Conversations {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Requests timed per `limit` (100 and 1000).
+        #[arg(long, default_value_t = 50)]
+        repeat: usize,
+    },
     /// Idle connections; reports the server's memory per connection.
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -133,6 +142,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             online,
             load,
         } => scenario::group(&target, members, online, load.load(), load.search()).await?,
+        Scenario::Conversations { count, repeat } => {
+            scenario::conversation_list(&target, count, repeat.max(1)).await?
+        }
         Scenario::Connections { count, hold } => {
             scenario::connections(&target, count, hold).await?
         }

@@ -59,6 +59,38 @@ pub struct Report {
     pub max_rate_held: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<ConnStats>,
+    /// The conversation-list scenario: one line per `limit`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conversation_list: Vec<ListStats>,
+}
+
+/// `GET /conversations` for a user in many conversations, at one `limit`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListStats {
+    pub conversations: usize,
+    pub limit: usize,
+    pub requests: usize,
+    /// Conversations in one reply.
+    pub returned: usize,
+    /// Bytes of one reply's body.
+    pub bytes: usize,
+    pub latency_ms: Latency,
+}
+
+impl Latency {
+    /// From a histogram of microseconds.
+    pub fn of_us(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            min: ms(h.min()),
+            avg: h.mean() / 1000.0,
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +136,7 @@ impl Report {
             steps: Vec::new(),
             max_rate_held: None,
             connections: None,
+            conversation_list: Vec::new(),
         }
     }
 
@@ -128,6 +161,7 @@ impl Report {
             steps,
             max_rate_held: best,
             connections: None,
+            conversation_list: Vec::new(),
         }
     }
 
@@ -150,6 +184,20 @@ impl Report {
                 server_rss_mib_after: rss1.map(|k| k as f64 / 1024.0),
                 bytes_per_connection: per_conn,
             }),
+            conversation_list: Vec::new(),
+        }
+    }
+
+    pub fn conversation_list(count: usize, repeat: usize, stats: Vec<ListStats>) -> Report {
+        Report {
+            scenario: "conversations".into(),
+            params: serde_json::json!({"conversations": count, "repeat": repeat}),
+            machine: Machine::here(),
+            result: None,
+            steps: Vec::new(),
+            max_rate_held: None,
+            connections: None,
+            conversation_list: stats,
         }
     }
 
@@ -178,6 +226,20 @@ impl Report {
             }
         } else if !self.steps.is_empty() {
             out.push_str("no step held\n");
+        }
+        for l in &self.conversation_list {
+            out.push_str(&format!(
+                "GET /conversations?limit={} of {} conversations: {} returned, {} bytes; \
+                 latency ms over {}: p50 {:.2} p99 {:.2} max {:.2}\n",
+                l.limit,
+                l.conversations,
+                l.returned,
+                l.bytes,
+                l.requests,
+                l.latency_ms.p50,
+                l.latency_ms.p99,
+                l.latency_ms.max
+            ));
         }
         if let Some(c) = &self.connections {
             out.push_str(&format!(

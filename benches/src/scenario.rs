@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::conn::{self, Conn, Current};
 use crate::procstat;
-use crate::report::{Latency, Report, ServerStats, Step};
+use crate::report::{Latency, ListStats, Report, ServerStats, Step};
 use crate::setup::Rest;
 use crate::track::Tracker;
 
@@ -406,4 +406,90 @@ pub async fn connections(target: &Target, count: usize, hold_secs: f64) -> anyho
     }
     drop(fleet);
     Ok(Report::connections(count, rss0, rss1, per_conn))
+}
+
+/// One user in `count` single chats (one message from each peer), and the
+/// conversation list it syncs (PROTOCOL v2): `GET /conversations` with
+/// `limit` 100 and 1000, `repeat` times each; latency and reply size.
+pub async fn conversation_list(
+    target: &Target,
+    count: usize,
+    repeat: usize,
+) -> anyhow::Result<Report> {
+    let run = std::process::id();
+    let me = format!("l{run}-me");
+    let peers = register(target, &format!("l{run}-p"), count).await?;
+    let rest = Rest::new(&target.api, &target.admin_secret);
+    rest.register(std::slice::from_ref(&me)).await?;
+    let tokens = rest.tokens(&peers, 3).await?;
+    let t = Instant::now();
+    let sent: Vec<()> = stream::iter(tokens.iter().enumerate())
+        .map(|(i, token)| {
+            let (rest, me) = (&rest, &me);
+            async move {
+                let body = json!({"client_msg_id": format!("l{i}"), "recv_id": me,
+                    "content_type": 101, "content": {"text": format!("hello from peer {i}")}});
+                let r = rest
+                    .http
+                    .post(format!("{}/msg/send", rest.base))
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "send: {}", r.status());
+                Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    say(
+        target,
+        format!(
+            "{} conversations written in {:.1}s",
+            sent.len(),
+            t.elapsed().as_secs_f64()
+        ),
+    );
+    let token = rest.tokens(std::slice::from_ref(&me), 5).await?.remove(0);
+    let mut stats = Vec::new();
+    for limit in [100usize, 1000] {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        let (mut returned, mut bytes) = (0, 0);
+        while (h.len() as usize) < repeat {
+            let t = Instant::now();
+            let r = rest
+                .http
+                .get(format!("{}/conversations?limit={limit}", rest.base))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            if r.status().as_u16() == 429 {
+                // The per-user REST limit: wait and ask again (not timed).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            anyhow::ensure!(r.status().is_success(), "sync: {}", r.status());
+            let body = r.bytes().await?;
+            h.record(t.elapsed().as_micros().max(1) as u64)?;
+            bytes = body.len();
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            returned = v["conversations"].as_array().map_or(0, Vec::len);
+        }
+        say(
+            target,
+            format!("limit {limit}: {returned} conversations, {bytes} bytes"),
+        );
+        stats.push(ListStats {
+            conversations: count,
+            limit,
+            requests: repeat,
+            returned,
+            bytes,
+            latency_ms: Latency::of_us(&h),
+        });
+    }
+    Ok(Report::conversation_list(count, repeat, stats))
 }
