@@ -1070,6 +1070,11 @@ async fn mysql_frozen_for_a_while_stops_no_conversation_and_hangs_no_request() {
         "{body}"
     );
     let took = started.elapsed();
+    // The pool's acquire timeout (5 s) answers, not the REST deadline (30 s).
+    assert!(
+        took < Duration::from_secs(15),
+        "refused only after {took:?}"
+    );
     mysql.signal("-CONT");
     let logs = load.finish().await;
     common::load::assert_all_pushed(&logs);

@@ -41,8 +41,12 @@ async fn fuzz(s: &TestServer, token: &str, args: &[&str]) -> (bool, String) {
         .args(["--max-examples", "25", "--seed", &seed, "--no-color"])
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    // A wedged server fails the test rather than hanging CI.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(600), out)
         .await
+        .expect("schemathesis finished within 10 minutes")
         .unwrap_or_else(|e| panic!("{} (script/infra.sh installs it): {e}", schemathesis()));
     let text = format!(
         "{}{}",

@@ -202,7 +202,7 @@ impl Discovery {
             let mut from = revision + 1;
             let mut held = Held::default();
             loop {
-                let grace_ends = held.until;
+                let grace_ends = held.next_deadline();
                 let lost = tokio::select! {
                     _ = stop.cancelled() => return,
                     e = d.follow(from, &tx, &mut held) => Some(e),
@@ -211,7 +211,13 @@ impl Discovery {
                 };
                 if let Some(e) = lost {
                     tracing::warn!(error = %e, "etcd watch lost; listing again");
-                    held.hold(&tx.borrow());
+                    held.lost(&tx.borrow());
+                    // A watch that fails at once (a proxy ending streams,
+                    // no leader) must not spin.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
                 // Never follow again before a list succeeded: etcd may have
                 // come back with its history gone, and a watch from the old
@@ -219,7 +225,10 @@ impl Discovery {
                 loop {
                     match d.members().await {
                         Ok((list, rev)) => {
-                            tx.send_replace(held.merge(list));
+                            // etcd answers: the grace of what was lost
+                            // starts now, however long it was away.
+                            held.arm(Instant::now());
+                            tx.send_replace(held.merge(list, Instant::now()));
                             from = rev + 1;
                             break;
                         }
@@ -267,7 +276,7 @@ impl Discovery {
             }
             match self.members().await {
                 Ok((list, _)) => {
-                    tx.send_replace(held.merge(list));
+                    tx.send_replace(held.merge(list, Instant::now()));
                 }
                 Err(e) => return e,
             }
@@ -280,38 +289,53 @@ impl Discovery {
 /// while etcd was away; a live process announces again within a second
 /// of etcd's return). Dropping it at once would cost its work: a push
 /// process forgets every connection of a gateway it drops. So the members
-/// known when etcd was lost stay listed until they announce again or this
-/// grace ends; a process that really died is then dropped, as its lease
-/// would have been.
+/// known when etcd was lost stay listed until they announce again or a
+/// grace ends, counted from etcd's return (however long it was away); a
+/// process that really died is then dropped, as its lease would have
+/// been. A member keeps the grace it got first: losses in a row do not
+/// keep a dead one listed.
 const REANNOUNCE_GRACE: Duration = Duration::from_secs(2 * LEASE_TTL_SECS as u64);
 
 #[derive(Default)]
 struct Held {
-    members: Vec<Member>,
-    until: Option<Instant>,
+    /// Each held member, and when its grace ends (None: etcd not back yet).
+    members: Vec<(Member, Option<Instant>)>,
+}
+
+fn same(a: &Member, b: &Member) -> bool {
+    (&a.role, &a.addr) == (&b.role, &b.addr)
 }
 
 impl Held {
-    fn hold(&mut self, known: &[Member]) {
-        self.members = known.to_vec();
-        self.until = Some(Instant::now() + REANNOUNCE_GRACE);
+    /// The watch was lost while `known` were listed.
+    fn lost(&mut self, known: &[Member]) {
+        for m in known {
+            if !self.members.iter().any(|(h, _)| same(h, m)) {
+                self.members.push((m.clone(), None));
+            }
+        }
     }
 
-    /// `listed` plus the members still held.
-    fn merge(&mut self, mut listed: Vec<Member>) -> Vec<Member> {
-        match self.until {
-            Some(t) if Instant::now() < t => {
-                for m in &self.members {
-                    if !listed
-                        .iter()
-                        .any(|l| (&l.role, &l.addr) == (&m.role, &m.addr))
-                    {
-                        listed.push(m.clone());
-                    }
-                }
-                listed.sort_by(|a, b| (&a.role, &a.addr).cmp(&(&b.role, &b.addr)));
-            }
-            _ => *self = Held::default(),
+    /// etcd answers again: graces not started start at `now`.
+    fn arm(&mut self, now: Instant) {
+        for (_, until) in &mut self.members {
+            until.get_or_insert(now + REANNOUNCE_GRACE);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.members.iter().filter_map(|(_, t)| *t).min()
+    }
+
+    /// `listed` plus the members still held; those listed again or past
+    /// their grace are held no more.
+    fn merge(&mut self, mut listed: Vec<Member>, now: Instant) -> Vec<Member> {
+        self.members.retain(|(m, until)| {
+            !listed.iter().any(|l| same(l, m)) && until.is_none_or(|t| now < t)
+        });
+        if !self.members.is_empty() {
+            listed.extend(self.members.iter().map(|(m, _)| m.clone()));
+            listed.sort_by(|a, b| (&a.role, &a.addr).cmp(&(&b.role, &b.addr)));
         }
         listed
     }
@@ -344,19 +368,35 @@ mod tests {
     fn members_known_when_etcd_was_lost_stay_listed_until_the_grace_ends() {
         let gateway = member("gateway", "g:1");
         let push = member("im_push", "p:1");
+        let dead = member("im_msg", "m:1");
+        let t0 = Instant::now();
         let mut held = Held::default();
         // Before any loss, a list is taken as it is.
-        assert_eq!(held.merge(vec![push.clone()]), vec![push.clone()]);
-        held.hold(&[gateway.clone(), push.clone()]);
-        // etcd came back empty; the push process announced again first.
+        assert_eq!(held.merge(vec![push.clone()], t0), vec![push.clone()]);
+        held.lost(&[gateway.clone(), push.clone(), dead.clone()]);
+        // etcd is back (however long after): the grace starts now. The
+        // push process announced again first.
+        let back = t0 + Duration::from_secs(60);
+        held.arm(back);
         assert_eq!(
-            held.merge(vec![push.clone()]),
-            vec![gateway.clone(), push.clone()]
+            held.merge(vec![push.clone()], back),
+            vec![gateway.clone(), dead.clone(), push.clone()]
         );
-        // Past the grace, a member that never came back is gone.
-        held.until = Some(Instant::now() - Duration::from_millis(1));
-        assert_eq!(held.merge(vec![push.clone()]), vec![push.clone()]);
-        assert!(held.until.is_none());
-        assert_eq!(held.merge(vec![]), vec![]);
+        // The gateway announces again; the watch is lost again meanwhile:
+        // the dead one keeps its first grace.
+        let again = back + Duration::from_secs(5);
+        assert_eq!(
+            held.merge(vec![gateway.clone(), push.clone()], again),
+            vec![gateway.clone(), dead.clone(), push.clone()]
+        );
+        held.lost(&[gateway.clone(), dead.clone(), push.clone()]);
+        held.arm(again + Duration::from_secs(1));
+        let late = back + REANNOUNCE_GRACE;
+        assert_eq!(
+            held.merge(vec![gateway.clone(), push.clone()], late),
+            vec![gateway.clone(), push.clone()],
+            "the dead member is dropped at the end of its first grace"
+        );
+        assert_eq!(held.next_deadline(), None);
     }
 }

@@ -433,15 +433,25 @@ impl Redis {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 while running.upgrade().is_some() {
                     tick.tick().await;
-                    let set: redis::RedisResult<()> = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(1)
-                        .arg("EX")
-                        .arg(ALIVE_TTL_SECS)
-                        .query_async(&mut conn.clone())
-                        .await;
-                    if let Err(e) = set {
-                        tracing::warn!(error = %e, "resend owner heartbeat failed");
+                    // Well within the key's life: a slow beat must not
+                    // hold back the next one. (A Redis stalled for longer
+                    // than the key lives makes live owners look dead; their
+                    // claims are then taken over, which costs duplicate work
+                    // only: the takeover keeps the first's ids.)
+                    let set = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(1)
+                            .arg("EX")
+                            .arg(ALIVE_TTL_SECS)
+                            .query_async::<()>(&mut conn.clone()),
+                    )
+                    .await;
+                    match set {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "resend owner heartbeat failed"),
+                        Err(_) => tracing::warn!("resend owner heartbeat took over 1 s"),
                     }
                 }
             });
