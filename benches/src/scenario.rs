@@ -220,15 +220,7 @@ async fn run_round(target: &Target, fleet: &Fleet, plan: &Plan, round: u32, load
         delivered: tracker.deliveries.load(Ordering::Relaxed),
         duplicates: tracker.duplicates.load(Ordering::Relaxed),
         lost: tracker.lost(),
-        latency_ms: Latency {
-            min: ms(h.min()),
-            avg: h.mean() / 1000.0,
-            p50: ms(h.value_at_quantile(0.5)),
-            p90: ms(h.value_at_quantile(0.9)),
-            p99: ms(h.value_at_quantile(0.99)),
-            p999: ms(h.value_at_quantile(0.999)),
-            max: ms(h.max()),
-        },
+        latency_ms: Latency::of_us(&h),
         server: match (rss0, rss1, cpu0, cpu1) {
             (Some(r0), Some(r1), Some(c0), Some(c1)) => Some(ServerStats {
                 rss_mib_before: r0 as f64 / 1024.0,
