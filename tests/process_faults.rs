@@ -376,8 +376,8 @@ impl Etcd {
         }
     }
 
-    /// SIGKILL, and a new etcd on the same ports with no data: the worst
-    /// an etcd outage can leave (a node rebuilt from nothing).
+    /// SIGKILL; its ports, for a new etcd with no data (the worst an etcd
+    /// outage can leave: a node rebuilt from nothing). Its data goes too.
     async fn kill(mut self) -> (u16, u16) {
         self.child.start_kill().expect("SIGKILL");
         let _ = self.child.wait().await;
