@@ -19,8 +19,9 @@ use imflow_gateways::auth::Auth;
 use imflow_gateways::connections::Connections;
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
+use imflow_stages::roles::INGEST_DOOR;
 use imflow_stages::store::SqliteStore;
-use imflow_stages::{register_all, Backends, Services};
+use imflow_stages::{Backends, Services};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,14 +33,6 @@ pub use config::Config;
 
 /// The pipeline compiled into the binary, used when no pipeline file exists.
 pub const BUILTIN_PIPELINE: &str = include_str!("../pipeline.yaml");
-
-/// The registry of every stage kind, for checking a pipeline without running
-/// it (kinds check their options without touching their services).
-pub fn kinds_for_checking(services: &Services) -> Registry {
-    let mut r = Registry::new();
-    register_all(&mut r, services);
-    r
-}
 
 /// Read and compile a pipeline file (or the built-in one when `path` is
 /// missing and `required` is false).
@@ -136,6 +129,12 @@ pub struct Server {
 impl Server {
     /// Start serving. Returns once both doors listen.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        Self::start_with_kinds(cfg, imflow_stages::registry()).await
+    }
+
+    /// As `start`, with the stage kinds of `registry` (imflow's own, and
+    /// whatever a program embedding imflow registered besides).
+    pub async fn start_with_kinds(cfg: Config, registry: Registry) -> anyhow::Result<Server> {
         if cfg.admin_secret == config::DEFAULT_ADMIN_SECRET {
             tracing::warn!("using the default admin secret; set admin_secret in the config or IMFLOW_ADMIN_SECRET before exposing this server");
         }
@@ -155,23 +154,15 @@ impl Server {
         };
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
         let services = Services::open(backends.clone(), conns.clone()).await?;
-        let registry = kinds_for_checking(&services);
         let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
+        if !pipeline.provides(None, INGEST_DOOR.id()) {
+            anyhow::bail!(
+                "{}: no stage provides `{}`, so sends would have nowhere to go; add a stage of kind `ingest`",
+                pipeline.file,
+                INGEST_DOOR.name
+            );
+        }
         tracing::info!(%pipeline, "pipeline compiled");
-
-        let auth = Auth::new(
-            services.directory.clone(),
-            cfg.admin_secret.clone(),
-            cfg.token_ttl_secs,
-        )
-        .await?;
-        let api = Arc::new(Api {
-            services: services.clone(),
-            auth,
-            conns: conns.clone(),
-            cluster: None,
-            rules: cfg.rules(),
-        });
 
         let ws_listener = TcpListener::bind(cfg.listen.gateway)
             .await
@@ -186,10 +177,29 @@ impl Server {
         if let Some(k) = &kafka {
             ensure_topics(k, &pipeline).await?;
         }
-        let topology = RunningTopology::start_with(&pipeline, &registry, kafka.as_ref())?;
+        let topology = RunningTopology::start_with(
+            &pipeline,
+            &registry,
+            &services.resources(),
+            kafka.as_ref(),
+        )?;
         if kafka.is_some() {
             running::wait_for_consumers(&topology).await;
         }
+        let auth = Auth::new(
+            services.directory.clone(),
+            cfg.admin_secret.clone(),
+            cfg.token_ttl_secs,
+        )
+        .await?;
+        let api = Arc::new(Api {
+            services: services.clone(),
+            auth,
+            conns: conns.clone(),
+            ingest: topology.provided(&INGEST_DOOR),
+            cluster: None,
+            rules: cfg.rules(),
+        });
         let gauges = topology.queue_gauges();
         let draining = CancellationToken::new();
         let rest = router(RestState {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use imflow::{kinds_for_checking, load_pipeline, Config, Server};
+use imflow::{load_pipeline, Config, Server};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -113,28 +113,9 @@ fn init_logs(json: bool) {
     }
 }
 
-/// Kinds check options without touching their services, so validation
-/// needs no store: an empty one in a temporary directory backs them.
-async fn check_pipeline(
-    file: &std::path::Path,
-) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
-    check_pipeline_at(file, true).await
-}
-
-async fn check_pipeline_at(
-    file: &std::path::Path,
-    required: bool,
-) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
-    let tmp = std::env::temp_dir().join(format!("imflow-validate-{}", std::process::id()));
-    let store = imflow_stages::store::SqliteStore::open(&tmp, Default::default()).await?;
-    let backends = imflow_stages::Backends::embedded(store, 0);
-    let conns = std::sync::Arc::new(imflow_gateways::connections::Connections::new(1));
-    let services = imflow_stages::Services::new(backends.clone(), conns);
-    let registry = kinds_for_checking(&services);
-    let result = load_pipeline(file, required, &registry);
-    backends.close().await;
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+/// Kinds hold no resources, so checking a pipeline opens no store.
+fn check_pipeline(file: &std::path::Path) -> anyhow::Result<imflow_runtime::CompiledPipeline> {
+    load_pipeline(file, true, &imflow_stages::registry())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -184,7 +165,7 @@ async fn host_plan(
     host: &str,
 ) -> anyhow::Result<(Config, Vec<imflow::process::Planned>)> {
     let cfg = Config::load(config, true)?;
-    let pipeline = check_pipeline_at(&cfg.pipeline, false).await?;
+    let pipeline = load_pipeline(&cfg.pipeline, false, &imflow_stages::registry())?;
     let plan = imflow::process::plan(&cfg, &pipeline, host)?;
     Ok((cfg, plan))
 }
@@ -205,12 +186,12 @@ fn main() -> std::process::ExitCode {
         match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
             Command::Serve(args) => serve(args).await,
             Command::Validate { file } => {
-                let p = check_pipeline(&file).await?;
+                let p = check_pipeline(&file)?;
                 println!("{p}");
                 Ok(())
             }
             Command::Graph { file } => {
-                let p = check_pipeline(&file).await?;
+                let p = check_pipeline(&file)?;
                 print!("{}", p.to_dot());
                 Ok(())
             }

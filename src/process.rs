@@ -14,13 +14,14 @@ use imflow_gateways::connections::Connections;
 use imflow_gateways::discovery::{Discovery, Member};
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{CompiledPipeline, RunningTopology};
+use imflow_stages::roles::{INGEST_DOOR, PRESENCE};
 use imflow_stages::{Backends, Presence, Resends, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::running::{serve_http, wait_for_consumers, Parts, Running};
-use crate::{kafka_settings, kinds_for_checking, load_pipeline, prometheus, Config};
+use crate::{kafka_settings, load_pipeline, prometheus, Config};
 
 /// Which process this is.
 #[derive(Debug, Clone)]
@@ -138,6 +139,7 @@ impl ProcessServer {
         let mut servers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         let accept_stop = CancellationToken::new();
         let mut kinds = Vec::new();
+        let mut provides = Vec::new();
         let addr;
         let door = |services: Services, link: Arc<DoorLink>| async {
             let auth = Auth::new(
@@ -150,6 +152,7 @@ impl ProcessServer {
                 services,
                 auth,
                 conns: conns.clone(),
+                ingest: None,
                 cluster: Some(ClusterDoor {
                     ingest: RemoteIngest::new(members.clone(), &secret),
                     link,
@@ -225,13 +228,8 @@ impl ProcessServer {
                 ));
             }
             group => {
-                // Compiled before the services exist (whether the group
-                // pushes decides their presence); compiling only checks kinds
-                // and options, so the same graph then runs on the real ones.
-                let pipeline = {
-                    let services = Services::new(backends.clone(), conns.clone());
-                    load_pipeline(&cfg.pipeline, false, &kinds_for_checking(&services))?
-                };
+                let registry = imflow_stages::registry();
+                let pipeline = load_pipeline(&cfg.pipeline, false, &registry)?;
                 let Some(g) = pipeline.process(group).cloned() else {
                     let mut names: Vec<&str> =
                         pipeline.processes.iter().map(|p| p.name.as_str()).collect();
@@ -250,17 +248,16 @@ impl ProcessServer {
                         g.instances() - 1
                     );
                 }
-                let presence: Arc<dyn Presence> = if pipeline.group_has_kind(group, "push") {
+                // Only a group that pushes follows where users are online.
+                let presence: Arc<dyn Presence> = if pipeline.needs(Some(group), PRESENCE.id()) {
                     RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
                 } else {
                     Arc::new(Nobody)
                 };
                 let services = Services::open(backends.clone(), presence).await?;
-                let registry = kinds_for_checking(&services);
-                for s in &g.stages {
-                    if let Some(n) = pipeline.graph.node_weights().find(|n| &n.name == s) {
-                        kinds.push(n.kind.clone());
-                    }
+                for n in pipeline.stages_of(Some(group)) {
+                    kinds.push(n.kind.clone());
+                    provides.extend(n.provides.iter().map(|r| r.to_string()));
                 }
                 crate::ensure_topics(&kafka, &pipeline).await?;
                 let port = g.port(placement.index).unwrap_or(0);
@@ -270,14 +267,19 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let t = RunningTopology::start_group(&pipeline, &registry, &kafka, group)?;
+                let t = RunningTopology::start_group(
+                    &pipeline,
+                    &registry,
+                    &services.resources(),
+                    &kafka,
+                    group,
+                )?;
                 wait_for_consumers(&t).await;
-                let has_ingest = kinds.iter().any(|k| k == "ingest");
                 servers.push(serve_http(
                     rpc,
                     rpc_router(RpcState {
                         secret: secret.as_str().into(),
-                        ingest: has_ingest.then(|| services.ingest.clone()),
+                        ingest: t.provided(&INGEST_DOOR),
                         conns: None,
                         metrics: metrics.clone(),
                         draining: draining.clone(),
@@ -297,6 +299,7 @@ impl ProcessServer {
                     addr: addr.to_string(),
                     pid: std::process::id(),
                     kinds,
+                    provides,
                 },
                 stop.clone(),
             )

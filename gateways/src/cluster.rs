@@ -30,8 +30,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use dashmap::DashMap;
-use imflow_runtime::{Ack, Backoff};
+use imflow_runtime::{Ack, Retrying};
 use imflow_stages::model::{AckInfo, Conversation, ImError, Notice, SendRequest, Target};
+use imflow_stages::roles::INGEST_DOOR;
 use imflow_stages::store::redis::Redis;
 use imflow_stages::store::Directory;
 use imflow_stages::{IngestHandle, PendingAck, Presence, PushItem};
@@ -100,7 +101,7 @@ impl RemoteIngest {
         self.members
             .borrow()
             .iter()
-            .filter(|m| m.kinds.iter().any(|k| k == "ingest"))
+            .filter(|m| m.provides.iter().any(|r| r == INGEST_DOOR.name))
             .map(|m| m.addr.clone())
             .collect()
     }
@@ -782,10 +783,9 @@ async fn record_presence(
         // after hearing finds the entries.
         let changes: Vec<(&str, u8, bool)> =
             platforms.iter().map(|(u, p, on)| (&**u, *p, *on)).collect();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut retrying = Retrying::new("recording presence", Duration::from_secs(2));
         while let Err(err) = link.redis.online_update(&link.me, &changes).await {
-            tracing::warn!(error = %err, "cannot record presence; retrying");
-            backoff.wait().await;
+            retrying.failed(err).await;
         }
         for online in [true, false] {
             let users: Vec<&str> = last
@@ -796,10 +796,9 @@ async fn record_presence(
             if users.is_empty() {
                 continue;
             }
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            let mut retrying = Retrying::new("recording presence", Duration::from_secs(2));
             while let Err(err) = link.redis.presence_set(&link.me, &users, online).await {
-                tracing::warn!(error = %err, "cannot record presence; retrying");
-                backoff.wait().await;
+                retrying.failed(err).await;
             }
             let sign = if online { "+" } else { "-" };
             let lines: Vec<String> = users
@@ -807,10 +806,9 @@ async fn record_presence(
                 .map(|u| format!("{sign} {} {u}", link.me))
                 .collect();
             let text = lines.join("\n");
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            let mut retrying = Retrying::new("announcing presence", Duration::from_secs(2));
             while let Err(err) = link.redis.publish(PRESENCE_CHANNEL, &text).await {
-                tracing::warn!(error = %err, "cannot announce presence; retrying");
-                backoff.wait().await;
+                retrying.failed(err).await;
             }
         }
         // The push processes have been told (or read the registry when

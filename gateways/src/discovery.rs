@@ -30,10 +30,13 @@ pub struct Member {
     /// Where its internal RPC (and /healthz, /metrics) listens, `host:port`.
     pub addr: String,
     pub pid: u32,
-    /// The stage kinds it runs, e.g. `ingest`: how doors find ingest
-    /// processes whatever their group is called.
+    /// The stage kinds it runs (for operators' tools).
     #[serde(default)]
     pub kinds: Vec<String>,
+    /// The roles its stages provide, e.g. `ingest-door`: how doors find
+    /// the processes that take sends, whatever their group or kinds.
+    #[serde(default)]
+    pub provides: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -361,6 +364,7 @@ mod tests {
             addr: addr.into(),
             pid: 1,
             kinds: vec![],
+            provides: vec![],
         }
     }
 

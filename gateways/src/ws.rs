@@ -681,6 +681,7 @@ mod tests {
             services,
             auth,
             conns,
+            ingest: None,
             cluster: None,
             rules: Default::default(),
         })

@@ -17,6 +17,7 @@ use crate::config::{PipelineSpec, ProcessSpec, StageSpec};
 use crate::error::{CompileErrors, Diagnostic};
 use crate::locate::Locator;
 use crate::registry::{PortType, Registry};
+use crate::resources::RoleId;
 
 /// Default bound of an in-memory partition queue.
 pub const DEFAULT_CAPACITY: u32 = 4096;
@@ -29,6 +30,9 @@ pub struct StageNode {
     pub options: serde_yaml::Value,
     pub input: Option<PortType>,
     pub output: Option<PortType>,
+    /// What the kind declared it takes from, and gives to, its process.
+    pub needs: Vec<RoleId>,
+    pub provides: Vec<RoleId>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,15 +104,25 @@ impl CompiledPipeline {
             .find(|p| p.stages.iter().any(|s| s == stage))
     }
 
-    /// Whether some stage of `group` is of `kind`.
-    pub fn group_has_kind(&self, group: &str, kind: &str) -> bool {
-        self.process(group).is_some_and(|p| {
-            p.stages.iter().any(|s| {
-                self.graph
-                    .node_weights()
-                    .any(|n| n.name == *s && n.kind == kind)
-            })
-        })
+    /// The stages a process runs: those of `group`, or every stage when
+    /// `group` is `None` (one process runs the whole pipeline).
+    pub fn stages_of<'a>(&'a self, group: Option<&'a str>) -> impl Iterator<Item = &'a StageNode> {
+        let placed = group.map(|g| self.process(g).map(|p| p.stages.as_slice()).unwrap_or(&[]));
+        self.graph
+            .node_weights()
+            .filter(move |n| placed.is_none_or(|stages| stages.contains(&n.name)))
+    }
+
+    /// Whether a stage of `group` (of the whole pipeline for `None`) needs
+    /// `role`: how a process decides what to open before building.
+    pub fn needs(&self, group: Option<&str>, role: RoleId) -> bool {
+        self.stages_of(group).any(|n| n.needs.contains(&role))
+    }
+
+    /// Whether a stage of `group` (of the whole pipeline for `None`)
+    /// provides `role`.
+    pub fn provides(&self, group: Option<&str>, role: RoleId) -> bool {
+        self.stages_of(group).any(|n| n.provides.contains(&role))
     }
 
     /// The graph in Graphviz DOT.
@@ -545,7 +559,7 @@ pub fn compile(
             );
             continue;
         }
-        let (input, output) = match registry.get(&stage.kind) {
+        let (input, output, needs, provides) = match registry.get(&stage.kind) {
             Some(kind) => {
                 for e in kind.check_options(&stage.options) {
                     let p = if e.field.is_empty() {
@@ -558,7 +572,7 @@ pub fn compile(
                         format!("bad option for kind `{}`: {}", stage.kind, e.message),
                     );
                 }
-                (kind.input(), kind.output())
+                (kind.input(), kind.output(), kind.needs(), kind.provides())
             }
             None => {
                 let known: Vec<&str> = registry.kinds().collect();
@@ -570,7 +584,7 @@ pub fn compile(
                         known.join(", ")
                     ),
                 );
-                (None, None)
+                (None, None, Vec::new(), Vec::new())
             }
         };
         let idx = graph.add_node(StageNode {
@@ -579,6 +593,8 @@ pub fn compile(
             options: stage.options.clone(),
             input,
             output,
+            needs,
+            provides,
         });
         index.insert(name.clone(), idx);
     }
@@ -708,6 +724,7 @@ pub fn compile(
         cx.err("stages", "no stages declared");
     }
     let processes = check_processes(&spec, &graph, &mut cx);
+    check_provided_once(&graph, &processes, &mut cx);
 
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|d| d.line.unwrap_or(usize::MAX));
@@ -722,11 +739,51 @@ pub fn compile(
     })
 }
 
+/// A role is a process's one handle (one ingest door): two stages that
+/// would give it in the same process are refused.
+fn check_provided_once(
+    graph: &DiGraph<StageNode, EdgeInfo>,
+    processes: &[ProcessGroup],
+    cx: &mut Ctx<'_>,
+) {
+    let everything: Vec<String> = graph.node_weights().map(|n| n.name.clone()).collect();
+    let groups: Vec<(Option<&str>, &[String])> = if processes.is_empty() {
+        vec![(None, everything.as_slice())]
+    } else {
+        processes
+            .iter()
+            .map(|p| (Some(p.name.as_str()), p.stages.as_slice()))
+            .collect()
+    };
+    for (group, stages) in groups {
+        let mut first: HashMap<RoleId, &str> = HashMap::new();
+        for n in graph.node_weights().filter(|n| stages.contains(&n.name)) {
+            for &role in &n.provides {
+                if let Some(other) = first.insert(role, &n.name) {
+                    let place = group
+                        .map(|g| format!("process group `{g}`"))
+                        .unwrap_or_else(|| "one process".to_string());
+                    cx.err(
+                        format!("stages.{}.kind", n.name),
+                        format!(
+                            "stage `{other}` already provides `{role}` in {place}; a process has one, so place these stages in different process groups or keep one"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::{BuildContext, OptionError, StageKind, StageTask};
+    use crate::resources::Role;
     use crate::BuildError;
+
+    const DOOR: Role<()> = Role::new("door");
+    const TICKS: Role<()> = Role::new("ticks");
 
     struct Kind {
         name: &'static str,
@@ -745,6 +802,18 @@ mod tests {
         }
         fn output(&self) -> Option<PortType> {
             self.output
+        }
+        fn needs(&self) -> Vec<RoleId> {
+            match self.name {
+                "sink" => vec![TICKS.id()],
+                _ => vec![],
+            }
+        }
+        fn provides(&self) -> Vec<RoleId> {
+            match self.name {
+                "src" => vec![DOOR.id()],
+                _ => vec![],
+            }
         }
         fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError> {
             match options.get("batch") {
@@ -941,12 +1010,36 @@ processes:
         assert_eq!(p.process("front").unwrap().port(1), Some(10131));
         assert_eq!(p.process("back").unwrap().instances(), 4);
         assert_eq!(p.process_of("k").unwrap().name, "back");
-        assert!(p.group_has_kind("back", "sink"));
-        assert!(!p.group_has_kind("front", "sink"));
+        assert!(p.needs(Some("back"), TICKS.id()));
+        assert!(!p.needs(Some("front"), TICKS.id()));
+        assert!(p.needs(None, TICKS.id()));
+        assert!(p.provides(Some("front"), DOOR.id()));
+        assert!(!p.provides(Some("back"), DOOR.id()));
         assert!(p.to_dot().contains("subgraph cluster_0"));
         assert!(p
             .to_string()
             .contains("process front ×2: s (ports 10130, 10131)"));
+    }
+
+    #[test]
+    fn two_stages_giving_one_role_in_one_process_are_rejected() {
+        let text = "stages:\n  s1:\n    kind: src\n  s2:\n    kind: src\n  k:\n    kind: sink\n    inputs:\n      - from: s1\n      - from: s2\n";
+        let errs = errors(&text.replace("kind: sink", "kind: map"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "stages.s2.kind");
+        assert!(
+            errs[0].message.contains("`s1` already provides `door`"),
+            "{}",
+            errs[0]
+        );
+
+        // In two process groups, each process has its own door.
+        let placed = format!(
+            "{}processes:\n  a:\n    stages: [s1]\n    count: 1\n  b:\n    stages: [s2, k]\n    count: 1\n",
+            text.replace("kind: sink", "kind: map")
+                .replace("- from: s1", "- from: s1\n        topic: t1")
+        );
+        compile("p.yaml", &placed, &registry()).expect("one door per process");
     }
 
     #[test]

@@ -53,6 +53,18 @@ pub enum BuildError {
         wanted: &'static str,
         actual: &'static str,
     },
+    /// Stages whose needs this process does not meet, each as
+    /// `(stage, kind, role)`; all of them, so one start names every gap.
+    #[error("this process lacks what its stages need: {}", missing_list(.0))]
+    MissingRoles(Vec<(String, String, &'static str)>),
+}
+
+fn missing_list(missing: &[(String, String, &'static str)]) -> String {
+    missing
+        .iter()
+        .map(|(stage, kind, role)| format!("stage `{stage}` (kind `{kind}`) needs `{role}`"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl BuildError {

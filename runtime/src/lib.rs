@@ -15,6 +15,7 @@ pub mod fault;
 pub mod kafka;
 pub mod locate;
 pub mod registry;
+pub mod resources;
 pub mod retry;
 pub mod topology;
 
@@ -24,6 +25,7 @@ pub use edge::{Envelope, Input, Output, Payload};
 pub use error::{BuildError, CompileErrors, Diagnostic};
 pub use kafka::KafkaSettings;
 pub use registry::{BuildContext, PortType, Registry, StageKind, StageTask};
-pub use retry::{retry, Backoff};
+pub use resources::{Resources, Role, RoleId};
+pub use retry::{Backoff, Retrying};
 pub use tokio_util::sync::CancellationToken;
 pub use topology::{QueueGauges, RunningTopology};

@@ -1,8 +1,11 @@
 //! Stage kinds and the context they are built in.
 //!
-//! A stage kind says what it consumes and produces ([`PortType`]), checks its
-//! own options, and, given a [`BuildContext`], returns the tasks that do its
-//! work. The runtime type-checks edges by port name before anything runs, and
+//! A stage kind is a description with no resources of its own: it says what
+//! it consumes and produces ([`PortType`]), checks its own options, declares
+//! the roles it needs from the process and those it provides to it
+//! ([`crate::resources`]), and, given a [`BuildContext`], returns the tasks
+//! that do its work. So a pipeline is checked (`imflow validate`) with no
+//! store open, and a process is wired from declarations, never kind names. The runtime type-checks edges by port name before anything runs, and
 //! again by Rust type when a stage opens its ports, so a mismatch can never
 //! reach a running task.
 
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::edge::{memory_partition, EdgeSenders, Input, Output, Payload, QueueProbe};
 use crate::error::BuildError;
 use crate::kafka::{self, KafkaSettings};
+use crate::resources::{ResourceError, Resources, Role, RoleId};
 
 /// The type of items on a port: a name for people and a Rust type for the
 /// runtime's own check.
@@ -65,6 +69,15 @@ pub trait StageKind: Send + Sync + 'static {
     fn output(&self) -> Option<PortType>;
     /// Check `options:`; report every problem, not just the first.
     fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError>;
+    /// The roles `build` takes from the process ([`BuildContext::resource`]).
+    fn needs(&self) -> Vec<RoleId> {
+        Vec::new()
+    }
+    /// The roles `build` gives the process ([`BuildContext::provide`]), e.g.
+    /// the door through which a source takes items.
+    fn provides(&self) -> Vec<RoleId> {
+        Vec::new()
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError>;
 }
 
@@ -172,6 +185,11 @@ pub struct BuildContext<'a> {
     pub(crate) probes: &'a mut Vec<QueueProbe>,
     pub(crate) output_opened: bool,
     pub(crate) inputs_opened: bool,
+    pub(crate) resources: &'a Resources,
+    pub(crate) provided: &'a mut Resources,
+    /// What the kind declared, so `resource`/`provide` refuse the undeclared.
+    pub(crate) needs: Vec<RoleId>,
+    pub(crate) provides: Vec<RoleId>,
 }
 
 impl BuildContext<'_> {
@@ -193,6 +211,68 @@ impl BuildContext<'_> {
                 format!("this kind has no {what}"),
             )),
         }
+    }
+
+    /// The process's handle for `role`, which the kind must list in `needs`
+    /// (so a process can be checked, and wired, before anything is built).
+    pub fn resource<T: Clone + Send + Sync + 'static>(
+        &self,
+        role: &Role<T>,
+    ) -> Result<T, BuildError> {
+        if !self.needs.contains(&role.id()) {
+            return Err(BuildError::stage(
+                self.name,
+                format!("took `{}` without declaring it in `needs`", role.name),
+            ));
+        }
+        self.resources
+            .get(role)
+            .map_err(|e: ResourceError| BuildError::stage(self.name, e))
+    }
+
+    /// Give the process `handle` as `role`, which the kind must list in
+    /// `provides`; the process takes it from the running topology.
+    pub fn provide<T: Clone + Send + Sync + 'static>(
+        &mut self,
+        role: &Role<T>,
+        handle: T,
+    ) -> Result<(), BuildError> {
+        if !self.provides.contains(&role.id()) {
+            return Err(BuildError::stage(
+                self.name,
+                format!(
+                    "provided `{}` without declaring it in `provides`",
+                    role.name
+                ),
+            ));
+        }
+        if self.provided.has(role.id()) {
+            return Err(BuildError::stage(
+                self.name,
+                format!(
+                    "another stage of this process already provides `{}`; keep one per process",
+                    role.name
+                ),
+            ));
+        }
+        self.provided.insert(role, handle);
+        Ok(())
+    }
+
+    /// One task per partition of this stage's inputs, each made by `task`
+    /// from its partition: how a stage keeps each partition's order while
+    /// partitions run side by side.
+    pub fn each_input<T, F, Fut>(&mut self, mut task: F) -> Result<Vec<StageTask>, BuildError>
+    where
+        T: Payload,
+        F: FnMut(Input<T>) -> Fut,
+        Fut: Future<Output = StageResult> + Send + 'static,
+    {
+        Ok(self
+            .inputs::<T>()?
+            .into_iter()
+            .map(|input| Box::pin(task(input)) as StageTask)
+            .collect())
     }
 
     /// Counter of items this stage handled that failed.

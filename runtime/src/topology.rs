@@ -20,12 +20,14 @@ use crate::edge::QueueProbe;
 use crate::error::BuildError;
 use crate::kafka::{KafkaSettings, Readiness};
 use crate::registry::{BuildContext, InEdge, OutEdge, Registry};
+use crate::resources::{Resources, Role};
 
 pub struct RunningTopology {
     tasks: JoinSet<(String, crate::registry::StageResult)>,
     shutdown: CancellationToken,
     gauges: QueueGauges,
     readiness: Arc<Readiness>,
+    provided: Resources,
 }
 
 /// Publishes the depth of every queue of a running pipeline as the gauge
@@ -45,10 +47,15 @@ impl QueueGauges {
 }
 
 impl RunningTopology {
-    /// Build every stage and spawn its tasks on the current tokio runtime;
-    /// every edge is in memory (standalone mode).
-    pub fn start(pipeline: &CompiledPipeline, registry: &Registry) -> Result<Self, BuildError> {
-        Self::start_with(pipeline, registry, None)
+    /// Build every stage, lending it the `resources` it declared, and spawn
+    /// its tasks on the current tokio runtime; every edge is in memory
+    /// (standalone mode).
+    pub fn start(
+        pipeline: &CompiledPipeline,
+        registry: &Registry,
+        resources: &Resources,
+    ) -> Result<Self, BuildError> {
+        Self::start_with(pipeline, registry, resources, None)
     }
 
     /// As `start`, but with `kafka` set every edge that names a topic is
@@ -56,9 +63,10 @@ impl RunningTopology {
     pub fn start_with(
         pipeline: &CompiledPipeline,
         registry: &Registry,
+        resources: &Resources,
         kafka: Option<&KafkaSettings>,
     ) -> Result<Self, BuildError> {
-        Self::start_stages(pipeline, registry, kafka, None)
+        Self::start_stages(pipeline, registry, resources, kafka, None)
     }
 
     /// Start only the stages of process group `group` (one process of a
@@ -67,6 +75,7 @@ impl RunningTopology {
     pub fn start_group(
         pipeline: &CompiledPipeline,
         registry: &Registry,
+        resources: &Resources,
         kafka: &KafkaSettings,
         group: &str,
     ) -> Result<Self, BuildError> {
@@ -81,15 +90,38 @@ impl RunningTopology {
                 ),
             )
         })?;
-        Self::start_stages(pipeline, registry, Some(kafka), Some(&placed.stages))
+        Self::start_stages(
+            pipeline,
+            registry,
+            resources,
+            Some(kafka),
+            Some(&placed.stages),
+        )
     }
 
     fn start_stages(
         pipeline: &CompiledPipeline,
         registry: &Registry,
+        resources: &Resources,
         kafka: Option<&KafkaSettings>,
         only: Option<&[String]>,
     ) -> Result<Self, BuildError> {
+        // Every gap at once, before a task runs.
+        let missing: Vec<(String, String, &'static str)> = pipeline
+            .graph
+            .node_weights()
+            .filter(|n| only.is_none_or(|stages| stages.contains(&n.name)))
+            .flat_map(|n| {
+                n.needs
+                    .iter()
+                    .filter(|r| !resources.has(**r))
+                    .map(|r| (n.name.clone(), n.kind.clone(), r.0))
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(BuildError::MissingRoles(missing));
+        }
+        let mut provided = Resources::new();
         let shutdown = CancellationToken::new();
         let mut pending = HashMap::new();
         let mut probes = Vec::new();
@@ -142,6 +174,10 @@ impl RunningTopology {
                 kafka,
                 aux: Vec::new(),
                 readiness: readiness.clone(),
+                resources,
+                provided: &mut provided,
+                needs: node.needs.clone(),
+                provides: node.provides.clone(),
             };
             let mut stage_tasks = kind.build(&mut cx)?;
             stage_tasks.append(&mut cx.aux);
@@ -168,7 +204,14 @@ impl RunningTopology {
             shutdown,
             gauges: QueueGauges(Arc::new(probes)),
             readiness,
+            provided,
         })
+    }
+
+    /// What a stage gave the process as `role` (e.g. the ingest door), if a
+    /// stage of this topology provides it.
+    pub fn provided<T: Clone + Send + Sync + 'static>(&self, role: &Role<T>) -> Option<T> {
+        self.provided.get(role).ok()
     }
 
     /// Resolves once every Kafka consumer of this topology has its
@@ -227,5 +270,86 @@ impl RunningTopology {
             self.tasks.abort_all();
         }
         drained
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{OptionError, PortType, StageKind, StageTask};
+    use crate::resources::RoleId;
+    use crate::{compile, BuildContext};
+
+    const DOOR: Role<Arc<str>> = Role::new("door");
+    const CLOCK: Role<Arc<str>> = Role::new("clock");
+    const ROOM: Role<Arc<str>> = Role::new("room");
+
+    /// A source that takes `needs` and gives the door it was lent as CLOCK.
+    struct Source {
+        needs: Vec<RoleId>,
+    }
+
+    impl StageKind for Source {
+        fn kind(&self) -> &'static str {
+            "source"
+        }
+        fn input(&self) -> Option<PortType> {
+            None
+        }
+        fn output(&self) -> Option<PortType> {
+            None
+        }
+        fn check_options(&self, _: &serde_yaml::Value) -> Vec<OptionError> {
+            vec![]
+        }
+        fn needs(&self) -> Vec<RoleId> {
+            self.needs.clone()
+        }
+        fn provides(&self) -> Vec<RoleId> {
+            vec![DOOR.id()]
+        }
+        fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+            let clock = cx.resource(&CLOCK)?;
+            cx.provide(&DOOR, format!("door of {}", cx.name).into())?;
+            cx.provide(&ROOM, clock)?;
+            Ok(vec![])
+        }
+    }
+
+    fn start(needs: Vec<RoleId>, resources: &Resources) -> Result<RunningTopology, BuildError> {
+        let mut registry = Registry::new();
+        registry.register(Source { needs });
+        let p = compile("p.yaml", "stages:\n  a:\n    kind: source\n", &registry).unwrap();
+        RunningTopology::start(&p, &registry, resources)
+    }
+
+    #[tokio::test]
+    async fn roles_are_checked_before_building_and_only_the_declared_are_handed_over() {
+        // Every missing role named at once, with its stage and kind.
+        let err = start(vec![CLOCK.id(), ROOM.id()], &Resources::new())
+            .err()
+            .expect("nothing lent")
+            .to_string();
+        assert!(
+            err.contains(
+                "stage `a` (kind `source`) needs `clock`; stage `a` (kind `source`) needs `room`"
+            ),
+            "{err}"
+        );
+
+        // A role taken without being declared is refused, even if lent.
+        let lent = Resources::new().with(&CLOCK, Arc::from("tick"));
+        let err = start(vec![], &lent).err().expect("undeclared").to_string();
+        assert!(err.contains("took `clock` without declaring it"), "{err}");
+
+        // Declared and lent: the build runs up to the undeclared `provide`.
+        let err = start(vec![CLOCK.id()], &lent)
+            .err()
+            .expect("undeclared")
+            .to_string();
+        assert!(
+            err.contains("provided `room` without declaring it"),
+            "{err}"
+        );
     }
 }

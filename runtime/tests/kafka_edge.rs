@@ -153,7 +153,8 @@ fn start(topic: &str, partitions: u32, group: &str, items: Vec<Item>, fail_from:
         ..Default::default()
     };
     let topology =
-        RunningTopology::start_with(&pipeline, &registry, Some(&settings)).expect("starts");
+        RunningTopology::start_with(&pipeline, &registry, &Default::default(), Some(&settings))
+            .expect("starts");
     Run {
         topology,
         seen,

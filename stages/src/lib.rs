@@ -1,21 +1,24 @@
 //! imflow's stage kinds and the stores behind them.
 //!
-//! Each kind is one file under [`kinds`] and one line in [`register_all`].
-//! Stages reach the outside world only through [`Services`]: the store roles
-//! of [`store`] (embedded or cluster, chosen by [`Backends`]), the resend
-//! keys, and the [`Presence`] a gateway implements so `push` can reach
-//! connections without this crate knowing about sockets.
+//! Each kind is one file under [`kinds`] and one line in its list.
+//! A kind holds no resources: it names the [`roles`] it needs and provides,
+//! and takes them while it is built from the process's resources, which
+//! [`Services::resources`] fills: the store roles of [`store`] (embedded or
+//! cluster, chosen by [`Backends`]), the resend keys, and the [`Presence`] a
+//! gateway implements so `push` can reach connections without this crate
+//! knowing about sockets.
 
 pub mod dedup;
 pub mod error;
 pub mod hot;
 pub mod kinds;
 pub mod model;
+pub mod roles;
 pub mod store;
 
 use std::sync::Arc;
 
-use imflow_runtime::{Ack, Registry};
+use imflow_runtime::{Ack, Registry, Resources};
 
 pub use error::Error;
 pub use kinds::ingest::{IngestHandle, PendingAck};
@@ -133,7 +136,6 @@ pub struct Services {
     pub sequencer: Arc<dyn Sequencer>,
     pub resends: Resends,
     pub presence: Arc<dyn Presence>,
-    pub ingest: IngestHandle,
 }
 
 impl Services {
@@ -149,10 +151,9 @@ impl Services {
         Ok(s)
     }
 
-    /// Services with nothing loaded (for checking pipelines).
+    /// Services with nothing loaded.
     pub fn new(backends: Backends, presence: Arc<dyn Presence>) -> Self {
         Services {
-            ingest: IngestHandle::new(backends.directory.clone(), backends.resends.clone()),
             directory: backends.directory,
             history: backends.history,
             hot: backends.hot,
@@ -161,15 +162,26 @@ impl Services {
             presence,
         }
     }
+
+    /// Every role a stage of this crate may need, for the process's
+    /// topology (the ingest door is the one a stage provides).
+    pub fn resources(&self) -> Resources {
+        Resources::new()
+            .with(&roles::DIRECTORY, self.directory.clone())
+            .with(&roles::HISTORY, self.history.clone())
+            .with(&roles::HOT, self.hot.clone())
+            .with(&roles::SEQUENCER, self.sequencer.clone())
+            .with(&roles::RESENDS, self.resends.clone())
+            .with(&roles::PRESENCE, self.presence.clone())
+    }
 }
 
-/// Register every stage kind this crate provides.
-pub fn register_all(registry: &mut Registry, services: &Services) {
-    registry
-        .register(kinds::ingest::Ingest::new(services))
-        .register(kinds::seq_assign::SeqAssign::new(services))
-        .register(kinds::persist_mongo::PersistMongo::new(services))
-        .register(kinds::persist_redis::PersistRedis::new(services))
-        .register(kinds::fanout::Fanout::new(services))
-        .register(kinds::push::Push::new(services));
+pub use kinds::register_all;
+
+/// A registry of every kind of this crate: enough to check a pipeline,
+/// since kinds hold no resources.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    register_all(&mut r);
+    r
 }

@@ -130,6 +130,14 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_with_kinds(tweak, imflow_stages::registry()).await
+    }
+
+    /// A server whose pipeline may use the kinds of `registry`.
+    pub async fn start_with_kinds(
+        tweak: impl FnOnce(&mut Config),
+        registry: imflow_runtime::Registry,
+    ) -> TestServer {
         if let Ok(filter) = std::env::var("IMFLOW_TEST_LOG") {
             // Server logs in the test's output, e.g. IMFLOW_TEST_LOG=imflow=debug.
             let _ = tracing_subscriber::fmt()
@@ -143,7 +151,9 @@ impl TestServer {
             use_cluster(&mut cfg, dir.path());
         }
         tweak(&mut cfg);
-        let server = Server::start(cfg.clone()).await.expect("server starts");
+        let server = Server::start_with_kinds(cfg.clone(), registry)
+            .await
+            .expect("server starts");
         TestServer {
             api: format!("http://{}", server.api_addr),
             ws: format!("ws://{}/ws", server.gateway_addr),

@@ -5,29 +5,19 @@
 use std::sync::Arc;
 
 use imflow_runtime::{
-    BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    BuildContext, BuildError, Envelope, Input, Output, PortType, RoleId, StageKind, StageTask,
 };
 use serde::Deserialize;
 
 use crate::model::{notification, Delivery, Sequenced, Target};
+use crate::roles::DIRECTORY;
 use crate::store::Directory;
-use crate::Services;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Options {}
 
-pub struct Fanout {
-    directory: Arc<dyn Directory>,
-}
-
-impl Fanout {
-    pub fn new(services: &Services) -> Self {
-        Fanout {
-            directory: services.directory.clone(),
-        }
-    }
-}
+pub struct Fanout;
 
 impl StageKind for Fanout {
     fn kind(&self) -> &'static str {
@@ -45,19 +35,14 @@ impl StageKind for Fanout {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![DIRECTORY.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let directory = cx.resource(&DIRECTORY)?;
         let out = cx.output::<Delivery>()?;
         let errors = cx.error_counter();
-        let mut tasks: Vec<StageTask> = Vec::new();
-        for input in cx.inputs::<Sequenced>()? {
-            tasks.push(Box::pin(run(
-                input,
-                out.clone(),
-                self.directory.clone(),
-                errors.clone(),
-            )));
-        }
-        Ok(tasks)
+        cx.each_input(|input| run(input, out.clone(), directory.clone(), errors.clone()))
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use imflow_runtime::{
-    Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, StageKind, StageTask,
+    Ack, AckStatus, BuildContext, BuildError, Envelope, Output, PortType, RoleId, StageKind,
+    StageTask,
 };
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -20,24 +21,15 @@ use crate::model::{
 };
 use crate::store::redis::{Redis, ResendClaim};
 use crate::store::Directory;
+use crate::roles::{DIRECTORY, INGEST_DOOR, RESENDS};
 use crate::store::Role;
-use crate::{Resends, Services};
+use crate::Resends;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Options {}
 
-pub struct Ingest {
-    handle: IngestHandle,
-}
-
-impl Ingest {
-    pub fn new(services: &Services) -> Self {
-        Ingest {
-            handle: services.ingest.clone(),
-        }
-    }
-}
+pub struct Ingest;
 
 impl StageKind for Ingest {
     fn kind(&self) -> &'static str {
@@ -55,10 +47,16 @@ impl StageKind for Ingest {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![DIRECTORY.id(), RESENDS.id()]
+    }
+    fn provides(&self) -> Vec<RoleId> {
+        vec![INGEST_DOOR.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
-        let out = cx.output::<Stamped>()?;
-        self.handle.open(out);
-        let handle = self.handle.clone();
+        let handle = IngestHandle::new(cx.resource(&DIRECTORY)?, cx.resource(&RESENDS)?);
+        handle.open(cx.output::<Stamped>()?);
+        cx.provide(&INGEST_DOOR, handle.clone())?;
         let shutdown = cx.shutdown.clone();
         Ok(vec![Box::pin(async move {
             shutdown.cancelled().await;

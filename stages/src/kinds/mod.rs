@@ -1,15 +1,31 @@
-//! One file per stage kind.
-
-pub mod fanout;
-pub mod ingest;
-pub mod persist_mongo;
-pub mod persist_redis;
-pub mod push;
-pub mod seq_assign;
+//! One file per stage kind, and one line per kind in the list below: the
+//! line declares the file's module and registers its kind (see
+//! ARCHITECTURE.md, "Write a stage kind").
 
 use imflow_runtime::registry::{decode_options, OptionError};
-use imflow_runtime::{BuildContext, BuildError, PortType};
+use imflow_runtime::{BuildContext, BuildError, PortType, Registry};
 use serde::de::DeserializeOwned;
+
+/// `file::Kind, ...`: each kind's file (module) and the type registered.
+macro_rules! kinds {
+    ($($file:ident :: $kind:ident),* $(,)?) => {
+        $(pub mod $file;)*
+
+        /// Register every kind of this crate.
+        pub fn register_all(registry: &mut Registry) {
+            $(registry.register($file::$kind);)*
+        }
+    };
+}
+
+kinds! {
+    ingest::Ingest,
+    seq_assign::SeqAssign,
+    persist_mongo::PersistMongo,
+    persist_redis::PersistRedis,
+    fanout::Fanout,
+    push::Push,
+}
 
 use crate::model::{Delivery, Sequenced, Stamped};
 
@@ -27,12 +43,13 @@ pub(crate) fn options<T: DeserializeOwned>(cx: &BuildContext<'_>) -> Result<T, B
 }
 
 // The ports: each payload type with the name pipeline.yaml's errors show.
-pub(crate) fn stamped() -> Option<PortType> {
+// Public, so a kind written outside this crate connects to these.
+pub fn stamped() -> Option<PortType> {
     Some(PortType::of::<Stamped>("stamped-message"))
 }
-pub(crate) fn sequenced() -> Option<PortType> {
+pub fn sequenced() -> Option<PortType> {
     Some(PortType::of::<Sequenced>("sequenced-message"))
 }
-pub(crate) fn delivery() -> Option<PortType> {
+pub fn delivery() -> Option<PortType> {
     Some(PortType::of::<Delivery>("delivery"))
 }

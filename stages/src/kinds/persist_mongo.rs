@@ -18,13 +18,15 @@ use std::time::Duration;
 
 use imflow_runtime::CancellationToken;
 use imflow_runtime::{
-    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    BuildContext, BuildError, Envelope, Input, Output, PortType, Retrying,
+    RoleId, StageKind, StageTask,
 };
 use serde::Deserialize;
 
 use crate::model::{notification, Sequenced, Target};
+use crate::roles::{DIRECTORY, HISTORY, RESENDS, SEQUENCER};
 use crate::store::{Directory, History, Sequencer};
-use crate::{Resends, Services};
+use crate::Resends;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,9 +42,7 @@ impl Default for Options {
     }
 }
 
-pub struct PersistMongo {
-    stores: Stores,
-}
+pub struct PersistMongo;
 
 #[derive(Clone)]
 struct Stores {
@@ -52,18 +52,6 @@ struct Stores {
     resends: Resends,
 }
 
-impl PersistMongo {
-    pub fn new(services: &Services) -> Self {
-        PersistMongo {
-            stores: Stores {
-                history: services.history.clone(),
-                directory: services.directory.clone(),
-                sequencer: services.sequencer.clone(),
-                resends: services.resends.clone(),
-            },
-        }
-    }
-}
 
 impl StageKind for PersistMongo {
     fn kind(&self) -> &'static str {
@@ -81,22 +69,30 @@ impl StageKind for PersistMongo {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![HISTORY.id(), DIRECTORY.id(), SEQUENCER.id(), RESENDS.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
         let opts: Options = super::options(cx)?;
+        let stores = Stores {
+            history: cx.resource(&HISTORY)?,
+            directory: cx.resource(&DIRECTORY)?,
+            sequencer: cx.resource(&SEQUENCER)?,
+            resends: cx.resource(&RESENDS)?,
+        };
         let out = cx.output::<Sequenced>()?;
         let errors = cx.error_counter();
-        let mut tasks: Vec<StageTask> = Vec::new();
-        for input in cx.inputs::<Sequenced>()? {
-            tasks.push(Box::pin(run(
+        let shutdown = cx.shutdown.clone();
+        cx.each_input(|input| {
+            run(
                 input,
                 out.clone(),
-                self.stores.clone(),
+                stores.clone(),
                 opts.max_batch.max(1),
                 errors.clone(),
-                cx.shutdown.clone(),
-            )));
-        }
-        Ok(tasks)
+                shutdown.clone(),
+            )
+        })
     }
 }
 
@@ -111,7 +107,8 @@ async fn run(
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(max_batch);
     let reassigned = metrics::counter!("imflow_seq_reassigned_total");
     while input.recv_batch(&mut batch, max_batch).await {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut retrying =
+            Retrying::new("history commit", Duration::from_secs(5)).counting(&errors);
         // Positions in `batch` still to store.
         let mut todo: Vec<usize> = (0..batch.len()).collect();
         let mut moved = false;
@@ -136,11 +133,10 @@ async fn run(
                         moved = true;
                     }
                     todo = again;
-                    backoff.reset();
+                    retrying.reset();
                 }
                 Err(e) => {
-                    errors.increment(1);
-                    if shutdown.is_cancelled() && backoff.at_cap() {
+                    if shutdown.is_cancelled() && retrying.at_cap() {
                         // Shutting down and the store will not take them: the
                         // senders were never acked and are told to resend.
                         for env in batch.drain(..) {
@@ -152,8 +148,7 @@ async fn run(
                         }
                         return Err(format!("history commit failed: {e}").into());
                     }
-                    tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "history commit failed; retrying");
-                    backoff.wait().await;
+                    retrying.failed(e).await;
                 }
             }
         }
@@ -171,11 +166,10 @@ async fn run(
             .map(|e| e.item.msg.conversation_id.clone())
             .collect();
         if !opened.is_empty() {
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            let mut retrying = Retrying::new("recording new single chats", Duration::from_secs(5))
+                .counting(&errors);
             while let Err(e) = stores.directory.open_single_chats(&opened).await {
-                errors.increment(1);
-                tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording new single chats failed; retrying");
-                backoff.wait().await;
+                retrying.failed(e).await;
             }
         }
         // Members added by a notification read from its seq on: recorded
@@ -190,11 +184,11 @@ async fn run(
                 continue;
             };
             let users = super::fanout::named_users(&env.item);
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            let mut retrying =
+                Retrying::new("recording new members' first seq", Duration::from_secs(5))
+                    .counting(&errors);
             while let Err(e) = stores.directory.set_min_seq(g, &users, env.item.seq).await {
-                errors.increment(1);
-                tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording new members' first seq failed; retrying");
-                backoff.wait().await;
+                retrying.failed(e).await;
             }
         }
         if moved {

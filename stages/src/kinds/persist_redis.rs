@@ -9,29 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::{
-    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    BuildContext, BuildError, Envelope, Input, Output, PortType, Retrying,
+    RoleId, StageKind, StageTask,
 };
 use serde::Deserialize;
 
 use crate::model::Sequenced;
+use crate::roles::HOT;
 use crate::store::Hot;
-use crate::Services;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Options {}
 
-pub struct PersistRedis {
-    hot: Arc<dyn Hot>,
-}
-
-impl PersistRedis {
-    pub fn new(services: &Services) -> Self {
-        PersistRedis {
-            hot: services.hot.clone(),
-        }
-    }
-}
+pub struct PersistRedis;
 
 impl StageKind for PersistRedis {
     fn kind(&self) -> &'static str {
@@ -49,18 +40,14 @@ impl StageKind for PersistRedis {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![HOT.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let hot = cx.resource(&HOT)?;
         let out = cx.output::<Sequenced>()?;
-        let mut tasks: Vec<StageTask> = Vec::new();
-        for input in cx.inputs::<Sequenced>()? {
-            tasks.push(Box::pin(run(
-                input,
-                out.clone(),
-                self.hot.clone(),
-                cx.error_counter(),
-            )));
-        }
-        Ok(tasks)
+        let errors = cx.error_counter();
+        cx.each_input(|input| run(input, out.clone(), hot.clone(), errors.clone()))
     }
 }
 
@@ -73,11 +60,10 @@ async fn run(
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
         let items: Vec<&Sequenced> = batch.iter().map(|e| &e.item).collect();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut retrying =
+            Retrying::new("hot cache write", Duration::from_secs(2)).counting(&errors);
         while let Err(e) = hot.insert(&items).await {
-            errors.increment(1);
-            tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "hot cache write failed; retrying");
-            backoff.wait().await;
+            retrying.failed(e).await;
         }
         drop(items);
         for env in batch.drain(..) {

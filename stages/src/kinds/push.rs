@@ -6,27 +6,20 @@
 
 use std::sync::Arc;
 
-use imflow_runtime::{BuildContext, BuildError, Envelope, Input, PortType, StageKind, StageTask};
+use imflow_runtime::{
+    BuildContext, BuildError, Envelope, Input, PortType, RoleId, StageKind, StageTask,
+};
 use serde::Deserialize;
 
 use crate::model::Delivery;
-use crate::{Presence, PushItem, Services};
+use crate::roles::PRESENCE;
+use crate::{Presence, PushItem};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Options {}
 
-pub struct Push {
-    presence: Arc<dyn Presence>,
-}
-
-impl Push {
-    pub fn new(services: &Services) -> Self {
-        Push {
-            presence: services.presence.clone(),
-        }
-    }
-}
+pub struct Push;
 
 impl StageKind for Push {
     fn kind(&self) -> &'static str {
@@ -44,12 +37,12 @@ impl StageKind for Push {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![PRESENCE.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
-        let mut tasks: Vec<StageTask> = Vec::new();
-        for input in cx.inputs::<Delivery>()? {
-            tasks.push(Box::pin(run(input, self.presence.clone())));
-        }
-        Ok(tasks)
+        let presence = cx.resource(&PRESENCE)?;
+        cx.each_input(|input| run(input, presence.clone()))
     }
 }
 

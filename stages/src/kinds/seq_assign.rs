@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imflow_runtime::{
-    Backoff, BuildContext, BuildError, Envelope, Input, Output, PortType, StageKind, StageTask,
+    BuildContext, BuildError, Envelope, Input, Output, PortType, Retrying,
+    RoleId, StageKind, StageTask,
 };
 use serde::Deserialize;
 
 use crate::dedup::Claim;
 use crate::model::{Sequenced, Stamped};
+use crate::roles::{RESENDS, SEQUENCER};
 use crate::store::{seq_memory, SeqMemory, Sequencer};
-use crate::{Resends, Services};
+use crate::Resends;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,19 +42,7 @@ impl Default for Options {
     }
 }
 
-pub struct SeqAssign {
-    sequencer: Arc<dyn Sequencer>,
-    resends: Resends,
-}
-
-impl SeqAssign {
-    pub fn new(services: &Services) -> Self {
-        SeqAssign {
-            sequencer: services.sequencer.clone(),
-            resends: services.resends.clone(),
-        }
-    }
-}
+pub struct SeqAssign;
 
 impl StageKind for SeqAssign {
     fn kind(&self) -> &'static str {
@@ -70,24 +60,27 @@ impl StageKind for SeqAssign {
     ) -> Vec<imflow_runtime::registry::OptionError> {
         super::check::<Options>(options)
     }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![SEQUENCER.id(), RESENDS.id()]
+    }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
         let opts: Options = super::options(cx)?;
+        let sequencer = cx.resource(&SEQUENCER)?;
+        let resends = cx.resource(&RESENDS)?;
         let out = cx.output::<Sequenced>()?;
         let errors = cx.error_counter();
-        let mut tasks: Vec<StageTask> = Vec::new();
-        for input in cx.inputs::<Stamped>()? {
-            let task = Partition {
+        cx.each_input(|input| {
+            Partition {
                 input,
                 out: out.clone(),
-                sequencer: self.sequencer.clone(),
-                resends: self.resends.clone(),
+                sequencer: sequencer.clone(),
+                resends: resends.clone(),
                 last: seq_memory(opts.remember),
                 max_batch: opts.max_batch.max(1),
                 errors: errors.clone(),
-            };
-            tasks.push(Box::pin(task.run()));
-        }
-        Ok(tasks)
+            }
+            .run()
+        })
     }
 }
 
@@ -155,15 +148,12 @@ impl Partition {
             .iter()
             .map(|e| (e.item.conversation_id.clone(), e.item.server_msg_id.clone()))
             .collect();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut retrying =
+            Retrying::new("assigning seqs", Duration::from_secs(2)).counting(&self.errors);
         loop {
             match self.sequencer.assign(&mut self.last, &ids).await {
                 Ok(seqs) => return seqs,
-                Err(e) => {
-                    self.errors.increment(1);
-                    tracing::error!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "assigning seqs failed; retrying");
-                    backoff.wait().await;
-                }
+                Err(e) => retrying.failed(e).await,
             }
         }
     }
