@@ -224,6 +224,8 @@ pub struct KafkaConfig {
     /// eager `range` / `roundrobin` (for brokers without incremental
     /// rebalancing; every member stops while the group settles).
     pub assignment: String,
+    /// Where sink stages (webhooks) put what they gave up on.
+    pub dead_letter_topic: String,
 }
 
 impl Default for KafkaConfig {
@@ -238,6 +240,7 @@ impl Default for KafkaConfig {
             message_timeout_ms: d.message_timeout.as_millis() as u64,
             session_timeout_ms: d.session_timeout.as_millis() as u64,
             assignment: d.assignment,
+            dead_letter_topic: "imflow_dead_letters".into(),
         }
     }
 }
@@ -391,6 +394,9 @@ impl Config {
             }
             if k.message_timeout_ms < 1000 {
                 bail!("{file}: kafka.message_timeout_ms must be at least 1000, e.g. 30000");
+            }
+            if k.dead_letter_topic.trim().is_empty() {
+                bail!("{file}: kafka.dead_letter_topic is empty; name the topic for dead letters (e.g. imflow_dead_letters)");
             }
             if !["cooperative-sticky", "range", "roundrobin"].contains(&k.assignment.as_str()) {
                 bail!("{file}: kafka.assignment must be cooperative-sticky, range or roundrobin");

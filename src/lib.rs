@@ -19,7 +19,9 @@ use imflow_gateways::auth::Auth;
 use imflow_gateways::connections::Connections;
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
-use imflow_stages::roles::INGEST_DOOR;
+use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR};
+use imflow_stages::store::dead_letters::KafkaDeadLetters;
+use imflow_stages::store::DeadLetters;
 use imflow_stages::store::SqliteStore;
 use imflow_stages::{Backends, Services};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -67,6 +69,19 @@ pub fn kafka_settings(cfg: &Config) -> Option<imflow_runtime::KafkaSettings> {
         assignment: k.assignment.clone(),
         ..Default::default()
     })
+}
+
+/// Dead letters in the configured Kafka topic.
+pub(crate) async fn dead_letter_topic(
+    cfg: &Config,
+    k: &imflow_runtime::KafkaSettings,
+) -> anyhow::Result<Arc<dyn DeadLetters>> {
+    let topic = cfg
+        .kafka
+        .as_ref()
+        .map(|c| c.dead_letter_topic.clone())
+        .unwrap_or_default();
+    Ok(KafkaDeadLetters::open(k, &topic).await?)
 }
 
 /// Create the pipeline's missing topics; errors name `kafka.addr`.
@@ -141,6 +156,7 @@ impl Server {
         // Install the recorder first: metric handles created before it exists
         // would record nowhere.
         prometheus();
+        let mut embedded = None;
         let backends = match cfg.cluster_settings() {
             Some(settings) => Backends::cluster(&settings).await?,
             None => {
@@ -149,6 +165,7 @@ impl Server {
                     .with_context(|| {
                         format!("opening the data directory {}", cfg.data_dir.display())
                     })?;
+                embedded = Some(store.clone());
                 Backends::embedded_with(store, cfg.store.dedup_remember, cfg.store.hot_cache_bytes)
             }
         };
@@ -177,12 +194,22 @@ impl Server {
         if let Some(k) = &kafka {
             ensure_topics(k, &pipeline).await?;
         }
-        let topology = RunningTopology::start_with(
-            &pipeline,
-            &registry,
-            &services.resources(),
-            kafka.as_ref(),
-        )?;
+        let mut resources = services.resources();
+        if pipeline.needs(None, DEAD_LETTERS.id()) {
+            let dead: Arc<dyn DeadLetters> = match (&kafka, embedded) {
+                (Some(k), _) => dead_letter_topic(&cfg, k).await?,
+                (None, Some(store)) => store,
+                (None, None) => anyhow::bail!(
+                    "{}: a stage needs `{}`, kept in a Kafka topic or the embedded store; with the cluster stores, configure `kafka`",
+                    pipeline.file,
+                    DEAD_LETTERS.name
+                ),
+            };
+            tracing::info!(to = %dead.place(), "dead letters");
+            resources.insert(&DEAD_LETTERS, dead);
+        }
+        let topology =
+            RunningTopology::start_with(&pipeline, &registry, &resources, kafka.as_ref())?;
         if kafka.is_some() {
             running::wait_for_consumers(&topology).await;
         }

@@ -14,7 +14,7 @@ use imflow_gateways::connections::Connections;
 use imflow_gateways::discovery::{Discovery, Member};
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{CompiledPipeline, RunningTopology};
-use imflow_stages::roles::{INGEST_DOOR, PRESENCE};
+use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR, PRESENCE};
 use imflow_stages::{Backends, Presence, Resends, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -267,13 +267,12 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let t = RunningTopology::start_group(
-                    &pipeline,
-                    &registry,
-                    &services.resources(),
-                    &kafka,
-                    group,
-                )?;
+                let mut resources = services.resources();
+                if pipeline.needs(Some(group), DEAD_LETTERS.id()) {
+                    resources.insert(&DEAD_LETTERS, crate::dead_letter_topic(&cfg, &kafka).await?);
+                }
+                let t =
+                    RunningTopology::start_group(&pipeline, &registry, &resources, &kafka, group)?;
                 wait_for_consumers(&t).await;
                 servers.push(serve_http(
                     rpc,

@@ -752,13 +752,22 @@ pub async fn ensure_topics(
     settings: &KafkaSettings,
     pipeline: &crate::CompiledPipeline,
 ) -> Result<Vec<String>, KafkaError> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let wanted: Vec<(String, i32)> = pipeline
+    let wanted: Vec<(String, u32)> = pipeline
         .graph
         .edge_weights()
-        .filter_map(|e| e.topic.clone().map(|t| (t, e.partitions as i32)))
+        .filter_map(|e| e.topic.clone().map(|t| (t, e.partitions)))
         .collect();
+    create_topics(settings, &wanted).await
+}
+
+/// Create those of `wanted` (topic, partitions) that do not exist yet;
+/// returns the ones created.
+pub async fn create_topics(
+    settings: &KafkaSettings,
+    wanted: &[(String, u32)],
+) -> Result<Vec<String>, KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -767,7 +776,7 @@ pub async fn ensure_topics(
         .create()?;
     let topics: Vec<NewTopic<'_>> = wanted
         .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .map(|(t, p)| NewTopic::new(t, *p as i32, TopicReplication::Fixed(1)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let mut created = Vec::new();
@@ -782,6 +791,39 @@ pub async fn ensure_topics(
         }
     }
     Ok(created)
+}
+
+/// Writes records to one topic outside the pipeline's edges (e.g. dead
+/// letters), with an edge's guarantees: acks=all, idempotent, a producer
+/// replaced when fenced. `write` returns once the broker confirmed.
+pub struct TopicWriter {
+    out: KafkaOut,
+}
+
+impl TopicWriter {
+    pub fn new(settings: &KafkaSettings, topic: &str, partitions: u32) -> Result<Self, KafkaError> {
+        Ok(TopicWriter {
+            out: producer(settings, topic, partitions)?,
+        })
+    }
+
+    /// Write `item` as JSON to the partition of `key`; `Err` says why the
+    /// broker did not take it.
+    pub async fn write<T: Serialize>(&self, key: u64, item: T) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ack = Ack::new(move |status| {
+            let _ = tx.send(status);
+        });
+        self.out
+            .send(Envelope::new(key, item, ack))
+            .await
+            .map_err(|e| e.to_string())?;
+        match rx.await {
+            Ok(AckStatus::Failed(why)) => Err(why.to_string()),
+            Ok(_) => Ok(()),
+            Err(_) => Err("the write was dropped unconfirmed".into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ kinds! {
     persist_redis::PersistRedis,
     fanout::Fanout,
     push::Push,
+    webhook::Webhook,
 }
 
 use crate::model::{Delivery, Sequenced, Stamped};

@@ -12,6 +12,7 @@
 //! Stages and doors hold `Arc<dyn Role>` only, so the same pipeline runs on
 //! either set; [`Backends`] builds one set or the other.
 
+pub mod dead_letters;
 pub mod mongo;
 pub mod mysql;
 pub mod redis;
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::model::{AckInfo, Conversation, ImError, Sequenced};
 
+pub use dead_letters::{DeadLetter, DeadLetters};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

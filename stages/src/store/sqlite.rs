@@ -132,6 +132,11 @@ impl SqliteStore {
         }))
     }
 
+    /// The pool that sees every commit (one connection: writes queue).
+    pub(crate) fn write_pool(&self) -> &SqlitePool {
+        &self.write
+    }
+
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT value FROM settings WHERE key = ?")
             .bind(key)

@@ -1,0 +1,369 @@
+//! `webhook`: POSTs every stored message to an operator's URL (an "after
+//! send" callback), signed, at least once, in each conversation's order.
+//!
+//! Each input partition is one task that posts its items in order, in
+//! batches of up to `batch`; an item's ack is released (with Kafka edges:
+//! its offset may commit) only once the receiver answered 2xx, or once the
+//! item is kept as a dead letter. A failed POST is retried with backoff; a
+//! batch that failed `max_attempts` times, or that the receiver refused for
+//! good (a 4xx other than 408/429), goes to the dead letters (a table in
+//! standalone, a Kafka topic with Kafka edges) and the partition moves on.
+//! While a receiver is away its partitions wait: with a Kafka edge nothing
+//! else waits; with an in-memory edge the edge's `capacity` is how far it may
+//! fall behind before sends slow down.
+//!
+//! The signature is HMAC-SHA256 over `TIMESTAMP.BODY` with the configured
+//! secret, sent as `X-Imflow-Signature: sha256=HEX` beside
+//! `X-Imflow-Timestamp: TIMESTAMP` (ms), so a receiver can refuse a replay.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use imflow_runtime::registry::{decode_options, OptionError, StageResult};
+use imflow_runtime::{
+    Backoff, BuildContext, BuildError, Envelope, Input, PortType, Retrying, RoleId, StageKind,
+    StageTask,
+};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use crate::model::{now_ms, Sequenced};
+use crate::roles::DEAD_LETTERS;
+use crate::store::{DeadLetter, DeadLetters};
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// Where to POST (http or https).
+    url: String,
+    /// The HMAC key, written here...
+    #[serde(default)]
+    secret: Option<String>,
+    /// ...or read from this environment variable at start (one of the two).
+    #[serde(default)]
+    secret_env: Option<String>,
+    /// Most messages per POST.
+    #[serde(default = "one")]
+    batch: usize,
+    /// How long one POST may take.
+    #[serde(default = "five_seconds")]
+    timeout_ms: u64,
+    /// POSTs of one batch before it becomes a dead letter.
+    #[serde(default = "ten")]
+    max_attempts: u32,
+    /// The first retry's delay; each next one doubles, up to `retry_cap_ms`.
+    #[serde(default = "two_hundred")]
+    retry_first_ms: u64,
+    #[serde(default = "thirty_seconds")]
+    retry_cap_ms: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn five_seconds() -> u64 {
+    5_000
+}
+fn ten() -> u32 {
+    10
+}
+fn two_hundred() -> u64 {
+    200
+}
+fn thirty_seconds() -> u64 {
+    30_000
+}
+
+/// Most messages one POST may carry.
+const MAX_BATCH: usize = 1000;
+
+impl Options {
+    fn problems(&self) -> Vec<OptionError> {
+        let mut bad = Vec::new();
+        let mut say = |field: &str, message: String| {
+            bad.push(OptionError {
+                field: field.into(),
+                message,
+            })
+        };
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(u) => say("url", format!("scheme `{}`: use http or https", u.scheme())),
+            Err(e) => say("url", format!("`{}` is not a URL: {e}", self.url)),
+        }
+        match (&self.secret, &self.secret_env) {
+            (Some(_), Some(_)) => say("secret", "give `secret` or `secret_env`, not both".into()),
+            (None, None) => say(
+                "secret",
+                "missing: give `secret`, or `secret_env` naming the variable that holds it".into(),
+            ),
+            (Some(s), None) if s.len() < 16 => {
+                say("secret", "too short: use at least 16 characters".into())
+            }
+            _ => {}
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            say("batch", format!("must be 1 to {MAX_BATCH}"));
+        }
+        if self.max_attempts == 0 {
+            say("max_attempts", "must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            say("timeout_ms", "must be at least 1".into());
+        }
+        bad
+    }
+}
+
+pub struct Webhook;
+
+impl StageKind for Webhook {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+    fn input(&self) -> Option<PortType> {
+        super::sequenced()
+    }
+    fn output(&self) -> Option<PortType> {
+        None
+    }
+    fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError> {
+        match decode_options::<Options>(options) {
+            Ok(o) => o.problems(),
+            Err(e) => vec![e],
+        }
+    }
+    fn needs(&self) -> Vec<RoleId> {
+        vec![DEAD_LETTERS.id()]
+    }
+    fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        let opts: Options = super::options(cx)?;
+        let secret = match (&opts.secret, &opts.secret_env) {
+            (Some(s), _) => s.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                BuildError::stage(
+                    cx.name,
+                    format!("options.secret_env: the environment variable {var} is not set; set it to the webhook's HMAC key"),
+                )
+            })?,
+            (None, None) => return Err(BuildError::stage(cx.name, "options.secret: missing")),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(opts.timeout_ms))
+            .build()
+            .map_err(|e| BuildError::stage(cx.name, format!("HTTP client: {e}")))?;
+        let stage = cx.name.to_string();
+        let hook = Arc::new(Hook {
+            metrics: Metrics::of(&stage),
+            stage,
+            http,
+            secret: secret.into_bytes(),
+            dead: cx.resource(&DEAD_LETTERS)?,
+            errors: cx.error_counter(),
+            opts,
+        });
+        cx.each_input(|input| run(input, hook.clone()))
+    }
+}
+
+struct Hook {
+    stage: String,
+    opts: Options,
+    http: reqwest::Client,
+    secret: Vec<u8>,
+    dead: Arc<dyn DeadLetters>,
+    errors: metrics::Counter,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    sent: metrics::Counter,
+    failed: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Metrics {
+    fn of(stage: &str) -> Self {
+        let stage = stage.to_string();
+        Metrics {
+            sent: metrics::counter!("imflow_webhook_sent_total", "stage" => stage.clone()),
+            failed: metrics::counter!("imflow_webhook_failed_posts_total", "stage" => stage.clone()),
+            dead_lettered: metrics::counter!("imflow_webhook_dead_lettered_total", "stage" => stage.clone()),
+            latency: metrics::histogram!("imflow_webhook_post_seconds", "stage" => stage),
+        }
+    }
+}
+
+/// Why a POST did not count as delivered.
+struct Refused {
+    why: String,
+    /// The receiver will not take it however often it is sent.
+    for_good: bool,
+}
+
+async fn run(mut input: Input<Sequenced>, hook: Arc<Hook>) -> StageResult {
+    let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(hook.opts.batch);
+    while input.recv_batch(&mut batch, hook.opts.batch).await {
+        hook.deliver(&batch).await;
+        for env in batch.drain(..) {
+            env.ack.release();
+        }
+    }
+    Ok(())
+}
+
+impl Hook {
+    /// POST `batch` until the receiver takes it or it is a dead letter.
+    async fn deliver(&self, batch: &[Envelope<Sequenced>]) {
+        let body = self.body(batch);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.opts.retry_first_ms.max(1)),
+            Duration::from_millis(self.opts.retry_cap_ms.max(1)),
+        );
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let started = Instant::now();
+            let result = self.post(&body).await;
+            self.metrics.latency.record(started.elapsed().as_secs_f64());
+            let refused = match result {
+                Ok(()) => {
+                    self.metrics.sent.increment(batch.len() as u64);
+                    return;
+                }
+                Err(r) => r,
+            };
+            self.metrics.failed.increment(1);
+            self.errors.increment(1);
+            if refused.for_good || attempts >= self.opts.max_attempts {
+                tracing::warn!(stage = %self.stage, attempts, error = %refused.why, messages = batch.len(), to = %self.dead.place(), "webhook gave up; kept as dead letters");
+                self.bury(batch, &refused.why, attempts).await;
+                return;
+            }
+            tracing::warn!(stage = %self.stage, attempts, error = %refused.why, retry_in_ms = backoff.delay().as_millis() as u64, "webhook POST failed; retrying");
+            backoff.wait().await;
+        }
+    }
+
+    /// The JSON body: the messages exactly as clients get them.
+    fn body(&self, batch: &[Envelope<Sequenced>]) -> String {
+        let messages: Vec<&str> = batch.iter().map(|e| &*e.item.body).collect();
+        format!(
+            r#"{{"event":"message.sent","stage":{},"messages":[{}]}}"#,
+            serde_json::Value::from(self.stage.as_str()),
+            messages.join(",")
+        )
+    }
+
+    async fn post(&self, body: &str) -> Result<(), Refused> {
+        let timestamp = now_ms().to_string();
+        let response = self
+            .http
+            .post(&self.opts.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Imflow-Timestamp", &timestamp)
+            .header(
+                "X-Imflow-Signature",
+                format!("sha256={}", sign(&self.secret, &timestamp, body)),
+            )
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| Refused {
+                why: if e.is_timeout() {
+                    format!("no answer within {} ms", self.opts.timeout_ms)
+                } else {
+                    format!("cannot reach {}: {e}", self.opts.url)
+                },
+                for_good: false,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(Refused {
+            why: format!("HTTP {status}"),
+            for_good: status.is_client_error()
+                && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
+        })
+    }
+
+    /// Keep `batch` as dead letters, retrying until the store has them:
+    /// an item is never released unseen.
+    async fn bury(&self, batch: &[Envelope<Sequenced>], why: &str, attempts: u32) {
+        let at_ms = now_ms();
+        let letters: Vec<DeadLetter> = batch
+            .iter()
+            .map(|e| DeadLetter {
+                stage: self.stage.clone(),
+                conversation_id: e.item.msg.conversation_id.to_string(),
+                seq: e.item.seq,
+                server_msg_id: e.item.msg.server_msg_id.to_string(),
+                body: e.item.body.to_string(),
+                error: why.to_string(),
+                attempts,
+                at_ms,
+            })
+            .collect();
+        let mut retrying =
+            Retrying::new("keeping dead letters", Duration::from_secs(5)).counting(&self.errors);
+        while let Err(e) = self.dead.put(&letters).await {
+            retrying.failed(e).await;
+        }
+        self.metrics.dead_lettered.increment(letters.len() as u64);
+    }
+}
+
+/// HMAC-SHA256 of `TIMESTAMP.BODY`, in hex.
+pub fn sign(secret: &[u8], timestamp: &str, body: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        Webhook
+            .check_options(&v)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn options_are_checked_field_by_field() {
+        assert!(problems("{url: 'https://hooks.example.com/x', secret_env: HOOK}").is_empty());
+        let bad = problems("{url: 'ftp://x', batch: 0, max_attempts: 0}");
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert!(bad[0].starts_with("url: scheme `ftp`"), "{bad:?}");
+        assert!(bad[1].starts_with("secret: missing"), "{bad:?}");
+        assert!(bad[2].starts_with("batch: must be 1 to 1000"), "{bad:?}");
+        assert!(bad[3].starts_with("max_attempts"), "{bad:?}");
+        let short = problems("{url: 'http://x', secret: abc}");
+        assert_eq!(short, ["secret: too short: use at least 16 characters"]);
+        let typo = problems("{url: 'http://x', secret_env: A, retries: 3}");
+        assert!(typo[0].contains("unknown field `retries`"), "{typo:?}");
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // Computed independently: Python's hmac.new(key, b"TS.BODY", sha256).
+        assert_eq!(
+            sign(
+                b"a-webhook-secret-key",
+                "1764230400000",
+                r#"{"event":"message.sent"}"#
+            ),
+            "98d7e197cd19b0da293dd84ebe8af1d784b0fecd6fbcc7456661e0b552400982"
+        );
+    }
+}
