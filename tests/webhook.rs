@@ -54,7 +54,7 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
     let timestamp = header("x-imflow-timestamp");
     let expected = format!(
         "sha256={}",
-        imflow_stages::kinds::webhook::sign(SECRET.as_bytes(), &timestamp, &text)
+        imflow_stages::hooks::sign(SECRET.as_bytes(), &timestamp, &text)
     );
     let mood = *r.mood.lock().expect("mood");
     let status = if header("x-imflow-signature") != expected {

@@ -28,6 +28,10 @@ pub enum AckStatus {
     /// A stage recognised the item as a repeat of an earlier one and dropped
     /// it; the text describes the earlier item (its meaning is the stages').
     Duplicate(Arc<str>),
+    /// A stage refused it on purpose (a policy said no) and dropped it: it
+    /// is done, not to be tried again; the text is the reason, for whoever
+    /// sent it.
+    Refused(Arc<str>),
     /// A stage could not process it; the text says why.
     Failed(Arc<str>),
 }
@@ -37,7 +41,8 @@ impl AckStatus {
         match self {
             AckStatus::Delivered => 0,
             AckStatus::Duplicate(_) => 1,
-            AckStatus::Failed(_) => 2,
+            AckStatus::Refused(_) => 2,
+            AckStatus::Failed(_) => 3,
         }
     }
 }
@@ -169,6 +174,12 @@ impl Ack {
 
     pub fn fail(&self, reason: impl Into<Arc<str>>) {
         self.set(AckStatus::Failed(reason.into()));
+    }
+
+    /// The item was refused on purpose, with `reason` for its sender; the
+    /// holder still releases its share.
+    pub fn refuse(&self, reason: impl Into<Arc<str>>) {
+        self.set(AckStatus::Refused(reason.into()));
     }
 
     /// Release this holder's share: the item is durable (or delivered) as far

@@ -10,6 +10,7 @@
 
 pub mod dedup;
 pub mod error;
+pub mod hooks;
 pub mod hot;
 pub mod kinds;
 pub mod model;

@@ -105,6 +105,7 @@ fn answer(info: AckInfo, status: AckStatus) -> Result<AckInfo, ImError> {
     match status {
         AckStatus::Delivered => Ok(info),
         AckStatus::Duplicate(first) => Ok(serde_json::from_str(&first).unwrap_or(info)),
+        AckStatus::Refused(why) => Err(ImError::forbidden(why.to_string())),
         AckStatus::Failed(why) => {
             tracing::warn!(reason = %why, server_msg_id = %info.server_msg_id, "message not stored");
             Err(ImError::unavailable(
@@ -359,7 +360,11 @@ fn settle_in_redis(
         rt.spawn(async move {
             let done = match &status {
                 AckStatus::Delivered => redis.resend_durable(&sender, &client_msg_id, &info).await,
-                AckStatus::Failed(_) => redis.resend_failed(&sender, &client_msg_id, &token).await,
+                // Refused: a resend is asked about again (the policy may
+                // have changed), as after a failure.
+                AckStatus::Failed(_) | AckStatus::Refused(_) => {
+                    redis.resend_failed(&sender, &client_msg_id, &token).await
+                }
                 AckStatus::Duplicate(_) => Ok(()),
             };
             if let Err(e) = done {

@@ -20,6 +20,7 @@ macro_rules! kinds {
 
 kinds! {
     ingest::Ingest,
+    before_send::BeforeSend,
     seq_assign::SeqAssign,
     persist_mongo::PersistMongo,
     persist_redis::PersistRedis,

@@ -19,15 +19,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
 use imflow_runtime::registry::{decode_options, OptionError, StageResult};
 use imflow_runtime::{
     Backoff, BuildContext, BuildError, Envelope, Input, PortType, Retrying, RoleId, StageKind,
     StageTask,
 };
 use serde::Deserialize;
-use sha2::Sha256;
 
+use crate::hooks::{endpoint_problems, Endpoint};
 use crate::model::{now_ms, Sequenced};
 use crate::roles::DEAD_LETTERS;
 use crate::store::{DeadLetter, DeadLetters};
@@ -80,29 +79,13 @@ const MAX_BATCH: usize = 1000;
 
 impl Options {
     fn problems(&self) -> Vec<OptionError> {
-        let mut bad = Vec::new();
+        let mut bad = endpoint_problems(&self.url, &self.secret, &self.secret_env);
         let mut say = |field: &str, message: String| {
             bad.push(OptionError {
                 field: field.into(),
                 message,
             })
         };
-        match reqwest::Url::parse(&self.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => say("url", format!("scheme `{}`: use http or https", u.scheme())),
-            Err(e) => say("url", format!("`{}` is not a URL: {e}", self.url)),
-        }
-        match (&self.secret, &self.secret_env) {
-            (Some(_), Some(_)) => say("secret", "give `secret` or `secret_env`, not both".into()),
-            (None, None) => say(
-                "secret",
-                "missing: give `secret`, or `secret_env` naming the variable that holds it".into(),
-            ),
-            (Some(s), None) if s.len() < 16 => {
-                say("secret", "too short: use at least 16 characters".into())
-            }
-            _ => {}
-        }
         if !(1..=MAX_BATCH).contains(&self.batch) {
             say("batch", format!("must be 1 to {MAX_BATCH}"));
         }
@@ -139,26 +122,18 @@ impl StageKind for Webhook {
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
         let opts: Options = super::options(cx)?;
-        let secret = match (&opts.secret, &opts.secret_env) {
-            (Some(s), _) => s.clone(),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                BuildError::stage(
-                    cx.name,
-                    format!("options.secret_env: the environment variable {var} is not set; set it to the webhook's HMAC key"),
-                )
-            })?,
-            (None, None) => return Err(BuildError::stage(cx.name, "options.secret: missing")),
-        };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(opts.timeout_ms))
-            .build()
-            .map_err(|e| BuildError::stage(cx.name, format!("HTTP client: {e}")))?;
+        let endpoint = Endpoint::open(
+            cx.name,
+            &opts.url,
+            &opts.secret,
+            &opts.secret_env,
+            opts.timeout_ms,
+        )?;
         let stage = cx.name.to_string();
         let hook = Arc::new(Hook {
             metrics: Metrics::of(&stage),
             stage,
-            http,
-            secret: secret.into_bytes(),
+            endpoint,
             dead: cx.resource(&DEAD_LETTERS)?,
             errors: cx.error_counter(),
             opts,
@@ -170,8 +145,7 @@ impl StageKind for Webhook {
 struct Hook {
     stage: String,
     opts: Options,
-    http: reqwest::Client,
-    secret: Vec<u8>,
+    endpoint: Endpoint,
     dead: Arc<dyn DeadLetters>,
     errors: metrics::Counter,
     metrics: Metrics,
@@ -194,13 +168,6 @@ impl Metrics {
             latency: metrics::histogram!("imflow_webhook_post_seconds", "stage" => stage),
         }
     }
-}
-
-/// Why a POST did not count as delivered.
-struct Refused {
-    why: String,
-    /// The receiver will not take it however often it is sent.
-    for_good: bool,
 }
 
 async fn run(mut input: Input<Sequenced>, hook: Arc<Hook>) -> StageResult {
@@ -226,10 +193,10 @@ impl Hook {
         loop {
             attempts += 1;
             let started = Instant::now();
-            let result = self.post(&body).await;
+            let result = self.endpoint.post(body.clone()).await;
             self.metrics.latency.record(started.elapsed().as_secs_f64());
             let refused = match result {
-                Ok(()) => {
+                Ok(_) => {
                     self.metrics.sent.increment(batch.len() as u64);
                     return;
                 }
@@ -255,40 +222,6 @@ impl Hook {
             serde_json::Value::from(self.stage.as_str()),
             messages.join(",")
         )
-    }
-
-    async fn post(&self, body: &str) -> Result<(), Refused> {
-        let timestamp = now_ms().to_string();
-        let response = self
-            .http
-            .post(&self.opts.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("X-Imflow-Timestamp", &timestamp)
-            .header(
-                "X-Imflow-Signature",
-                format!("sha256={}", sign(&self.secret, &timestamp, body)),
-            )
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| Refused {
-                why: if e.is_timeout() {
-                    format!("no answer within {} ms", self.opts.timeout_ms)
-                } else {
-                    format!("cannot reach {}: {e}", self.opts.url)
-                },
-                for_good: false,
-            })?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        Err(Refused {
-            why: format!("HTTP {status}"),
-            for_good: status.is_client_error()
-                && status != reqwest::StatusCode::REQUEST_TIMEOUT
-                && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
-        })
     }
 
     /// Keep `batch` as dead letters, retrying until the store has them:
@@ -317,15 +250,6 @@ impl Hook {
     }
 }
 
-/// HMAC-SHA256 of `TIMESTAMP.BODY`, in hex.
-pub fn sign(secret: &[u8], timestamp: &str, body: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,18 +276,5 @@ mod tests {
         assert_eq!(short, ["secret: too short: use at least 16 characters"]);
         let typo = problems("{url: 'http://x', secret_env: A, retries: 3}");
         assert!(typo[0].contains("unknown field `retries`"), "{typo:?}");
-    }
-
-    #[test]
-    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
-        // Computed independently: Python's hmac.new(key, b"TS.BODY", sha256).
-        assert_eq!(
-            sign(
-                b"a-webhook-secret-key",
-                "1764230400000",
-                r#"{"event":"message.sent"}"#
-            ),
-            "98d7e197cd19b0da293dd84ebe8af1d784b0fecd6fbcc7456661e0b552400982"
-        );
     }
 }
