@@ -19,6 +19,9 @@
 #                  build); another commit's build, with that commit's
 #                  BENCH_CONFIG, measures it with this load generator, e.g.
 #                  before and after a change, side by side
+#   BENCH_PIPELINE another pipeline file for the server (the config's
+#                  `pipeline:` replaced), e.g. one with a webhook stage:
+#                  run `imflow-bench receive-webhooks` beside it
 #   BENCH_KEEP_DATA=1  keep the data directory and server log afterwards
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +40,11 @@ echo "== building (release)" >&2
 cargo build --release -q -p imflow -p imflow-bench
 
 data=$(mktemp -d /tmp/imflow-bench.XXXXXX)
+if [[ -n "${BENCH_PIPELINE:-}" ]]; then
+  [[ -f "$BENCH_PIPELINE" ]] || { echo "BENCH_PIPELINE: no file $BENCH_PIPELINE" >&2; exit 2; }
+  sed "s|^pipeline:.*|pipeline: $(realpath "$BENCH_PIPELINE")|" "$config" >"$data/config.yaml"
+  config=$data/config.yaml
+fi
 ulimit -n "$(ulimit -Hn)"
 server=${BENCH_SERVER:-./target/release/imflow}
 IMFLOW_ADMIN_SECRET=$secret IMFLOW_LOG=${IMFLOW_LOG:-warn} "$server" serve \

@@ -23,6 +23,10 @@ fn validate_accepts_the_shipped_pipeline() {
         out.starts_with("pipeline.yaml: ok, 6 stages, 5 edges"),
         "{out}"
     );
+    // The benchmark's variant: the shipped webhook example, uncommented.
+    let (code, out, err) = imflow(&["validate", "benches/pipelines/webhook.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("process im_webhook ×2: after_send"), "{out}");
 }
 
 #[test]

@@ -12,3 +12,4 @@ pub mod report;
 pub mod scenario;
 pub mod setup;
 pub mod track;
+pub mod webhook;

@@ -97,6 +97,17 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         repeat: usize,
     },
+    /// Not a load: a webhook receiver for a pipeline with a `webhook` stage.
+    /// Counts messages, checks signatures, measures each message's delay
+    /// from its send_time; prints a JSON summary on Ctrl-C.
+    ReceiveWebhooks {
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: std::net::SocketAddr,
+        /// The webhook's HMAC key (IMFLOW_WEBHOOK_SECRET); without it
+        /// signatures are not checked.
+        #[arg(long, env = "IMFLOW_WEBHOOK_SECRET")]
+        secret: Option<String>,
+    },
     /// Idle connections; reports the server's memory per connection.
     Connections {
         #[arg(long, default_value_t = 10_000)]
@@ -147,6 +158,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Scenario::Connections { count, hold } => {
             scenario::connections(&target, count, hold).await?
+        }
+        Scenario::ReceiveWebhooks { listen, secret } => {
+            let summary = imflow_bench::webhook::serve(listen, secret).await?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            return Ok(summary.bad_signatures == 0);
         }
     };
     print!("{}", report.summary());
