@@ -192,3 +192,39 @@ async fn a_slow_or_failing_receiver_refuses_when_fail_closed() {
     assert_eq!(got[0]["content"]["text"], "hello");
     assert_eq!(got[0]["seq"], 1, "the refused messages took no seq");
 }
+
+/// Behind a Kafka edge the sender is answered before the hook could say
+/// no: such a pipeline is refused at start, naming the fix. (Only with
+/// Kafka edges, so only in the cluster pass.)
+#[tokio::test]
+async fn a_before_send_behind_a_kafka_topic_is_refused_at_start() {
+    if !common::cluster_mode() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = common::test_config(dir.path().join("data"));
+    common::use_cluster(&mut cfg, dir.path());
+    let text = std::fs::read_to_string(&cfg.pipeline).expect("pipeline");
+    let seq_from_ingest = "  seq:\n    kind: seq-assign\n    inputs:\n      - from: ingest\n";
+    let text = text
+        .replace(
+            seq_from_ingest,
+            &format!("  screen:\n    kind: before-send\n    inputs:\n      - from: ingest\n        topic: screen-{}\n    options: {{url: 'http://127.0.0.1:9/x', secret: {SECRET}}}\n\n  seq:\n    kind: seq-assign\n    inputs:\n      - from: screen\n", common::unique()),
+        )
+        .replace(
+            "processes:\n",
+            "processes:\n  im_screen:\n    stages: [screen]\n    count: 1\n",
+        );
+    let path = dir.path().join("pipeline-behind-kafka.yaml");
+    std::fs::write(&path, text).expect("write");
+    cfg.pipeline = path;
+    let err = imflow::Server::start(cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("stage `screen`: its input is a Kafka topic"),
+        "{err}"
+    );
+}

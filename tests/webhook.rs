@@ -229,8 +229,9 @@ async fn a_message_never_taken_is_a_dead_letter_and_the_conversation_moves_on() 
     let (texts, ordered) = first_arrivals(&seen.borrow().messages, "si_alice_bob");
     assert_eq!(texts, ["first", "last"]);
     assert!(ordered);
-    // The 500 was tried 3 times; the 422 once (the receiver refused it for good).
-    assert_eq!(seen.borrow().refused, 4);
+    // The 500 was tried 3 times; the 422 once (the receiver refused it for
+    // good). More only if Kafka handed an item over again.
+    assert!(seen.borrow().refused >= 4, "{}", seen.borrow().refused);
 
     let letters = dead_letters(&mut s).await;
     let summary: Vec<(String, u32, String)> = letters
@@ -299,7 +300,6 @@ async fn dead_letters(s: &mut TestServer) -> Vec<DeadLetter> {
         let payload = m.payload().expect("payload");
         letters.push(serde_json::from_slice(payload).expect("a dead letter"));
     }
-    // Same partition (one conversation): the topic keeps their order.
-    letters.sort_by_key(|l| l.seq);
+    // One conversation, so one partition: read back in the order written.
     letters
 }

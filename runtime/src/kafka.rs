@@ -793,6 +793,26 @@ pub async fn create_topics(
     Ok(created)
 }
 
+/// How many partitions `topic` has (0 if the broker does not know it).
+pub async fn topic_partitions(settings: &KafkaSettings, topic: &str) -> Result<u32, KafkaError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    let topic = topic.to_string();
+    // librdkafka's metadata call blocks its thread.
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer = config.create()?;
+        let md = client.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().len() as u32)
+            .unwrap_or(0))
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
 /// Writes records to one topic outside the pipeline's edges (e.g. dead
 /// letters), with an edge's guarantees: acks=all, idempotent, a producer
 /// replaced when fenced. `write` returns once the broker confirmed.

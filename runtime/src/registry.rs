@@ -275,6 +275,13 @@ impl BuildContext<'_> {
             .collect())
     }
 
+    /// Whether some input of this stage is carried by Kafka in this run (an
+    /// edge with a topic, with Kafka on): its items were durable, and their
+    /// senders answered, before this stage saw them.
+    pub fn reads_kafka(&self) -> bool {
+        self.kafka.is_some() && self.in_edges.iter().any(|e| e.topic.is_some())
+    }
+
     /// Counter of items this stage handled that failed.
     pub fn error_counter(&self) -> Counter {
         metrics::counter!("imflow_stage_errors_total", "stage" => self.name.to_string())

@@ -79,7 +79,7 @@ impl<'a> Retrying<'a> {
         if let Some(c) = self.errors {
             c.increment(1);
         }
-        tracing::warn!(%error, what = self.what, retry_in_ms = self.backoff.delay().as_millis() as u64, "failed; retrying");
+        tracing::error!(%error, what = self.what, retry_in_ms = self.backoff.delay().as_millis() as u64, "failed; retrying");
         self.backoff.wait().await;
     }
 

@@ -284,7 +284,8 @@ mod tests {
     const CLOCK: Role<Arc<str>> = Role::new("clock");
     const ROOM: Role<Arc<str>> = Role::new("room");
 
-    /// A source that takes `needs` and gives the door it was lent as CLOCK.
+    /// A source that takes CLOCK (if `needs` declares it), gives DOOR, and
+    /// then tries to give ROOM, which it never declared.
     struct Source {
         needs: Vec<RoleId>,
     }

@@ -81,6 +81,12 @@ impl StageKind for BeforeSend {
             Err(e) => return vec![e],
         };
         let mut bad = endpoint_problems(&o.url, &o.secret, &o.secret_env);
+        if !(1..=30_000).contains(&o.timeout_ms) {
+            bad.push(OptionError {
+                field: "timeout_ms".into(),
+                message: "must be 1 to 30000: senders wait this long at most".into(),
+            });
+        }
         if !(1..=1024).contains(&o.concurrency) {
             bad.push(OptionError {
                 field: "concurrency".into(),
@@ -90,6 +96,14 @@ impl StageKind for BeforeSend {
         bad
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
+        if cx.reads_kafka() {
+            // Behind Kafka the sender was answered already: a deny would
+            // drop a message its sender saw acked.
+            return Err(BuildError::stage(
+                cx.name,
+                "its input is a Kafka topic, where senders are already answered; read `ingest` through an in-memory edge (no `topic`) and place it in ingest's process group",
+            ));
+        }
         let opts: Options = super::options(cx)?;
         let endpoint = Endpoint::open(
             cx.name,

@@ -8,9 +8,12 @@
 //! batch that failed `max_attempts` times, or that the receiver refused for
 //! good (a 4xx other than 408/429), goes to the dead letters (a table in
 //! standalone, a Kafka topic with Kafka edges) and the partition moves on.
-//! While a receiver is away its partitions wait: with a Kafka edge nothing
-//! else waits; with an in-memory edge the edge's `capacity` is how far it may
-//! fall behind before sends slow down.
+//! While a receiver is away its partitions wait. With a Kafka edge nothing
+//! else waits, and what was not delivered when the server stops is sent
+//! after the next start. With an in-memory edge (standalone) the guarantee
+//! is weaker: once the edge's `capacity` is full, the stage feeding it
+//! waits, and with it every ack and push of the server; and what is queued
+//! when the server stops or crashes is not sent.
 //!
 //! The signature is HMAC-SHA256 over `TIMESTAMP.BODY` with the configured
 //! secret, sent as `X-Imflow-Signature: sha256=HEX` beside
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use imflow_runtime::registry::{decode_options, OptionError, StageResult};
 use imflow_runtime::{
-    Backoff, BuildContext, BuildError, Envelope, Input, PortType, Retrying, RoleId, StageKind,
+    Backoff, BuildContext, CancellationToken, BuildError, Envelope, Input, PortType, Retrying, RoleId, StageKind,
     StageTask,
 };
 use serde::Deserialize;
@@ -136,6 +139,7 @@ impl StageKind for Webhook {
             endpoint,
             dead: cx.resource(&DEAD_LETTERS)?,
             errors: cx.error_counter(),
+            shutdown: cx.shutdown.clone(),
             opts,
         });
         cx.each_input(|input| run(input, hook.clone()))
@@ -149,6 +153,7 @@ struct Hook {
     dead: Arc<dyn DeadLetters>,
     errors: metrics::Counter,
     metrics: Metrics,
+    shutdown: CancellationToken,
 }
 
 struct Metrics {
@@ -173,8 +178,12 @@ impl Metrics {
 async fn run(mut input: Input<Sequenced>, hook: Arc<Hook>) -> StageResult {
     let mut batch: Vec<Envelope<Sequenced>> = Vec::with_capacity(hook.opts.batch);
     while input.recv_batch(&mut batch, hook.opts.batch).await {
-        hook.deliver(&batch).await;
+        let taken = hook.deliver(&batch).await;
         for env in batch.drain(..) {
+            if !taken {
+                // With Kafka edges the offset stays: the next start sends it.
+                env.ack.fail("the server stopped before the receiver took it");
+            }
             env.ack.release();
         }
     }
@@ -182,8 +191,9 @@ async fn run(mut input: Input<Sequenced>, hook: Arc<Hook>) -> StageResult {
 }
 
 impl Hook {
-    /// POST `batch` until the receiver takes it or it is a dead letter.
-    async fn deliver(&self, batch: &[Envelope<Sequenced>]) {
+    /// POST `batch` until the receiver takes it or it is a dead letter
+    /// (`true`), or the server is stopping and it failed (`false`).
+    async fn deliver(&self, batch: &[Envelope<Sequenced>]) -> bool {
         let body = self.body(batch);
         let mut backoff = Backoff::new(
             Duration::from_millis(self.opts.retry_first_ms.max(1)),
@@ -198,7 +208,7 @@ impl Hook {
             let refused = match result {
                 Ok(_) => {
                     self.metrics.sent.increment(batch.len() as u64);
-                    return;
+                    return true;
                 }
                 Err(r) => r,
             };
@@ -207,10 +217,17 @@ impl Hook {
             if refused.for_good || attempts >= self.opts.max_attempts {
                 tracing::warn!(stage = %self.stage, attempts, error = %refused.why, messages = batch.len(), to = %self.dead.place(), "webhook gave up; kept as dead letters");
                 self.bury(batch, &refused.why, attempts).await;
-                return;
+                return true;
+            }
+            if self.shutdown.is_cancelled() {
+                tracing::warn!(stage = %self.stage, error = %refused.why, messages = batch.len(), "webhook not delivered before shutdown");
+                return false;
             }
             tracing::warn!(stage = %self.stage, attempts, error = %refused.why, retry_in_ms = backoff.delay().as_millis() as u64, "webhook POST failed; retrying");
-            backoff.wait().await;
+            tokio::select! {
+                _ = backoff.wait() => {}
+                _ = self.shutdown.cancelled() => {}
+            }
         }
     }
 

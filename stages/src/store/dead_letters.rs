@@ -99,7 +99,8 @@ pub struct KafkaDeadLetters {
     writer: TopicWriter,
 }
 
-/// The topic's partitions when imflow creates it.
+/// The topic's partitions when imflow creates it (an existing topic keeps
+/// its own).
 const PARTITIONS: u32 = 8;
 
 impl KafkaDeadLetters {
@@ -114,7 +115,13 @@ impl KafkaDeadLetters {
         imflow_runtime::kafka::create_topics(settings, &[(topic.to_string(), PARTITIONS)])
             .await
             .map_err(|e| kafka(&e))?;
-        let writer = TopicWriter::new(settings, topic, PARTITIONS).map_err(|e| kafka(&e))?;
+        let partitions = imflow_runtime::kafka::topic_partitions(settings, topic)
+            .await
+            .map_err(|e| kafka(&e))?;
+        if partitions == 0 {
+            return Err(kafka(&"the broker lists no partitions for it"));
+        }
+        let writer = TopicWriter::new(settings, topic, partitions).map_err(|e| kafka(&e))?;
         Ok(Arc::new(KafkaDeadLetters {
             topic: topic.to_string(),
             writer,
