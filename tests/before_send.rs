@@ -96,14 +96,13 @@ async fn server(url: &str, on_failure: &str) -> TestServer {
         format!("{{url: '{url}', secret: {SECRET}, timeout_ms: 300, on_failure: {on_failure}}}");
     TestServer::start_with(move |cfg| {
         let text = std::fs::read_to_string(&cfg.pipeline).expect("pipeline");
-        let seq_from_ingest = "  seq:\n    kind: seq-assign\n    inputs:\n      - from: ingest\n";
-        assert!(text.contains(seq_from_ingest), "the shipped pipeline changed");
-        let text = text
-            .replace(
-                seq_from_ingest,
-                &format!("  screen:\n    kind: before-send\n    inputs: [ingest]\n    options: {options}\n\n  seq:\n    kind: seq-assign\n    inputs:\n      - from: screen\n"),
-            )
-            .replace("stages: [ingest]", "stages: [ingest, screen]");
+        let text = common::stage_after_ingest(
+            &text,
+            "screen",
+            "before-send",
+            &format!("    inputs: [ingest]\n    options: {options}\n"),
+        )
+        .replace("stages: [ingest]", "stages: [ingest, screen]");
         let path = cfg
             .data_dir
             .parent()
@@ -205,13 +204,13 @@ async fn a_before_send_behind_a_kafka_topic_is_refused_at_start() {
     let mut cfg = common::test_config(dir.path().join("data"));
     common::use_cluster(&mut cfg, dir.path());
     let text = std::fs::read_to_string(&cfg.pipeline).expect("pipeline");
-    let seq_from_ingest = "  seq:\n    kind: seq-assign\n    inputs:\n      - from: ingest\n";
-    let text = text
-        .replace(
-            seq_from_ingest,
-            &format!("  screen:\n    kind: before-send\n    inputs:\n      - from: ingest\n        topic: screen-{}\n    options: {{url: 'http://127.0.0.1:9/x', secret: {SECRET}}}\n\n  seq:\n    kind: seq-assign\n    inputs:\n      - from: screen\n", common::unique()),
-        )
-        .replace(
+    let text = common::stage_after_ingest(
+        &text,
+        "screen",
+        "before-send",
+        &format!("    inputs:\n      - from: ingest\n        topic: screen-{}\n    options: {{url: 'http://127.0.0.1:9/x', secret: {SECRET}}}\n", common::unique()),
+    )
+    .replace(
             "processes:\n",
             "processes:\n  im_screen:\n    stages: [screen]\n    count: 1\n",
         );

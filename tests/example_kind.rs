@@ -109,17 +109,13 @@ mod redact {
 /// `redact` stage between `ingest` and `seq`, placed with `ingest`.
 fn with_redact(pipeline: &std::path::Path, options: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(pipeline).expect("pipeline readable");
-    let seq_from_ingest = "  seq:\n    kind: seq-assign\n    inputs:\n      - from: ingest\n";
-    assert!(
-        text.contains(seq_from_ingest),
-        "the shipped pipeline changed"
-    );
-    let text = text
-        .replace(
-            seq_from_ingest,
-            &format!("  redact:\n    kind: redact\n    inputs: [ingest]\n    options: {options}\n\n  seq:\n    kind: seq-assign\n    inputs:\n      - from: redact\n"),
-        )
-        .replace("stages: [ingest]", "stages: [ingest, redact]");
+    let text = common::stage_after_ingest(
+        &text,
+        "redact",
+        "redact",
+        &format!("    inputs: [ingest]\n    options: {options}\n"),
+    )
+    .replace("stages: [ingest]", "stages: [ingest, redact]");
     let path = pipeline.with_file_name("pipeline-redact.yaml");
     std::fs::write(&path, text).expect("pipeline written");
     path

@@ -71,6 +71,21 @@ pub fn pipeline_with_own_topics(dir: &std::path::Path, id: &str) -> PathBuf {
     path
 }
 
+/// A pipeline's text with stage `name` between `ingest` and `seq` (`seq`
+/// then reads from it); `inputs_and_options` are the stage's lines after
+/// its `kind`, indented four spaces. Where it runs is the caller's choice.
+pub fn stage_after_ingest(text: &str, name: &str, kind: &str, inputs_and_options: &str) -> String {
+    let seq_from_ingest = "  seq:\n    kind: seq-assign\n    inputs:\n      - from: ingest\n";
+    assert!(
+        text.contains(seq_from_ingest),
+        "the shipped pipeline changed"
+    );
+    text.replace(
+        seq_from_ingest,
+        &format!("  {name}:\n    kind: {kind}\n{inputs_and_options}\n  seq:\n    kind: seq-assign\n    inputs:\n      - from: {name}\n"),
+    )
+}
+
 /// Kafka edges with this server's own topics.
 pub fn use_kafka(cfg: &mut Config, dir: &std::path::Path, id: &str) {
     cfg.pipeline = pipeline_with_own_topics(dir, id);
