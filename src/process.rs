@@ -97,6 +97,10 @@ pub struct ProcessServer {
 struct Nobody;
 impl Presence for Nobody {
     fn deliver(&self, _: &str, _: &imflow_stages::PushItem) {}
+    /// Lent only to groups where no stage needs presence: never asked.
+    fn is_online(&self, _: &str) -> bool {
+        false
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -761,25 +761,6 @@ async fn a_counter_behind_or_ahead_of_the_history_loses_nothing_and_leaves_no_ho
     assert!(common::load::acked(&second) >= 240);
 }
 
-/// The value of metric `name` (with `label` in its labels, if given),
-/// summed over its series, from a server's /metrics.
-async fn metric(s: &TestServer, name: &str, label: &str) -> f64 {
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.api))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its_partition() {
     use common::load::{Endpoint, Load};
@@ -811,12 +792,12 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
         .unwrap()
         .group_prefix
         .replace("test-", "");
-    while metric(
-        &s,
-        "imflow_kafka_uncommitted",
-        &format!("stage=\"history\",topic=\"msg_to_mongo-{own}"),
-    )
-    .await
+    while s
+        .metric(
+            "imflow_kafka_uncommitted",
+            &format!("stage=\"history\",topic=\"msg_to_mongo-{own}"),
+        )
+        .await
         < 50.0
     {
         assert!(
@@ -831,7 +812,7 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
     kafka.signal("-STOP");
     mongo.signal("-CONT");
     let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    while metric(&s, "imflow_kafka_items_retried_total", &own).await < 1.0 {
+    while s.metric("imflow_kafka_items_retried_total", &own).await < 1.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no item was ever handed over again"
@@ -850,7 +831,7 @@ async fn a_write_failed_past_the_message_timeout_is_retried_and_never_wedges_its
     // metrics of other tests' servers in this process are there too.)
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let left = metric(&s, "imflow_kafka_uncommitted", &own).await;
+        let left = s.metric("imflow_kafka_uncommitted", &own).await;
         if left == 0.0 {
             break;
         }

@@ -12,7 +12,6 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use common::{Target, TestServer, PATIENCE};
-use imflow_stages::store::DeadLetter;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -233,7 +232,7 @@ async fn a_message_never_taken_is_a_dead_letter_and_the_conversation_moves_on() 
     // good). More only if Kafka handed an item over again.
     assert!(seen.borrow().refused >= 4, "{}", seen.borrow().refused);
 
-    let letters = dead_letters(&mut s).await;
+    let letters = s.dead_letters(STAGE, 2).await;
     let summary: Vec<(String, u32, String)> = letters
         .iter()
         .map(|l| {
@@ -266,40 +265,4 @@ async fn a_message_never_taken_is_a_dead_letter_and_the_conversation_moves_on() 
     assert!(letters
         .iter()
         .all(|l| l.stage == STAGE && l.conversation_id == "si_alice_bob"));
-}
-
-/// The dead letters of the test's webhook: from the embedded store's table
-/// (the server stopped first), or read from the Kafka topic.
-async fn dead_letters(s: &mut TestServer) -> Vec<DeadLetter> {
-    let Some(kafka) = s.cfg.kafka.clone() else {
-        s.stop_server().await;
-        let store = imflow_stages::store::SqliteStore::open(&s.cfg.data_dir, Default::default())
-            .await
-            .expect("store opens");
-        return store.dead_letters(STAGE).await.expect("dead letters");
-    };
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::Message;
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.addr.join(","))
-        .set("group.id", format!("read-{}", common::unique()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer
-        .subscribe(&[&kafka.dead_letter_topic])
-        .expect("subscribe");
-    let mut letters: Vec<DeadLetter> = Vec::new();
-    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
-    while letters.len() < 2 {
-        let m = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("both dead letters on the topic in time")
-            .expect("read");
-        let payload = m.payload().expect("payload");
-        letters.push(serde_json::from_slice(payload).expect("a dead letter"));
-    }
-    // One conversation, so one partition: read back in the order written.
-    letters
 }

@@ -440,6 +440,10 @@ impl Presence for RemotePresence {
         self.deliver_all(&[Arc::from(user)], item, Ack::none())
     }
 
+    fn is_online(&self, user: &str) -> bool {
+        self.online.contains_key(user)
+    }
+
     fn deliver_all(&self, users: &[Arc<str>], item: &PushItem, done: Ack) {
         let mut per: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
         let mut offline = 0u64;

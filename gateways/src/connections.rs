@@ -452,6 +452,10 @@ impl Connections {
 }
 
 impl Presence for Connections {
+    fn is_online(&self, user: &str) -> bool {
+        self.users.get(user).is_some_and(|c| !c.is_empty())
+    }
+
     fn deliver(&self, user: &str, item: &PushItem) {
         if let Some(conns) = self.users.get(user) {
             for c in conns.iter() {

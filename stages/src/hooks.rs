@@ -1,19 +1,23 @@
-//! What the HTTP hook kinds (`webhook`, `before-send`) share: the
-//! receiver's URL checked at validation, the HMAC key (written in the
-//! pipeline or read from the environment), and signed POSTs.
+//! What the HTTP hook kinds (`webhook`, `before-send`, `offline-push`)
+//! share: the receiver's URL checked at validation, the HMAC key (written
+//! in the pipeline or read from the environment), signed POSTs, what an
+//! answer other than 2xx means, and posting again until a receiver takes
+//! it.
 //!
 //! A POST carries `X-Imflow-Timestamp: MS` and `X-Imflow-Signature:
 //! sha256=HEX`, the HMAC-SHA256 of `MS.BODY` under the key, so a receiver
 //! checks who sent it and can refuse an old one (a replay).
 
+use std::future::Future;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use imflow_runtime::registry::OptionError;
-use imflow_runtime::BuildError;
+use imflow_runtime::{Backoff, BuildError, CancellationToken, Retrying};
 use sha2::Sha256;
 
 use crate::model::now_ms;
+use crate::store::{DeadLetter, DeadLetters};
 
 /// Check a hook's `url`, `secret` and `secret_env` options.
 pub(crate) fn endpoint_problems(
@@ -28,10 +32,8 @@ pub(crate) fn endpoint_problems(
             message,
         })
     };
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-        Ok(u) => say("url", format!("scheme `{}`: use http or https", u.scheme())),
-        Err(e) => say("url", format!("`{url}` is not a URL: {e}")),
+    if let Some(why) = url_problem(url) {
+        say("url", why);
     }
     match (secret, secret_env) {
         (Some(_), Some(_)) => say("secret", "give `secret` or `secret_env`, not both".into()),
@@ -45,6 +47,29 @@ pub(crate) fn endpoint_problems(
         _ => {}
     }
     bad
+}
+
+/// What is wrong with a receiver's URL, if anything.
+pub(crate) fn url_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => None,
+        Ok(u) => Some(format!("scheme `{}`: use http or https", u.scheme())),
+        Err(e) => Some(format!("`{url}` is not a URL: {e}")),
+    }
+}
+
+/// Keep `letters` in `dead`, retrying until they are stored: what a sink
+/// gave up on is never released unseen.
+pub(crate) async fn keep_dead(
+    dead: &dyn DeadLetters,
+    letters: &[DeadLetter],
+    errors: &metrics::Counter,
+) {
+    let mut retrying =
+        Retrying::new("keeping dead letters", Duration::from_secs(5)).counting(errors);
+    while let Err(e) = dead.put(letters).await {
+        retrying.failed(e).await;
+    }
 }
 
 /// A receiver of signed POSTs.
@@ -100,33 +125,107 @@ impl Endpoint {
     pub(crate) async fn post(&self, body: String) -> Result<reqwest::Response, Refused> {
         let timestamp = now_ms().to_string();
         let signature = format!("sha256={}", sign(&self.secret, &timestamp, &body));
-        let response = self
+        let request = self
             .http
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Imflow-Timestamp", &timestamp)
             .header("X-Imflow-Signature", signature)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| Refused {
-                why: if e.is_timeout() {
-                    format!("no answer within {} ms", self.timeout.as_millis())
-                } else {
-                    format!("cannot reach {}: {e}", self.url)
-                },
-                for_good: false,
-            })?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
+            .body(body);
+        answer(request, &self.url, self.timeout).await
+    }
+}
+
+/// Send `request` (to `url`, bounded by `timeout`); the response if it is a
+/// 2xx, else why not and whether sending it again can help.
+pub(crate) async fn answer(
+    request: reqwest::RequestBuilder,
+    url: &str,
+    timeout: Duration,
+) -> Result<reqwest::Response, Refused> {
+    let response = request.send().await.map_err(|e| Refused {
+        why: if e.is_timeout() {
+            format!("no answer within {} ms", timeout.as_millis())
+        } else {
+            format!("cannot reach {url}: {e}")
+        },
+        for_good: false,
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    Err(Refused {
+        why: format!("HTTP {status}"),
+        for_good: status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
+    })
+}
+
+/// How long a sink keeps posting one thing before it gives up on it.
+#[derive(Clone)]
+pub(crate) struct Patience {
+    pub(crate) max_attempts: u32,
+    pub(crate) first: Duration,
+    pub(crate) cap: Duration,
+}
+
+/// How [`until_taken`] ended.
+pub(crate) enum Outcome {
+    Taken,
+    /// Refused `attempts` times, or once for good: a dead letter now.
+    GaveUp {
+        why: String,
+        attempts: u32,
+    },
+    /// The server is stopping and it was not taken.
+    Stopped,
+}
+
+/// Run `post` until it succeeds, with backoff between failures, giving up
+/// after `patience.max_attempts` or at a refusal for good, and at once
+/// when `shutdown` fires. Each failure is logged (naming `stage` and
+/// `what`) and counted in `failed`.
+pub(crate) async fn until_taken<F, Fut>(
+    stage: &str,
+    what: &str,
+    patience: &Patience,
+    shutdown: &CancellationToken,
+    failed: &metrics::Counter,
+    mut post: F,
+) -> Outcome
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), Refused>>,
+{
+    let mut backoff = Backoff::new(
+        patience.first.max(Duration::from_millis(1)),
+        patience.cap.max(Duration::from_millis(1)),
+    );
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let refused = match post().await {
+            Ok(()) => return Outcome::Taken,
+            Err(r) => r,
+        };
+        failed.increment(1);
+        if refused.for_good || attempts >= patience.max_attempts {
+            return Outcome::GaveUp {
+                why: refused.why,
+                attempts,
+            };
         }
-        Err(Refused {
-            why: format!("HTTP {status}"),
-            for_good: status.is_client_error()
-                && status != reqwest::StatusCode::REQUEST_TIMEOUT
-                && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
-        })
+        if shutdown.is_cancelled() {
+            tracing::warn!(stage, what, error = %refused.why, "not delivered before shutdown");
+            return Outcome::Stopped;
+        }
+        tracing::warn!(stage, what, attempts, error = %refused.why, retry_in_ms = backoff.delay().as_millis() as u64, "POST failed; retrying");
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = shutdown.cancelled() => {}
+        }
     }
 }
 

@@ -42,6 +42,11 @@ pub trait Presence: Send + Sync + 'static {
     /// Queue `item` on every connection of `user`; never waits.
     fn deliver(&self, user: &str, item: &PushItem);
 
+    /// Whether `user` has a connection on any platform, as far as this
+    /// process knows (a connection made in the last moments may not be
+    /// known yet: it then syncs what it missed).
+    fn is_online(&self, user: &str) -> bool;
+
     /// Queue `item` for every one of `users` (one message's recipients); an
     /// implementation that forwards to other processes sends it once per
     /// process instead of once per user. `done` is released once the item

@@ -252,6 +252,69 @@ impl TestServer {
         v["token"].as_str().expect("token").to_string()
     }
 
+    /// The value of metric `name` (with `label` in its labels, if given),
+    /// summed over its series, from this server's /metrics.
+    pub async fn metric(&self, name: &str, label: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.api))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The first `n` dead letters of stage `stage`: from the embedded
+    /// store's table (the server is stopped first), or read back from the
+    /// Kafka topic, in the order written.
+    pub async fn dead_letters(
+        &mut self,
+        stage: &str,
+        n: usize,
+    ) -> Vec<imflow_stages::store::DeadLetter> {
+        let Some(kafka) = self.cfg.kafka.clone() else {
+            self.stop_server().await;
+            let store =
+                imflow_stages::store::SqliteStore::open(&self.cfg.data_dir, Default::default())
+                    .await
+                    .expect("store opens");
+            return store.dead_letters(stage).await.expect("dead letters");
+        };
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::Message;
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.addr.join(","))
+            .set("group.id", format!("read-{}", unique()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer
+            .subscribe(&[&kafka.dead_letter_topic])
+            .expect("subscribe");
+        let mut letters = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+        while letters.len() < n {
+            let m = tokio::time::timeout_at(deadline, consumer.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{n} dead letters of {stage} on the topic in time"))
+                .expect("read");
+            let letter: imflow_stages::store::DeadLetter =
+                serde_json::from_slice(m.payload().expect("payload")).expect("a dead letter");
+            if letter.stage == stage {
+                letters.push(letter);
+            }
+        }
+        letters
+    }
+
     /// A user call over REST: (status, body).
     pub async fn call(
         &self,

@@ -26,6 +26,7 @@ kinds! {
     persist_redis::PersistRedis,
     fanout::Fanout,
     push::Push,
+    offline_push::OfflinePush,
     webhook::Webhook,
 }
 

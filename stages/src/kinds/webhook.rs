@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use imflow_runtime::registry::{decode_options, OptionError, StageResult};
 use imflow_runtime::{
-    Backoff, BuildContext, CancellationToken, BuildError, Envelope, Input, PortType, Retrying, RoleId, StageKind,
-    StageTask,
+    BuildContext, BuildError, CancellationToken, Envelope, Input, PortType, RoleId,
+    StageKind, StageTask,
 };
 use serde::Deserialize;
 
-use crate::hooks::{endpoint_problems, Endpoint};
+use crate::hooks::{endpoint_problems, keep_dead, until_taken, Endpoint, Outcome, Patience};
 use crate::model::{now_ms, Sequenced};
 use crate::roles::DEAD_LETTERS;
 use crate::store::{DeadLetter, DeadLetters};
@@ -140,6 +140,11 @@ impl StageKind for Webhook {
             dead: cx.resource(&DEAD_LETTERS)?,
             errors: cx.error_counter(),
             shutdown: cx.shutdown.clone(),
+            patience: Patience {
+                max_attempts: opts.max_attempts,
+                first: Duration::from_millis(opts.retry_first_ms),
+                cap: Duration::from_millis(opts.retry_cap_ms),
+            },
             opts,
         });
         cx.each_input(|input| run(input, hook.clone()))
@@ -154,6 +159,7 @@ struct Hook {
     errors: metrics::Counter,
     metrics: Metrics,
     shutdown: CancellationToken,
+    patience: Patience,
 }
 
 struct Metrics {
@@ -195,39 +201,34 @@ impl Hook {
     /// (`true`), or the server is stopping and it failed (`false`).
     async fn deliver(&self, batch: &[Envelope<Sequenced>]) -> bool {
         let body = self.body(batch);
-        let mut backoff = Backoff::new(
-            Duration::from_millis(self.opts.retry_first_ms.max(1)),
-            Duration::from_millis(self.opts.retry_cap_ms.max(1)),
-        );
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let started = Instant::now();
-            let result = self.endpoint.post(body.clone()).await;
-            self.metrics.latency.record(started.elapsed().as_secs_f64());
-            let refused = match result {
-                Ok(_) => {
-                    self.metrics.sent.increment(batch.len() as u64);
-                    return true;
+        let outcome = until_taken(
+            &self.stage,
+            "webhook",
+            &self.patience,
+            &self.shutdown,
+            &self.metrics.failed,
+            || async {
+                let started = Instant::now();
+                let result = self.endpoint.post(body.clone()).await;
+                self.metrics.latency.record(started.elapsed().as_secs_f64());
+                if result.is_err() {
+                    self.errors.increment(1);
                 }
-                Err(r) => r,
-            };
-            self.metrics.failed.increment(1);
-            self.errors.increment(1);
-            if refused.for_good || attempts >= self.opts.max_attempts {
-                tracing::warn!(stage = %self.stage, attempts, error = %refused.why, messages = batch.len(), to = %self.dead.place(), "webhook gave up; kept as dead letters");
-                self.bury(batch, &refused.why, attempts).await;
-                return true;
+                result.map(drop)
+            },
+        )
+        .await;
+        match outcome {
+            Outcome::Taken => {
+                self.metrics.sent.increment(batch.len() as u64);
+                true
             }
-            if self.shutdown.is_cancelled() {
-                tracing::warn!(stage = %self.stage, error = %refused.why, messages = batch.len(), "webhook not delivered before shutdown");
-                return false;
+            Outcome::GaveUp { why, attempts } => {
+                tracing::warn!(stage = %self.stage, attempts, error = %why, messages = batch.len(), to = %self.dead.place(), "webhook gave up; kept as dead letters");
+                self.bury(batch, &why, attempts).await;
+                true
             }
-            tracing::warn!(stage = %self.stage, attempts, error = %refused.why, retry_in_ms = backoff.delay().as_millis() as u64, "webhook POST failed; retrying");
-            tokio::select! {
-                _ = backoff.wait() => {}
-                _ = self.shutdown.cancelled() => {}
-            }
+            Outcome::Stopped => false,
         }
     }
 
@@ -258,11 +259,7 @@ impl Hook {
                 at_ms,
             })
             .collect();
-        let mut retrying =
-            Retrying::new("keeping dead letters", Duration::from_secs(5)).counting(&self.errors);
-        while let Err(e) = self.dead.put(&letters).await {
-            retrying.failed(e).await;
-        }
+        keep_dead(&*self.dead, &letters, &self.errors).await;
         self.metrics.dead_lettered.increment(letters.len() as u64);
     }
 }

@@ -199,6 +199,31 @@ pub struct Device {
     pub provider: String,
 }
 
+/// A device an offline notification may go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushDevice {
+    pub user_id: String,
+    pub device: Device,
+    /// The user muted the conversation asked about: no notification.
+    pub muted: bool,
+}
+
+/// Users per query when asking for many users' devices.
+pub(crate) const USERS_PER_QUERY: usize = 500;
+
+/// `SELECT` of the devices of `n` users (bound after the conversation id),
+/// each with its user's mute of that conversation; `platform` and `muted`
+/// come as 64-bit integers in SQLite and MySQL alike.
+pub(crate) fn push_devices_sql(n: usize) -> String {
+    format!(
+        "SELECT d.user_id, CAST(d.platform AS SIGNED), d.push_token, d.provider, \
+         CAST(COALESCE(uc.muted, 0) AS SIGNED) FROM devices d \
+         LEFT JOIN user_conversations uc ON uc.user_id = d.user_id AND uc.conversation_id = ? \
+         WHERE d.user_id IN ({}) ORDER BY d.user_id, d.platform",
+        vec!["?"; n].join(", ")
+    )
+}
+
 /// What a user keeps per conversation, for the conversation list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationRow {
@@ -272,6 +297,13 @@ pub trait Directory: Send + Sync + 'static {
     async fn is_blocked(&self, blocker: &str, sender: &str) -> Result<bool>;
     async fn set_device(&self, user: &str, device: &Device) -> Result<()>;
     async fn devices_of(&self, user: &str) -> Result<Vec<Device>>;
+    /// The devices of those of `users` who registered one, each with
+    /// whether its user muted `conversation_id` (offline notifications).
+    async fn push_devices(
+        &self,
+        conversation_id: &str,
+        users: &[Arc<str>],
+    ) -> Result<Vec<PushDevice>>;
     /// When `user` was last online (ms), 0 if never.
     async fn last_seen(&self, user: &str) -> Result<i64>;
     async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()>;

@@ -20,7 +20,8 @@ use tokio::sync::Mutex;
 
 use super::redis::Redis;
 use super::{
-    ConversationRow, Device, Directory, GroupChanges, GroupInfo, GroupState, Profile, Role,
+    push_devices_sql, ConversationRow, Device, Directory, GroupChanges, GroupInfo, GroupState,
+    Profile, PushDevice, Role, USERS_PER_QUERY,
 };
 use crate::error::{Error, Result};
 use crate::model::{now_ms, Conversation, ImError};
@@ -483,6 +484,33 @@ impl Directory for MysqlDirectory {
                 })
             })
             .collect()
+    }
+
+    async fn push_devices(
+        &self,
+        conversation_id: &str,
+        users: &[Arc<str>],
+    ) -> Result<Vec<PushDevice>> {
+        let mut found = Vec::new();
+        for chunk in users.chunks(USERS_PER_QUERY) {
+            let sql = push_devices_sql(chunk.len());
+            let mut q = sqlx::query(&sql).bind(conversation_id);
+            for u in chunk {
+                q = q.bind(&**u);
+            }
+            for r in q.fetch_all(&self.master).await? {
+                found.push(PushDevice {
+                    user_id: id(&r, 0)?,
+                    device: Device {
+                        platform: r.try_get::<i64, _>(1)? as u8,
+                        push_token: r.try_get(2)?,
+                        provider: r.try_get(3)?,
+                    },
+                    muted: r.try_get::<i64, _>(4)? != 0,
+                });
+            }
+        }
+        Ok(found)
     }
 
     async fn last_seen(&self, user: &str) -> Result<i64> {

@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use async_trait::async_trait;
 
 use super::{
-    ConversationRow, Device, Directory, Durability, GroupChanges, GroupInfo, GroupState, History,
-    Profile, Role, Taken,
+    push_devices_sql, ConversationRow, Device, Directory, Durability, GroupChanges, GroupInfo,
+    GroupState, History, Profile, PushDevice, Role, Taken, USERS_PER_QUERY,
 };
 
 /// A value bound into a group change's statement.
@@ -369,6 +369,33 @@ impl Directory for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn push_devices(
+        &self,
+        conversation_id: &str,
+        users: &[Arc<str>],
+    ) -> Result<Vec<PushDevice>> {
+        let mut found = Vec::new();
+        for chunk in users.chunks(USERS_PER_QUERY) {
+            let sql = push_devices_sql(chunk.len());
+            let mut q = sqlx::query(&sql).bind(conversation_id);
+            for u in chunk {
+                q = q.bind(&**u);
+            }
+            for r in q.fetch_all(&self.read).await? {
+                found.push(PushDevice {
+                    user_id: r.try_get(0)?,
+                    device: Device {
+                        platform: r.try_get::<i64, _>(1)? as u8,
+                        push_token: r.try_get(2)?,
+                        provider: r.try_get(3)?,
+                    },
+                    muted: r.try_get::<i64, _>(4)? != 0,
+                });
+            }
+        }
+        Ok(found)
     }
 
     async fn last_seen(&self, user: &str) -> Result<i64> {
