@@ -8,6 +8,8 @@
 #   script/infra.sh status [DIR]  which are up
 #   script/infra.sh paths         print IMFLOW_TANSU=… and IMFLOW_SECANTUSD=…
 #                                 (the installed servers, for tests)
+#   script/infra.sh s3            print the object store's endpoint, bucket
+#                                 and key, as config.yaml's `s3` wants them
 #   script/infra.sh tansu-sqlite  print the path of a tansu that keeps topics
 #                                 in SQLite (for broker-restart tests),
 #                                 building it first if missing (cargo
@@ -16,7 +18,10 @@
 #
 # DIR defaults to $IMFLOW_INFRA_DIR or .infra/ in the project. Ports follow
 # the seed: Kafka 9092 (tansu), MongoDB 37017 (SecantusDB), MySQL 13306
-# (MariaDB), Redis 16379, etcd 2379, the addresses of the seed's config.
+# (MariaDB), Redis 16379, etcd 2379, object storage 10005 (garage, an
+# S3-compatible store, where the seed had MinIO), the addresses of the
+# seed's config. garage is built from crates.io once per machine (~15 min;
+# kept in $IMFLOW_TOOLS_DIR like the SQLite tansu).
 # Every server binds 127.0.0.1 only. See INFRA.md for why these servers.
 # The broker keeps topics in memory unless IMFLOW_KAFKA_STORAGE names another
 # tansu storage engine (the pip-installed tansu lacks sqlite://; a tansu built
@@ -28,7 +33,7 @@ cmd=${1:-}
 dir=${2:-${IMFLOW_INFRA_DIR:-$PWD/.infra}}
 KAFKA_TOPICS=("ws2ms_chat:8" "msg_to_mongo:8" "ms2ps_chat:10")
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -90,6 +95,60 @@ install_missing() {
   ln -sf "$(tansu_bin)" "$venv/bin/tansu"
 }
 
+# The local object store: a single garage node, one bucket, one key. The key
+# is fixed (like MariaDB's passwordless root): loopback only, for tests and
+# trying things out; config/config.yaml names the same.
+S3_PORT=10005
+S3_BUCKET=imflow
+S3_KEY_ID=GK1a2b3c4d5e6f708192a3b4c5
+S3_SECRET=9f1c2e3d4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0
+
+garage_bin() {
+  local root=$tools/garage
+  if [[ ! -x "$root/bin/garage" ]]; then
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust first" >&2; exit 1; }
+    log "building garage (S3 object store) into $root (once per machine, ~15 min)"
+    cargo install garage --version 2.5.0 --locked --no-default-features \
+      --features bundled-libs,sqlite --root "$root" >&2
+  fi
+  echo "$root/bin/garage"
+}
+
+garage_config() {
+  mkdir -p "$dir/garage"
+  [[ -f "$dir/garage/garage.toml" ]] && return 0
+  cat >"$dir/garage/garage.toml" <<EOF
+metadata_dir = "$dir/garage/meta"
+data_dir = "$dir/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:3901"
+rpc_public_addr = "127.0.0.1:3901"
+rpc_secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+root_domain = ".s3.localhost"
+EOF
+}
+
+# One node holding everything, the bucket, and the key allowed on it; each
+# step only once (a restarted store keeps them).
+garage_setup() {
+  local g=("$1" -c "$dir/garage/garage.toml")
+  wait_for garage 30 "${g[@]}" status
+  if ! "${g[@]}" bucket info "$S3_BUCKET" >/dev/null 2>&1; then
+    local node
+    node=$("${g[@]}" node id -q 2>/dev/null | cut -d@ -f1)
+    "${g[@]}" layout assign -z local -c 10G "$node" >>"$dir/garage.log" 2>&1
+    "${g[@]}" layout apply --version 1 >>"$dir/garage.log" 2>&1
+    "${g[@]}" key import --yes -n imflow "$S3_KEY_ID" "$S3_SECRET" >>"$dir/garage.log" 2>&1
+    "${g[@]}" bucket create "$S3_BUCKET" >>"$dir/garage.log" 2>&1
+    "${g[@]}" bucket allow --read --write --owner "$S3_BUCKET" --key imflow >>"$dir/garage.log" 2>&1
+  fi
+}
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # wait_for NAME SECONDS CHECK...
@@ -127,6 +186,9 @@ up() {
   install_missing
   mkdir -p "$dir"/{mongo,etcd}
   local tansu=${IMFLOW_TANSU:-$venv/bin/tansu}
+  local garage
+  garage=$(garage_bin)
+  garage_config
 
   start kafka "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "${IMFLOW_KAFKA_STORAGE:-memory://tansu/}"
@@ -141,6 +203,7 @@ up() {
   start etcd etcd --data-dir "$dir/etcd" --listen-client-urls http://127.0.0.1:2379 \
     --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
     --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster default=http://127.0.0.1:2380
+  start garage "$garage" -c "$dir/garage/garage.toml" server
 
   wait_for kafka 30 port_open 9092
   for t in "${KAFKA_TOPICS[@]}"; do
@@ -153,13 +216,14 @@ up() {
   mariadb --socket="$dir/mysql/mysqld.sock" -e "CREATE DATABASE IF NOT EXISTS imflow" >/dev/null
   wait_for redis 30 redis-cli -p 16379 ping
   wait_for etcd 30 etcdctl --endpoints=127.0.0.1:2379 endpoint health
+  garage_setup "$garage"
   status
 }
 
 status() {
   local bad=0
   printf '%-6s %-22s %-8s %s\n' SERVER ADDRESS PID STATE
-  for s in kafka:127.0.0.1:9092 mongo:127.0.0.1:37017 mysql:127.0.0.1:13306 redis:127.0.0.1:16379 etcd:127.0.0.1:2379; do
+  for s in kafka:127.0.0.1:9092 mongo:127.0.0.1:37017 mysql:127.0.0.1:13306 redis:127.0.0.1:16379 etcd:127.0.0.1:2379 garage:127.0.0.1:$S3_PORT; do
     local name=${s%%:*} addr=${s#*:} pid=-
     [[ -f "$dir/$name.pid" ]] && pid=$(cat "$dir/$name.pid")
     if running "$name" && port_open "${addr##*:}"; then
@@ -175,7 +239,7 @@ status() {
 
 down() {
   local pids=()
-  for name in kafka mongo mysql redis etcd; do
+  for name in kafka mongo mysql redis etcd garage; do
     if running "$name"; then
       pids+=("$(cat "$dir/$name.pid")")
       kill -TERM "$(cat "$dir/$name.pid")" 2>/dev/null || true
@@ -206,6 +270,8 @@ case "$cmd" in
   tansu-sqlite) tansu_sqlite ;;
   paths) printf 'IMFLOW_TANSU=%s\nIMFLOW_SECANTUSD=%s\nIMFLOW_SCHEMATHESIS=%s\n' \
     "$venv/bin/tansu" "$venv/bin/secantusd-py" "$venv/bin/schemathesis" ;;
+  s3) printf 'endpoint: http://127.0.0.1:%s\nregion: garage\nbucket: %s\naccessKeyID: %s\nsecretAccessKey: %s\n' \
+    "$S3_PORT" "$S3_BUCKET" "$S3_KEY_ID" "$S3_SECRET" ;;
   up) up ;;
   down) down ;;
   status) status ;;

@@ -14,7 +14,7 @@ use imflow_gateways::ws::WsSettings;
 use imflow_stages::store::mongo::MongoSettings;
 use imflow_stages::store::mysql::MysqlSettings;
 use imflow_stages::store::redis::RedisSettings;
-use imflow_stages::store::Durability;
+use imflow_stages::store::{Durability, S3Settings};
 use imflow_stages::ClusterSettings;
 use serde::Deserialize;
 
@@ -49,6 +49,10 @@ pub struct Config {
     pub revoke_window_secs: u64,
     /// Most members a group may have; adding past it is 409.
     pub max_group_members: usize,
+    /// Largest file `POST /files` accepts (bytes); larger is 413.
+    pub max_file_bytes: u64,
+    /// How long an upload or download URL works.
+    pub file_url_ttl_secs: u64,
     /// When set, the pipeline's edges that name a topic are carried by Kafka
     /// (the cluster data plane); otherwise every edge is in memory.
     pub kafka: Option<KafkaConfig>,
@@ -60,6 +64,10 @@ pub struct Config {
     pub mysql: Option<MysqlConfig>,
     pub mongo: Option<MongoConfig>,
     pub redis: Option<RedisConfig>,
+    /// The cluster's object storage for files (S3 API: garage, MinIO, …);
+    /// without it a cluster refuses files, and standalone keeps them under
+    /// `data_dir/files`.
+    pub s3: Option<S3Config>,
     /// The cluster's hosts and what each runs (`imflow plan`,
     /// script/start_all.sh). A host without `processes` runs every process
     /// kind: the groups of pipeline.yaml, `gateway` and `api`.
@@ -129,6 +137,21 @@ impl Default for MysqlConfig {
             db_max_open_conns: d.max_connections,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct S3Config {
+    /// The S3 API as the processes reach it, e.g. http://127.0.0.1:10005.
+    pub endpoint: String,
+    /// The S3 API as clients reach it, when that differs (e.g. behind
+    /// nginx with TLS): the URLs handed to clients are signed for it.
+    pub public_endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    #[serde(rename = "accessKeyID")]
+    pub access_key_id: String,
+    pub secret_access_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,11 +329,14 @@ impl Default for Config {
             shutdown_deadline_secs: 10,
             revoke_window_secs: 120,
             max_group_members: 100_000,
+            max_file_bytes: 100 * 1024 * 1024,
+            file_url_ttl_secs: 900,
             kafka: None,
             etcd: None,
             mysql: None,
             mongo: None,
             redis: None,
+            s3: None,
             hosts: Vec::new(),
         }
     }
@@ -461,6 +487,27 @@ impl Config {
         if let Some(e) = &self.etcd {
             addrs(file, "etcd.etcdAddr", &e.etcd_addr, "127.0.0.1:2379")?;
         }
+        if let Some(s) = &self.s3 {
+            if !(s.endpoint.starts_with("http://") || s.endpoint.starts_with("https://")) {
+                bail!("{file}: s3.endpoint must be an http:// or https:// URL, e.g. http://127.0.0.1:10005");
+            }
+            for (field, value) in [
+                ("region", &s.region),
+                ("bucket", &s.bucket),
+                ("accessKeyID", &s.access_key_id),
+                ("secretAccessKey", &s.secret_access_key),
+            ] {
+                if value.is_empty() {
+                    bail!("{file}: s3.{field} must be set (the object store's {field}; script/infra.sh prints the local garage's)");
+                }
+            }
+        }
+        if self.max_file_bytes == 0 {
+            bail!("{file}: max_file_bytes must be at least 1, e.g. 104857600 (100 MiB)");
+        }
+        if self.file_url_ttl_secs == 0 || self.file_url_ttl_secs > 7 * 24 * 3600 {
+            bail!("{file}: file_url_ttl_secs must be 1 to 604800 (S3 signs for at most a week), e.g. 900");
+        }
         if self.max_group_members < 2 {
             bail!("{file}: max_group_members must be at least 2, e.g. 100000");
         }
@@ -480,6 +527,8 @@ impl Config {
         imflow_gateways::api::Rules {
             revoke_window_secs: self.revoke_window_secs,
             max_group_members: self.max_group_members,
+            max_file_bytes: self.max_file_bytes,
+            file_url_ttl: std::time::Duration::from_secs(self.file_url_ttl_secs),
         }
     }
 
@@ -545,6 +594,14 @@ impl Config {
                 resend_takeover: std::time::Duration::from_secs(r.resend_takeover_secs),
                 ..RedisSettings::default()
             },
+            s3: self.s3.as_ref().map(|s| S3Settings {
+                endpoint: s.endpoint.clone(),
+                public_endpoint: some(&s.public_endpoint),
+                region: s.region.clone(),
+                bucket: s.bucket.clone(),
+                access_key_id: s.access_key_id.clone(),
+                secret_access_key: s.secret_access_key.clone(),
+            }),
         })
     }
 

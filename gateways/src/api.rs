@@ -9,7 +9,8 @@ use imflow_stages::model::{
     Notice, SendRequest, StoredHead, Target, MAX_PULL_SPAN,
 };
 use imflow_stages::store::{
-    self, ConversationState, Device, GroupChanges, GroupState, Profile, Role,
+    self, files, ConversationState, Device, FileRow, GroupChanges, GroupState, LocalFiles, Profile,
+    Role,
 };
 use imflow_stages::{IngestHandle, PendingAck, Services};
 use serde::Deserialize;
@@ -33,6 +34,16 @@ pub struct Api {
     pub rules: Rules,
 }
 
+/// A declared file and where to PUT its bytes.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct NewFile {
+    pub file_id: String,
+    /// Absolute, or a path on this API's origin.
+    pub upload_url: String,
+    /// When `upload_url` stops working (ms).
+    pub expires_at: i64,
+}
+
 /// The configurable rules of PROTOCOL v2.
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -40,6 +51,10 @@ pub struct Rules {
     pub revoke_window_secs: u64,
     /// Most members a group may have.
     pub max_group_members: usize,
+    /// Largest file `POST /files` accepts.
+    pub max_file_bytes: u64,
+    /// How long an upload or download URL works.
+    pub file_url_ttl: std::time::Duration,
 }
 
 impl Default for Rules {
@@ -47,6 +62,8 @@ impl Default for Rules {
         Rules {
             revoke_window_secs: 120,
             max_group_members: 100_000,
+            max_file_bytes: 100 * 1024 * 1024,
+            file_url_ttl: std::time::Duration::from_secs(900),
         }
     }
 }
@@ -653,6 +670,119 @@ impl Api {
                 },
             )
             .await?)
+    }
+
+    // ---- files ----
+
+    /// `POST /files`: declare a file; returns where to PUT its bytes.
+    pub async fn create_file(
+        &self,
+        user: &str,
+        name: String,
+        size: u64,
+        content_type: String,
+    ) -> Result<NewFile, ImError> {
+        if name.is_empty() || name.chars().count() > 255 || name.chars().any(char::is_control) {
+            return Err(ImError::bad_request(
+                "name must be 1 to 255 characters, none of them control characters",
+            ));
+        }
+        if content_type.is_empty()
+            || content_type.len() > 255
+            || !content_type
+                .bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(ImError::bad_request(
+                "content_type must be a MIME type such as image/png (1 to 255 printable ASCII characters)",
+            ));
+        }
+        if size == 0 {
+            return Err(ImError::bad_request("size must be at least 1 byte"));
+        }
+        if size > self.rules.max_file_bytes {
+            return Err(ImError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "size {size} is over this server's max_file_bytes ({})",
+                    self.rules.max_file_bytes
+                ),
+            ));
+        }
+        let file = FileRow {
+            file_id: files::new_file_id(),
+            owner: user.to_string(),
+            name,
+            size,
+            content_type,
+            created_at: now_ms(),
+            complete: false,
+        };
+        let ttl = self.rules.file_url_ttl;
+        let upload_url = self.services.files.upload_url(&file.file_id, ttl).await?;
+        self.services.directory.create_file(&file).await?;
+        Ok(NewFile {
+            file_id: file.file_id,
+            upload_url,
+            expires_at: now_ms() + ttl.as_millis() as i64,
+        })
+    }
+
+    /// `GET /files/{file_id}`: where `user` may download it, if they can
+    /// read a conversation it was sent in.
+    pub async fn file_location(&self, user: &str, file_id: &str) -> Result<String, ImError> {
+        let file = match files::valid_file_id(file_id) {
+            true => self.services.directory.file(file_id).await?,
+            false => None,
+        };
+        // Sent means uploaded in full: ingest checked it before linking.
+        let Some(file) = file else {
+            return Err(ImError::not_found(format!("no file {file_id}")));
+        };
+        for conversation_id in self.services.directory.file_conversations(file_id).await? {
+            let Some(conv) = Conversation::parse(&conversation_id) else {
+                continue;
+            };
+            if store::is_participant(&*self.services.directory, user, &conv).await? {
+                return Ok(self
+                    .services
+                    .files
+                    .download_url(&file, self.rules.file_url_ttl)
+                    .await?);
+            }
+        }
+        Err(ImError::forbidden(format!(
+            "{user} reads no conversation in which file {file_id} was sent"
+        )))
+    }
+
+    /// A file the embedded store serves at a signed URL: `op` (`put` or
+    /// `get`) must be signed for it and not expired. A refusal is
+    /// `forbidden`, whatever the reason, so a URL reveals nothing.
+    pub async fn signed_file(
+        &self,
+        op: &str,
+        file_id: &str,
+        expires: i64,
+        sig: &str,
+    ) -> Result<(FileRow, &LocalFiles), ImError> {
+        let refused = || ImError::forbidden("the URL is wrong or expired; ask for a new one");
+        let local = self.services.files.local().ok_or_else(refused)?;
+        if !files::valid_file_id(file_id) || !local.verify(op, file_id, expires, sig).await? {
+            return Err(refused());
+        }
+        let file = self
+            .services
+            .directory
+            .file(file_id)
+            .await?
+            .ok_or_else(refused)?;
+        Ok((file, local))
+    }
+
+    /// The embedded store took the whole of `file_id`.
+    pub async fn file_uploaded(&self, file_id: &str) -> Result<(), ImError> {
+        Ok(self.services.directory.complete_file(file_id).await?)
     }
 
     // ---- admin ----

@@ -35,6 +35,7 @@ pub struct ErrorBody {
         (name = "conversations", description = "The conversation list, read state, settings"),
         (name = "groups", description = "Groups and their administration"),
         (name = "users", description = "Profiles, blocks, devices, presence"),
+        (name = "files", description = "Files: upload and download URLs (PROTOCOL v2)"),
         (name = "operations", description = "Health and metrics"),
     )
 )]

@@ -189,6 +189,9 @@ pub fn router(state: RestState) -> Router {
         .routes(routes!(revoke))
         .routes(routes!(read))
         .routes(routes!(conversation_settings))
+        .routes(routes!(create_file))
+        .routes(routes!(file_location))
+        .routes(routes!(upload_content, download_content))
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .split_for_parts();
@@ -819,6 +822,142 @@ async fn unblock(
 ) -> ApiResult<Json<Done>> {
     s.api.block(&me.user_id, &user_id, false).await?;
     Ok(DONE)
+}
+
+#[derive(Deserialize, ToSchema)]
+struct FileBody {
+    /// The file's name as readers will see it (1 to 255 characters).
+    name: String,
+    /// Its exact size in bytes, at most the server's `max_file_bytes`.
+    #[schema(minimum = 1)]
+    size: u64,
+    /// Its MIME type, e.g. `image/png`.
+    content_type: String,
+}
+
+/// Declare a file: where to PUT its bytes, and until when. A message
+/// (content type 102 to 105) then names it by `file_id`.
+#[utoipa::path(post, path = "/files", tag = "files",
+    request_body = FileBody,
+    responses((status = 200, body = crate::api::NewFile),
+              (status = 413, body = ErrorBody, description = "over max_file_bytes")),
+    security(("bearer" = [])))]
+async fn create_file(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    bytes: Bytes,
+) -> ApiResult<Json<crate::api::NewFile>> {
+    let b: FileBody = body(&bytes)?;
+    Ok(Json(
+        s.api
+            .create_file(&me.user_id, b.name, b.size, b.content_type)
+            .await?,
+    ))
+}
+
+/// Where to download a file: a redirect to a short-lived URL, for users
+/// who read a conversation in which it was sent (others: 403).
+#[utoipa::path(get, path = "/files/{file_id}", tag = "files",
+    params(("file_id" = String, Path)),
+    responses((status = 302, description = "`Location`: the download URL"),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn file_location(
+    Caller(me): Caller,
+    State(s): State<RestState>,
+    Path(file_id): Path<String>,
+) -> ApiResult<Response> {
+    let url = s.api.file_location(&me.user_id, &file_id).await?;
+    Ok((StatusCode::FOUND, [(axum::http::header::LOCATION, url)]).into_response())
+}
+
+/// A signed URL's query (the embedded store's uploads and downloads).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Signed {
+    /// When the URL stops working (ms).
+    expires: i64,
+    sig: String,
+}
+
+/// Upload a file's bytes to the URL `POST /files` gave (standalone; a
+/// cluster's URLs point at its object store). The body must have exactly
+/// the declared size.
+#[utoipa::path(put, path = "/files/{file_id}/content", tag = "files",
+    params(("file_id" = String, Path), Signed),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = Done),
+              (status = 403, body = ErrorBody, description = "wrong or expired URL"),
+              (status = 409, body = ErrorBody, description = "already uploaded"),
+              (status = 413, body = ErrorBody, description = "longer than declared")))]
+async fn upload_content(
+    State(s): State<RestState>,
+    Path(file_id): Path<String>,
+    Query(q): Query<Signed>,
+    request: axum::extract::Request,
+) -> ApiResult<Json<Done>> {
+    use imflow_stages::store::files::UploadError;
+    let (file, local) = s
+        .api
+        .signed_file("put", &file_id, q.expires, &q.sig)
+        .await?;
+    if file.complete {
+        return Err(ImError::new(
+            ErrorCode::Conflict,
+            format!("file {file_id} is already uploaded"),
+        )
+        .into());
+    }
+    let body = request.into_body().into_data_stream();
+    match local.store(&file, body).await {
+        Ok(()) => {}
+        Err(UploadError::TooLong(n)) => {
+            return Err(ImError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the body is longer than the {n} bytes declared"),
+            )
+            .into())
+        }
+        Err(UploadError::Store(e)) => return Err(e.to_client().into()),
+        Err(e) => return Err(ImError::bad_request(e.to_string()).into()),
+    }
+    s.api.file_uploaded(&file_id).await?;
+    Ok(DONE)
+}
+
+/// Download a file's bytes from the URL `GET /files/{file_id}` redirected
+/// to (standalone).
+#[utoipa::path(get, path = "/files/{file_id}/content", tag = "files",
+    params(("file_id" = String, Path), Signed),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 403, body = ErrorBody, description = "wrong or expired URL")))]
+async fn download_content(
+    State(s): State<RestState>,
+    Path(file_id): Path<String>,
+    Query(q): Query<Signed>,
+) -> ApiResult<Response> {
+    let (file, local) = s
+        .api
+        .signed_file("get", &file_id, q.expires, &q.sig)
+        .await?;
+    let opened = match file.complete {
+        true => tokio::fs::File::open(local.path(&file_id)).await.ok(),
+        false => None,
+    };
+    let Some(opened) = opened else {
+        return Err(ImError::not_found(format!("file {file_id} is not uploaded")).into());
+    };
+    let disposition = format!(
+        "attachment; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(&file.name, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, file.content_type.clone()),
+        (axum::http::header::CONTENT_LENGTH, file.size.to_string()),
+        (axum::http::header::CONTENT_DISPOSITION, disposition),
+    ];
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(opened));
+    Ok((headers, body).into_response())
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -26,7 +26,10 @@ pub use kinds::ingest::{IngestHandle, PendingAck};
 use store::mongo::{MongoHistory, MongoSettings};
 use store::mysql::{MysqlDirectory, MysqlSettings};
 use store::redis::{Redis, RedisHot, RedisSequencer, RedisSettings};
-use store::{Directory, History, Hot, LocalSequencer, Sequencer, SqliteStore};
+use store::{
+    Directory, Files, History, Hot, LocalFiles, LocalSequencer, S3Files, S3Settings, Sequencer,
+    SqliteStore,
+};
 
 /// A message on its way to one user's connections.
 #[derive(Debug, Clone)]
@@ -81,6 +84,7 @@ pub struct Backends {
     pub hot: Arc<dyn Hot>,
     pub sequencer: Arc<dyn Sequencer>,
     pub resends: Resends,
+    pub files: Arc<dyn Files>,
 }
 
 /// Where the cluster's servers are.
@@ -89,6 +93,8 @@ pub struct ClusterSettings {
     pub mysql: MysqlSettings,
     pub mongo: MongoSettings,
     pub redis: RedisSettings,
+    /// Object storage for files; without it, files are refused.
+    pub s3: Option<S3Settings>,
 }
 
 /// How many recently stored messages the resend index remembers by default.
@@ -104,6 +110,10 @@ impl Backends {
     pub fn embedded_with(store: Arc<SqliteStore>, remember: usize, hot_bytes: usize) -> Backends {
         let history: Arc<dyn History> = store.clone();
         Backends {
+            files: Arc::new(LocalFiles::new(
+                store::files::local_dir(store.dir()),
+                store.clone(),
+            )),
             directory: store,
             sequencer: Arc::new(LocalSequencer::new(history.clone())),
             history,
@@ -118,8 +128,13 @@ impl Backends {
         let redis = Redis::connect(settings.redis.clone()).await?;
         let history: Arc<dyn History> = MongoHistory::connect(&settings.mongo).await?;
         let directory = MysqlDirectory::connect(&settings.mysql, Some(redis.clone())).await?;
+        let files: Arc<dyn Files> = match &settings.s3 {
+            Some(s3) => Arc::new(S3Files::new(s3)?),
+            None => Arc::new(store::files::NoFiles),
+        };
         Ok(Backends {
             directory,
+            files,
             sequencer: Arc::new(RedisSequencer::new(redis.clone(), history.clone())),
             history,
             hot: Arc::new(RedisHot::new(redis.clone())),
@@ -142,6 +157,7 @@ pub struct Services {
     pub sequencer: Arc<dyn Sequencer>,
     pub resends: Resends,
     pub presence: Arc<dyn Presence>,
+    pub files: Arc<dyn Files>,
 }
 
 impl Services {
@@ -166,6 +182,7 @@ impl Services {
             sequencer: backends.sequencer,
             resends: backends.resends,
             presence,
+            files: backends.files,
         }
     }
 
@@ -179,6 +196,7 @@ impl Services {
             .with(&roles::SEQUENCER, self.sequencer.clone())
             .with(&roles::RESENDS, self.resends.clone())
             .with(&roles::PRESENCE, self.presence.clone())
+            .with(&roles::FILES, self.files.clone())
     }
 }
 

@@ -132,6 +132,15 @@ pub struct Message {
     pub revoked: Option<bool>,
 }
 
+/// The `file_id` a media message (102–105) refers to, if any.
+pub fn file_of(content_type: i64, content: &str) -> Option<String> {
+    if !(102..=105).contains(&content_type) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(content).ok()?;
+    v.get("file_id")?.as_str().map(str::to_string)
+}
+
 /// A stored message's JSON with its content deleted and `revoked: true`
 /// (what `pull` returns once it was revoked).
 pub fn revoked_body(body: &str) -> Option<String> {
@@ -399,11 +408,14 @@ pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImErro
                 "{\"text\": \"…\"}",
             )
         }
+        // PROTOCOL v2: a `file_id` from POST /files (checked by ingest);
+        // v1: a `url` of the client's own.
         102..=105 => {
             let v: serde_json::Value = parse(text)?;
             need(
-                v.get("url").is_some_and(|t| t.is_string()),
-                "{\"url\": \"…\", …}",
+                v.get("file_id").is_some_and(|t| t.is_string())
+                    || v.get("url").is_some_and(|t| t.is_string()),
+                "{\"file_id\": \"…\", \"name\", \"size\", …} (or v1's {\"url\": \"…\", …})",
             )
         }
         106 => {

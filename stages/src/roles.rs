@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use imflow_runtime::Role;
 
-use crate::store::{DeadLetters, Directory, History, Hot, Sequencer};
+use crate::store::{DeadLetters, Directory, Files, History, Hot, Sequencer};
 use crate::{IngestHandle, Presence, Resends};
 
 /// Users, groups, conversations (SQLite or MySQL).
@@ -22,6 +22,8 @@ pub const SEQUENCER: Role<Arc<dyn Sequencer>> = Role::new("sequencer");
 pub const RESENDS: Role<Resends> = Role::new("resends");
 /// The connections a push reaches: this host's, or the gateways'.
 pub const PRESENCE: Role<Arc<dyn Presence>> = Role::new("presence");
+/// Where the bytes of files are (a directory, or an S3 object store).
+pub const FILES: Role<Arc<dyn Files>> = Role::new("files");
 /// Where a sink puts what it gave up on (a table, or a Kafka topic).
 pub const DEAD_LETTERS: Role<Arc<dyn DeadLetters>> = Role::new("dead-letters");
 /// Provided by the source of sends: what the doors hand messages to. A

@@ -115,6 +115,17 @@ pub fn use_cluster_stores(cfg: &mut Config, id: &str) {
         key_prefix: id.to_string(),
         ..Default::default()
     });
+    // The garage of script/infra.sh (`script/infra.sh s3`); file ids are
+    // random, so servers share its bucket.
+    cfg.s3 = Some(imflow::config::S3Config {
+        endpoint: server_env("IMFLOW_TEST_S3", "http://127.0.0.1:10005"),
+        region: "garage".into(),
+        bucket: "imflow".into(),
+        access_key_id: "GK1a2b3c4d5e6f708192a3b4c5".into(),
+        secret_access_key: "9f1c2e3d4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+            .into(),
+        ..Default::default()
+    });
 }
 
 /// The whole cluster data plane: Kafka edges and the cluster's stores.

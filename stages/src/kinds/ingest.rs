@@ -15,13 +15,13 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::model::{
-    check_content, check_id, new_server_msg_id, notification, now_ms, partition_key,
+    check_content, check_id, file_of, new_server_msg_id, notification, now_ms, partition_key,
     valid_client_msg_id, AckInfo, Conversation, ErrorCode, ImError, Notice, SendRequest, Stamped,
     Target,
 };
 use crate::store::redis::{Redis, ResendClaim};
-use crate::store::Directory;
-use crate::roles::{DIRECTORY, INGEST_DOOR, RESENDS};
+use crate::store::{Directory, Files};
+use crate::roles::{DIRECTORY, FILES, INGEST_DOOR, RESENDS};
 use crate::store::Role;
 use crate::Resends;
 
@@ -48,13 +48,17 @@ impl StageKind for Ingest {
         super::check::<Options>(options)
     }
     fn needs(&self) -> Vec<RoleId> {
-        vec![DIRECTORY.id(), RESENDS.id()]
+        vec![DIRECTORY.id(), RESENDS.id(), FILES.id()]
     }
     fn provides(&self) -> Vec<RoleId> {
         vec![INGEST_DOOR.id()]
     }
     fn build(&self, cx: &mut BuildContext<'_>) -> Result<Vec<StageTask>, BuildError> {
-        let handle = IngestHandle::new(cx.resource(&DIRECTORY)?, cx.resource(&RESENDS)?);
+        let handle = IngestHandle::new(
+            cx.resource(&DIRECTORY)?,
+            cx.resource(&RESENDS)?,
+            cx.resource(&FILES)?,
+        );
         handle.open(cx.output::<Stamped>()?);
         cx.provide(&INGEST_DOOR, handle.clone())?;
         let shutdown = cx.shutdown.clone();
@@ -77,6 +81,7 @@ struct Inner {
     output: RwLock<Option<Output<Stamped>>>,
     directory: Arc<dyn Directory>,
     resends: Resends,
+    files: Arc<dyn Files>,
 }
 
 /// The answer to a send, once there is one.
@@ -116,12 +121,13 @@ fn answer(info: AckInfo, status: AckStatus) -> Result<AckInfo, ImError> {
 }
 
 impl IngestHandle {
-    pub fn new(directory: Arc<dyn Directory>, resends: Resends) -> Self {
+    pub fn new(directory: Arc<dyn Directory>, resends: Resends, files: Arc<dyn Files>) -> Self {
         IngestHandle {
             inner: Arc::new(Inner {
                 output: RwLock::new(None),
                 directory,
                 resends,
+                files,
             }),
         }
     }
@@ -216,6 +222,46 @@ impl IngestHandle {
         Ok(PendingAck::Waiting(rx))
     }
 
+    /// A message of `sender` in `conversation` carries `file_id`: it must be
+    /// the sender's and uploaded in full (asked of the object store the
+    /// first time); the conversation's readers may then download it.
+    async fn file_sent(&self, sender: &str, file_id: &str, conversation: &str) -> Result<(), ImError> {
+        let inner = &self.inner;
+        let file = inner
+            .directory
+            .file(file_id)
+            .await
+            .map_err(|e| e.to_client())?
+            .filter(|f| f.owner == sender)
+            .ok_or_else(|| {
+                ImError::bad_request(format!("file {file_id} was not uploaded by {sender}"))
+            })?;
+        if !file.complete {
+            let stored = inner
+                .files
+                .stored_size(file_id)
+                .await
+                .map_err(|e| e.to_client())?;
+            if stored != Some(file.size) {
+                return Err(ImError::bad_request(format!(
+                    "file {file_id} is not uploaded: {} of {} bytes arrived",
+                    stored.unwrap_or(0),
+                    file.size
+                )));
+            }
+            inner
+                .directory
+                .complete_file(file_id)
+                .await
+                .map_err(|e| e.to_client())?;
+        }
+        inner
+            .directory
+            .link_file(file_id, conversation)
+            .await
+            .map_err(|e| e.to_client())
+    }
+
     async fn stamp(&self, sender: &Arc<str>, req: SendRequest) -> Result<Stamped, ImError> {
         if !valid_client_msg_id(&req.client_msg_id) {
             return Err(ImError::bad_request(
@@ -295,6 +341,10 @@ impl IngestHandle {
                 ))
             }
         };
+        if let Some(file_id) = file_of(req.content_type, req.content.get()) {
+            self.file_sent(sender, &file_id, &conversation.id())
+                .await?;
+        }
         Ok(Stamped {
             conversation_id: conversation.id().into(),
             server_msg_id: new_server_msg_id().into(),

@@ -13,6 +13,7 @@
 //! either set; [`Backends`] builds one set or the other.
 
 pub mod dead_letters;
+pub mod files;
 pub mod mongo;
 pub mod mysql;
 pub mod redis;
@@ -27,6 +28,7 @@ use crate::error::Result;
 use crate::model::{AckInfo, Conversation, ImError, Sequenced};
 
 pub use dead_letters::{DeadLetter, DeadLetters};
+pub use files::{Files, LocalFiles, S3Files, S3Settings};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -199,6 +201,20 @@ pub struct Device {
     pub provider: String,
 }
 
+/// A file a user declared with `POST /files`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRow {
+    pub file_id: String,
+    pub owner: String,
+    pub name: String,
+    pub size: u64,
+    pub content_type: String,
+    pub created_at: i64,
+    /// Its bytes arrived in full (seen by imflow, or checked in the object
+    /// store when first sent).
+    pub complete: bool,
+}
+
 /// A device an offline notification may go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushDevice {
@@ -304,6 +320,12 @@ pub trait Directory: Send + Sync + 'static {
         conversation_id: &str,
         users: &[Arc<str>],
     ) -> Result<Vec<PushDevice>>;
+    async fn create_file(&self, file: &FileRow) -> Result<()>;
+    async fn file(&self, file_id: &str) -> Result<Option<FileRow>>;
+    async fn complete_file(&self, file_id: &str) -> Result<()>;
+    /// `file_id` was sent in `conversation_id`: its readers may download it.
+    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()>;
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>>;
     /// When `user` was last online (ms), 0 if never.
     async fn last_seen(&self, user: &str) -> Result<i64>;
     async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()>;

@@ -20,8 +20,8 @@ use tokio::sync::Mutex;
 
 use super::redis::Redis;
 use super::{
-    push_devices_sql, ConversationRow, Device, Directory, GroupChanges, GroupInfo, GroupState,
-    Profile, PushDevice, Role, USERS_PER_QUERY,
+    push_devices_sql, ConversationRow, Device, Directory, FileRow, GroupChanges, GroupInfo,
+    GroupState, Profile, PushDevice, Role, USERS_PER_QUERY,
 };
 use crate::error::{Error, Result};
 use crate::model::{now_ms, Conversation, ImError};
@@ -466,6 +466,71 @@ impl Directory for MysqlDirectory {
         .execute(&self.master)
         .await?;
         Ok(())
+    }
+
+    async fn create_file(&self, file: &FileRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO files (file_id, owner, name, size, content_type, created_at, complete) \
+             VALUES (?, ?, ?, ?, ?, ?, 0)",
+        )
+        .bind(&file.file_id)
+        .bind(&file.owner)
+        .bind(&file.name)
+        .bind(file.size as i64)
+        .bind(&file.content_type)
+        .bind(file.created_at)
+        .execute(&self.master)
+        .await?;
+        Ok(())
+    }
+
+    async fn file(&self, file_id: &str) -> Result<Option<FileRow>> {
+        let row = sqlx::query(
+            "SELECT file_id, owner, name, size, content_type, created_at, CAST(complete AS SIGNED) \
+             FROM files WHERE file_id = ?",
+        )
+        .bind(file_id)
+        .fetch_optional(&self.master)
+        .await?;
+        row.map(|r| {
+            Ok(FileRow {
+                file_id: id(&r, 0)?,
+                owner: id(&r, 1)?,
+                name: r.try_get(2)?,
+                size: r.try_get::<i64, _>(3)? as u64,
+                content_type: r.try_get(4)?,
+                created_at: r.try_get(5)?,
+                complete: r.try_get::<i64, _>(6)? != 0,
+            })
+        })
+        .transpose()
+    }
+
+    async fn complete_file(&self, file_id: &str) -> Result<()> {
+        sqlx::query("UPDATE files SET complete = 1 WHERE file_id = ?")
+            .bind(file_id)
+            .execute(&self.master)
+            .await?;
+        Ok(())
+    }
+
+    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT IGNORE INTO file_conversations (file_id, conversation_id) VALUES (?, ?)",
+        )
+        .bind(file_id)
+        .bind(conversation_id)
+        .execute(&self.master)
+        .await?;
+        Ok(())
+    }
+
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT conversation_id FROM file_conversations WHERE file_id = ?")
+            .bind(file_id)
+            .fetch_all(&self.master)
+            .await?;
+        rows.iter().map(|r| id(r, 0)).collect()
     }
 
     async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {

@@ -7,7 +7,7 @@
 //! one fsync, and a message is acknowledged only after its commit.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +23,14 @@ use crate::error::{Error, Result};
 use async_trait::async_trait;
 
 use super::{
-    push_devices_sql, ConversationRow, Device, Directory, Durability, GroupChanges, GroupInfo,
-    GroupState, History, Profile, PushDevice, Role, Taken, USERS_PER_QUERY,
+    push_devices_sql, ConversationRow, Device, Directory, Durability, FileRow, GroupChanges,
+    GroupInfo, GroupState, History, Profile, PushDevice, Role, Taken, USERS_PER_QUERY,
 };
+
+/// Column `i` of `row` as text.
+fn text(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<String> {
+    Ok(row.try_get(i)?)
+}
 
 /// A value bound into a group change's statement.
 enum Bind<'a> {
@@ -40,6 +45,8 @@ struct WriteJob {
 }
 
 pub struct SqliteStore {
+    /// The data directory.
+    dir: PathBuf,
     write: SqlitePool,
     read: SqlitePool,
     writer: mpsc::Sender<WriteJob>,
@@ -58,6 +65,11 @@ const ROWS_PER_STATEMENT: usize = 128;
 const MAX_COMMIT: usize = 4096;
 
 impl SqliteStore {
+    /// The data directory it lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub async fn open(dir: &Path, durability: Durability) -> Result<Arc<SqliteStore>> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Open {
             path: dir.display().to_string(),
@@ -121,6 +133,7 @@ impl SqliteStore {
         tokio::spawn(message_writer(write.clone(), rx));
         tracing::info!(path = %file.display(), users = users.len(), ?durability, "embedded store open");
         Ok(Arc::new(SqliteStore {
+            dir: dir.to_path_buf(),
             write,
             read,
             writer: tx,
@@ -351,6 +364,71 @@ impl Directory for SqliteStore {
         .execute(&self.write)
         .await?;
         Ok(())
+    }
+
+    async fn create_file(&self, file: &FileRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO files (file_id, owner, name, size, content_type, created_at, complete) \
+             VALUES (?, ?, ?, ?, ?, ?, 0)",
+        )
+        .bind(&file.file_id)
+        .bind(&file.owner)
+        .bind(&file.name)
+        .bind(file.size as i64)
+        .bind(&file.content_type)
+        .bind(file.created_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn file(&self, file_id: &str) -> Result<Option<FileRow>> {
+        let row = sqlx::query(
+            "SELECT file_id, owner, name, size, content_type, created_at, CAST(complete AS SIGNED) \
+             FROM files WHERE file_id = ?",
+        )
+        .bind(file_id)
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(|r| {
+            Ok(FileRow {
+                file_id: text(&r, 0)?,
+                owner: text(&r, 1)?,
+                name: r.try_get(2)?,
+                size: r.try_get::<i64, _>(3)? as u64,
+                content_type: r.try_get(4)?,
+                created_at: r.try_get(5)?,
+                complete: r.try_get::<i64, _>(6)? != 0,
+            })
+        })
+        .transpose()
+    }
+
+    async fn complete_file(&self, file_id: &str) -> Result<()> {
+        sqlx::query("UPDATE files SET complete = 1 WHERE file_id = ?")
+            .bind(file_id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO file_conversations (file_id, conversation_id) VALUES (?, ?)",
+        )
+        .bind(file_id)
+        .bind(conversation_id)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT conversation_id FROM file_conversations WHERE file_id = ?")
+            .bind(file_id)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(|r| text(r, 0)).collect()
     }
 
     async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {
