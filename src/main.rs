@@ -44,6 +44,12 @@ enum Command {
     /// Print the nginx config for the cluster: TLS on the seed's ports,
     /// upstreams of every host's gateway and API.
     Nginx(imflow::nginx::NginxArgs),
+    /// Every stage's rates, errors, queue and latency, per process and
+    /// summed, refreshed every second (`--once --json` for scripts).
+    Top(imflow::top::TopArgs),
+    /// Print a token for USER from the running server (with the
+    /// configured admin secret; the shipped one is refused).
+    Token(imflow::token::TokenArgs),
 }
 
 #[derive(clap::Args)]
@@ -213,6 +219,8 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Supervise(a) => imflow::supervise::run(a).await,
+            Command::Top(a) => imflow::top::run(a).await,
+            Command::Token(a) => imflow::token::run(a).await,
             Command::Nginx(a) => {
                 let cfg = Config::load(&a.config, true)?;
                 print!(

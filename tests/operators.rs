@@ -536,6 +536,35 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
         assert_eq!(got, want);
     }
 
+    // `imflow top` finds every process of both hosts in etcd and reads
+    // what went through each stage, summed.
+    let top = std::process::Command::new(env!("CARGO_BIN_EXE_imflow"))
+        .args(["top", "--once", "--json", "--interval", "0.2", "--config"])
+        .arg(&cluster.config)
+        .output()
+        .expect("run imflow top");
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let reading: serde_json::Value = serde_json::from_slice(&top.stdout).expect("top's JSON");
+    let processes = reading["processes"].as_array().expect("processes");
+    assert_eq!(processes.len(), 34, "17 processes per host");
+    assert!(processes.iter().all(|p| p["up"] == true), "{reading}");
+    let through = |stage: &str| {
+        reading["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["stage"] == stage)
+            .and_then(|s| s["in_total"].as_f64())
+            .unwrap_or(0.0)
+    };
+    // 20 + 1 single-chat messages, the group's creation and 10 to it.
+    assert!(through("seq") >= 32.0, "{reading}");
+    assert!(through("push") >= 32.0, "{reading}");
+
     // PROTOCOL v2 across the hosts: a notification and a revoke made
     // through host A's API reach the members on host B's gateway, and so
     // does a typing event (gateway to gateway, never stored).

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connections::{ConnEvent, Connections, Outbound};
 use crate::discovery::Member;
 
-const SECRET_HEADER: &str = "x-imflow-cluster-secret";
+pub const SECRET_HEADER: &str = "x-imflow-cluster-secret";
 const PRESENCE_CHANNEL: &str = "presence";
 const CONTROL_CHANNEL: &str = "control";
 /// Per gateway, deliveries waiting to be sent; beyond it they are dropped
