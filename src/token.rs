@@ -18,8 +18,8 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 5)]
     pub platform: u8,
     /// Config file: its `admin_secret` (or IMFLOW_ADMIN_SECRET) and
-    /// `listen.api`.
-    #[arg(long, short, default_value = "config/config.yaml")]
+    /// `listen.api`; the standalone server's by default, as `serve`.
+    #[arg(long, short, default_value = "config/standalone.yaml")]
     pub config: PathBuf,
     /// The API to ask, when not `listen.api` of the config (e.g. behind
     /// nginx: https://im.example.com).

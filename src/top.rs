@@ -15,9 +15,11 @@ use crate::config::Config;
 #[derive(clap::Args)]
 pub struct TopArgs {
     /// Config file: its `etcd` finds a cluster's processes; without one,
-    /// the local server at `listen.api` is read.
-    #[arg(long, short, default_value = "config/config.yaml")]
-    pub config: PathBuf,
+    /// the local server at `listen.api` is read. Default: the cluster of
+    /// config/config.yaml if its etcd lists processes, else the standalone
+    /// server of config/standalone.yaml.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     /// Read these metrics URLs instead (e.g. http://127.0.0.1:10002/metrics).
     #[arg(long)]
     pub url: Vec<String>,
@@ -121,7 +123,24 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
             })
             .collect());
     }
-    let cfg = Config::load(&args.config, false)?;
+    let (path, cfg) = match &args.config {
+        Some(path) => (path.clone(), Config::load(path, true)?),
+        None => {
+            let cluster = PathBuf::from("config/config.yaml");
+            let cfg = Config::load(&cluster, false).ok();
+            let running = match &cfg {
+                Some(cfg) => members_of(cfg).await.is_ok_and(|m| !m.is_empty()),
+                None => false,
+            };
+            match cfg {
+                Some(cfg) if running => (cluster, cfg),
+                _ => {
+                    let standalone = PathBuf::from("config/standalone.yaml");
+                    (standalone.clone(), Config::load(&standalone, false)?)
+                }
+            }
+        }
+    };
     let Some(etcd) = &cfg.etcd else {
         let mut api = cfg.listen.api;
         if api.ip().is_unspecified() {
@@ -133,14 +152,9 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
             secret: None,
         }]);
     };
-    let discovery = imflow_gateways::discovery::Discovery::connect(
-        &etcd.etcd_addr,
-        &etcd.etcd_schema,
-        etcd.user(),
-    )
-    .await
-    .with_context(|| format!("{}: etcd", args.config.display()))?;
-    let (mut members, _) = discovery.members().await?;
+    let mut members = members_of(&cfg)
+        .await
+        .with_context(|| format!("{}: etcd", path.display()))?;
     members.sort_by(|a, b| (&a.role, a.index, &a.host).cmp(&(&b.role, b.index, &b.host)));
     if members.is_empty() {
         anyhow::bail!(
@@ -156,6 +170,20 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
             secret: Some(cfg.cluster_secret.clone()),
         })
         .collect())
+}
+
+/// The processes a cluster's etcd lists.
+async fn members_of(cfg: &Config) -> anyhow::Result<Vec<imflow_gateways::discovery::Member>> {
+    let Some(etcd) = &cfg.etcd else {
+        anyhow::bail!("no etcd section");
+    };
+    let discovery = imflow_gateways::discovery::Discovery::connect(
+        &etcd.etcd_addr,
+        &etcd.etcd_schema,
+        etcd.user(),
+    )
+    .await?;
+    Ok(discovery.members().await?.0)
 }
 
 async fn scrape(http: &reqwest::Client, t: &Target) -> Result<Scrape, String> {
