@@ -7,6 +7,8 @@ pub mod nginx;
 pub mod process;
 mod running;
 pub mod supervise;
+pub mod tap;
+mod targets;
 pub mod token;
 pub mod top;
 

@@ -47,6 +47,9 @@ enum Command {
     /// Every stage's rates, errors, queue and latency, per process and
     /// summed, refreshed every second (`--once --json` for scripts).
     Top(imflow::top::TopArgs),
+    /// Follow one conversation's messages through every stage of every
+    /// process, with the time spent between them.
+    Tap(imflow::tap::TapArgs),
     /// Print a token for USER from the running server (with the
     /// configured admin secret; the shipped one is refused).
     Token(imflow::token::TokenArgs),
@@ -220,6 +223,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Supervise(a) => imflow::supervise::run(a).await,
             Command::Top(a) => imflow::top::run(a).await,
+            Command::Tap(a) => imflow::tap::run(a).await,
             Command::Token(a) => imflow::token::run(a).await,
             Command::Nginx(a) => {
                 let cfg = Config::load(&a.config, true)?;

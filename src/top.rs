@@ -7,10 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde::Serialize;
-
-use crate::config::Config;
 
 #[derive(clap::Args)]
 pub struct TopArgs {
@@ -39,7 +36,8 @@ pub struct TopArgs {
 struct Target {
     name: String,
     url: String,
-    secret: Option<String>,
+    /// The header that lets us in, if one is needed.
+    secret: Option<(&'static str, String)>,
 }
 
 /// A process's metrics at one moment.
@@ -123,73 +121,21 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
             })
             .collect());
     }
-    let (path, cfg) = match &args.config {
-        Some(path) => (path.clone(), Config::load(path, true)?),
-        None => {
-            let cluster = PathBuf::from("config/config.yaml");
-            let cfg = Config::load(&cluster, false).ok();
-            let running = match &cfg {
-                Some(cfg) => members_of(cfg).await.is_ok_and(|m| !m.is_empty()),
-                None => false,
-            };
-            match cfg {
-                Some(cfg) if running => (cluster, cfg),
-                _ => {
-                    let standalone = PathBuf::from("config/standalone.yaml");
-                    (standalone.clone(), Config::load(&standalone, false)?)
-                }
-            }
-        }
-    };
-    let Some(etcd) = &cfg.etcd else {
-        let mut api = cfg.listen.api;
-        if api.ip().is_unspecified() {
-            api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        return Ok(vec![Target {
-            name: "imflow".into(),
-            url: format!("http://{api}/metrics"),
-            secret: None,
-        }]);
-    };
-    let mut members = members_of(&cfg)
-        .await
-        .with_context(|| format!("{}: etcd", path.display()))?;
-    members.sort_by(|a, b| (&a.role, a.index, &a.host).cmp(&(&b.role, b.index, &b.host)));
-    if members.is_empty() {
-        anyhow::bail!(
-            "etcd ({}) lists no imflow process: is the cluster started (script/start_all.sh)?",
-            etcd.etcd_addr.join(",")
-        );
-    }
-    Ok(members
+    Ok(crate::targets::processes(args.config.as_deref())
+        .await?
         .into_iter()
-        .map(|m| Target {
-            name: format!("{}#{}@{}", m.role, m.index, m.host),
-            url: format!("http://{}/metrics", m.addr),
-            secret: Some(cfg.cluster_secret.clone()),
+        .map(|p| Target {
+            url: format!("{}/metrics", p.base),
+            name: p.name,
+            secret: p.secret,
         })
         .collect())
 }
 
-/// The processes a cluster's etcd lists.
-async fn members_of(cfg: &Config) -> anyhow::Result<Vec<imflow_gateways::discovery::Member>> {
-    let Some(etcd) = &cfg.etcd else {
-        anyhow::bail!("no etcd section");
-    };
-    let discovery = imflow_gateways::discovery::Discovery::connect(
-        &etcd.etcd_addr,
-        &etcd.etcd_schema,
-        etcd.user(),
-    )
-    .await?;
-    Ok(discovery.members().await?.0)
-}
-
 async fn scrape(http: &reqwest::Client, t: &Target) -> Result<Scrape, String> {
     let mut request = http.get(&t.url);
-    if let Some(secret) = &t.secret {
-        request = request.header(imflow_gateways::cluster::SECRET_HEADER, secret);
+    if let Some((header, value)) = &t.secret {
+        request = request.header(*header, value);
     }
     let response = request.send().await.map_err(|e| e.to_string())?;
     if !response.status().is_success() {

@@ -131,3 +131,84 @@ async fn token_gives_a_working_token_only_with_an_admin_secret_of_ones_own() {
     assert_eq!(code, 1);
     assert!(err.contains("shipped default"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_follows_one_conversation_through_every_stage() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let s = TestServer::start().await;
+    s.register(&["alice", "bob", "carol"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.yaml");
+    let api = s.api.trim_start_matches("http://");
+    std::fs::write(
+        &config,
+        format!("admin_secret: {ADMIN}\nlisten:\n  api: {api}\n"),
+    )
+    .expect("config");
+    let mut tap = tokio::process::Command::new(env!("CARGO_BIN_EXE_imflow"))
+        .args([
+            "tap",
+            "--json",
+            "--conversation",
+            "si_alice_bob",
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("imflow tap");
+    let mut err = BufReader::new(tap.stderr.take().expect("stderr")).lines();
+    let said = tokio::time::timeout(common::PATIENCE, err.next_line())
+        .await
+        .expect("tap says it is tapping")
+        .expect("stderr")
+        .unwrap_or_default();
+    assert!(
+        said.starts_with("tapping si_alice_bob in 1 process"),
+        "{said}"
+    );
+
+    let mut alice = s.connect("alice", 1).await;
+    // Another conversation first: it must not show.
+    let other = alice
+        .send_text(Target::User("carol"), "o1", "not tapped")
+        .await;
+    alice.stored(&other).await;
+    let ack = alice.send_text(Target::User("bob"), "t1", "tapped").await;
+    alice.stored(&ack).await;
+
+    let mut out = BufReader::new(tap.stdout.take().expect("stdout")).lines();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while !seen.contains(&("push".into(), "in".into())) {
+        let line = tokio::time::timeout(common::PATIENCE, out.next_line())
+            .await
+            .expect("sightings in time")
+            .expect("stdout")
+            .expect("tap still running");
+        let ev: Value = serde_json::from_str(&line).expect("a JSON line");
+        let text = ev["item"].to_string();
+        assert!(!text.contains("not tapped"), "{line}");
+        seen.push((
+            ev["stage"].as_str().unwrap_or_default().into(),
+            ev["event"].as_str().unwrap_or_default().into(),
+        ));
+    }
+    let expected: Vec<(String, String)> = [
+        ("ingest", "out"),
+        ("seq", "in"),
+        ("seq", "out"),
+        ("history", "in"),
+        ("history", "out"),
+        ("hot", "in"),
+        ("hot", "out"),
+        ("fanout", "in"),
+        ("fanout", "out"),
+        ("push", "in"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(seen, expected, "every hop, in the pipeline's order");
+}

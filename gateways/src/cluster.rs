@@ -878,6 +878,7 @@ pub fn rpc_router(state: RpcState) -> Router {
         .route("/rpc/push", post(rpc_push))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route("/tap", get(rpc_tap))
         .with_state(state)
 }
 
@@ -887,6 +888,17 @@ async fn healthz(State(s): State<RpcState>) -> Response {
     } else {
         "ok".into_response()
     }
+}
+
+async fn rpc_tap(
+    State(s): State<RpcState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<crate::tap::TapQuery>,
+) -> Response {
+    if let Err(r) = s.check(&headers) {
+        return r;
+    }
+    crate::tap::follow(q.conversation)
 }
 
 async fn metrics_text(State(s): State<RpcState>) -> String {

@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod http;
 pub mod openapi;
 pub mod rest;
+pub mod tap;
 pub mod ws;
 
 pub use error::Error;

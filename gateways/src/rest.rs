@@ -194,6 +194,7 @@ pub fn router(state: RestState) -> Router {
         .routes(routes!(upload_content, download_content))
         .routes(routes!(healthz))
         .routes(routes!(metrics))
+        .routes(routes!(tap))
         .split_for_parts();
     let doc = crate::openapi::finish(doc);
     router
@@ -1099,6 +1100,17 @@ async fn healthz(State(s): State<RestState>) -> Response {
         };
         Json(h).into_response()
     }
+}
+
+/// Follow one conversation's messages through this process's stages:
+/// one JSON line per sighting (`{"stage", "event": "in"|"out", "at_us",
+/// "item"}`) for as long as the caller reads (`imflow tap`).
+#[utoipa::path(get, path = "/tap", tag = "operations",
+    params(crate::tap::TapQuery),
+    responses((status = 200, content_type = "application/x-ndjson", body = String)),
+    security(("admin_secret" = [])))]
+async fn tap(_: Admin, Query(q): Query<crate::tap::TapQuery>) -> Response {
+    crate::tap::follow(q.conversation)
 }
 
 /// This process's metrics, in Prometheus text format.

@@ -67,6 +67,8 @@ impl<T> Clone for Output<T> {
 }
 
 struct OutputInner<T> {
+    /// The stage that sends (for taps).
+    stage: Arc<str>,
     edges: Vec<EdgeSenders<T>>,
     sent: Counter,
     /// Fault injection (`crate::fault`): never send.
@@ -76,12 +78,18 @@ struct OutputInner<T> {
 impl<T: Payload> Output<T> {
     #[cfg(test)]
     pub(crate) fn new(edges: Vec<EdgeSenders<T>>, sent: Counter) -> Self {
-        Self::with_fault(edges, sent, false)
+        Self::with_fault("test".into(), edges, sent, false)
     }
 
-    pub(crate) fn with_fault(edges: Vec<EdgeSenders<T>>, sent: Counter, stalled: bool) -> Self {
+    pub(crate) fn with_fault(
+        stage: Arc<str>,
+        edges: Vec<EdgeSenders<T>>,
+        sent: Counter,
+        stalled: bool,
+    ) -> Self {
         Output {
             inner: Arc::new(OutputInner {
+                stage,
                 edges,
                 sent,
                 stalled,
@@ -96,6 +104,9 @@ impl<T: Payload> Output<T> {
         if self.inner.stalled {
             let _held = env;
             return std::future::pending().await;
+        }
+        if crate::tap::active() {
+            crate::tap::observe(&self.inner.stage, "out", env.key, &env.item);
         }
         let edges = &self.inner.edges;
         let Some((last, rest)) = edges.split_last() else {
@@ -139,14 +150,22 @@ pub struct Input<T> {
     rx: mpsc::Receiver<Envelope<T>>,
     received: Counter,
     partition: u32,
+    /// The stage that reads it (for taps).
+    stage: Arc<str>,
 }
 
-impl<T> Input<T> {
-    pub(crate) fn new(rx: mpsc::Receiver<Envelope<T>>, received: Counter, partition: u32) -> Self {
+impl<T: Serialize> Input<T> {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Envelope<T>>,
+        received: Counter,
+        partition: u32,
+        stage: Arc<str>,
+    ) -> Self {
         Input {
             rx,
             received,
             partition,
+            stage,
         }
     }
 
@@ -160,13 +179,21 @@ impl<T> Input<T> {
     pub async fn recv_batch(&mut self, buf: &mut Vec<Envelope<T>>, max: usize) -> bool {
         let n = self.rx.recv_many(buf, max.max(1)).await;
         self.received.increment(n as u64);
+        if crate::tap::active() {
+            for env in &buf[buf.len() - n..] {
+                crate::tap::observe(&self.stage, "in", env.key, &env.item);
+            }
+        }
         n > 0
     }
 
     pub async fn recv(&mut self) -> Option<Envelope<T>> {
         let env = self.rx.recv().await;
-        if env.is_some() {
+        if let Some(env) = &env {
             self.received.increment(1);
+            if crate::tap::active() {
+                crate::tap::observe(&self.stage, "in", env.key, &env.item);
+            }
         }
         env
     }
@@ -179,11 +206,12 @@ pub(crate) struct QueueProbe {
     pub(crate) depth: Box<dyn Fn() -> Option<usize> + Send + Sync>,
 }
 
-pub(crate) fn memory_partition<T: Send + 'static>(
+pub(crate) fn memory_partition<T: Send + Serialize + 'static>(
     capacity: usize,
     edge: &str,
     partition: u32,
     received: Counter,
+    consumer: Arc<str>,
 ) -> (mpsc::Sender<Envelope<T>>, Input<T>, QueueProbe) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let weak = tx.downgrade();
@@ -192,7 +220,7 @@ pub(crate) fn memory_partition<T: Send + 'static>(
         partition,
         depth: Box::new(move || weak.upgrade().map(|tx| tx.max_capacity() - tx.capacity())),
     };
-    (tx, Input::new(rx, received, partition), probe)
+    (tx, Input::new(rx, received, partition, consumer), probe)
 }
 
 #[cfg(test)]
@@ -209,7 +237,7 @@ mod tests {
         let mut txs = Vec::new();
         let mut inputs = Vec::new();
         for p in 0..4 {
-            let (tx, input, _) = memory_partition::<u32>(16, "a->b", p, counter());
+            let (tx, input, _) = memory_partition::<u32>(16, "a->b", p, counter(), "b".into());
             txs.push(tx);
             inputs.push(input);
         }
@@ -230,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_queue_applies_backpressure() {
-        let (tx, mut input, probe) = memory_partition::<u32>(2, "a->b", 0, counter());
+        let (tx, mut input, probe) = memory_partition::<u32>(2, "a->b", 0, counter(), "b".into());
         let out = Output::new(
             vec![EdgeSenders::Memory {
                 partitions: vec![tx],
@@ -252,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_to_a_stopped_consumer_fails_the_ack() {
-        let (tx, input, _) = memory_partition::<u32>(2, "a->b", 0, counter());
+        let (tx, input, _) = memory_partition::<u32>(2, "a->b", 0, counter(), "b".into());
         drop(input);
         let out = Output::new(
             vec![EdgeSenders::Memory {

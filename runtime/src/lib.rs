@@ -17,6 +17,7 @@ pub mod locate;
 pub mod registry;
 pub mod resources;
 pub mod retry;
+pub mod tap;
 pub mod topology;
 
 pub use ack::{Ack, AckStatus};

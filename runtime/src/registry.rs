@@ -142,7 +142,7 @@ pub(crate) struct InEdge {
 
 /// The bounded queues of one edge's partitions, with their depth probes.
 /// Items taken from them count as `consumer`'s input.
-fn partition_queues<T: Send + 'static>(
+fn partition_queues<T: Send + serde::Serialize + 'static>(
     probes: &mut Vec<QueueProbe>,
     label: &str,
     partitions: u32,
@@ -153,11 +153,12 @@ fn partition_queues<T: Send + 'static>(
     Vec<Input<T>>,
 ) {
     let received = metrics::counter!("imflow_stage_in_total", "stage" => consumer.to_string());
+    let stage: std::sync::Arc<str> = consumer.into();
     let mut senders = Vec::new();
     let mut inputs = Vec::new();
     for p in 0..partitions {
         let (tx, input, probe) =
-            memory_partition::<T>(capacity as usize, label, p, received.clone());
+            memory_partition::<T>(capacity as usize, label, p, received.clone(), stage.clone());
         senders.push(tx);
         inputs.push(input);
         probes.push(probe);
@@ -316,6 +317,7 @@ impl BuildContext<'_> {
         }
         let sent = metrics::counter!("imflow_stage_out_total", "stage" => self.name.to_string());
         Ok(Output::with_fault(
+            self.name.into(),
             edges,
             sent,
             crate::fault::output_stalled(self.name),
