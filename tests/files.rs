@@ -127,8 +127,10 @@ async fn a_sent_file_is_downloaded_by_its_readers_and_refused_to_everyone_else()
         locate(&s, &carol_t, "0123456789abcdef0123456789abcdef")
             .await
             .0,
-        404
+        403,
+        "an id that names nothing gets the same answer: ids tell nothing"
     );
+    assert_eq!(locate(&s, &carol_t, "..%2F..%2Fetc").await.0, 403);
 
     // Bob cannot send Alice's file, even to Alice.
     let mut bob = s.connect("bob", 1).await;
@@ -137,6 +139,74 @@ async fn a_sent_file_is_downloaded_by_its_readers_and_refused_to_everyone_else()
             "content_type": 102, "content": file_message(&file_id, "photo.png", photo.len() as u64)}))
         .await;
     assert_eq!(refused["code"], "bad_request", "{refused}");
+
+    // Nor can Alice claim another size than the file has.
+    let lie = alice
+        .request(
+            json!({"op": "send", "client_msg_id": "f3", "recv_id": "bob",
+            "content_type": 102, "content": file_message(&file_id, "photo.png", 1)}),
+        )
+        .await;
+    assert_eq!(lie["code"], "bad_request", "{lie}");
+
+    if !common::cluster_mode() {
+        // The embedded store's URLs: taken once, and only as signed.
+        assert_eq!(upload(&s, url, photo.clone()).await, 409);
+        let tampered = url.replace("sig=", "sig=00");
+        assert_eq!(upload(&s, &tampered, photo.clone()).await, 403);
+    }
+}
+
+#[tokio::test]
+async fn a_member_who_joined_after_a_file_was_sent_cannot_download_it() {
+    let s = server().await;
+    s.register(&["alice", "bob", "dave"]).await;
+    let (alice_t, bob_t, dave_t) = (
+        s.token("alice", 1).await,
+        s.token("bob", 1).await,
+        s.token("dave", 1).await,
+    );
+    assert_eq!(s.create_group(&alice_t, "trip", &["bob"]).await, 201);
+    let (_, declared) = declare(&s, &alice_t, "map.png", 2_000).await;
+    let file_id = declared["file_id"].as_str().expect("file_id").to_string();
+    let url = declared["upload_url"].as_str().expect("url");
+    assert_eq!(upload(&s, url, bytes_of(2_000)).await, 200);
+    let mut alice = s.connect("alice", 1).await;
+    let ack = alice
+        .request(
+            json!({"op": "send", "client_msg_id": "g1", "group_id": "trip",
+            "content_type": 102, "content": file_message(&file_id, "map.png", 2_000)}),
+        )
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let seq = alice.stored(&ack).await;
+
+    let (status, _) = s
+        .call(
+            "POST",
+            &alice_t,
+            "/groups/trip/members",
+            Some(json!({"user_ids": ["dave"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(locate(&s, &bob_t, &file_id).await.0, 302, "a member then");
+    assert_eq!(
+        locate(&s, &dave_t, &file_id).await.0,
+        403,
+        "dave reads the group only from the notice that added him"
+    );
+
+    // Revoked: its content is deleted, the file with it.
+    let r = alice
+        .request(json!({"op": "revoke", "conversation_id": "sg_trip", "seq": seq}))
+        .await;
+    assert_eq!(r["op"], "ok", "{r}");
+    assert_eq!(
+        locate(&s, &bob_t, &file_id).await.0,
+        403,
+        "gone with the message"
+    );
 }
 
 #[tokio::test]

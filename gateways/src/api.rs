@@ -492,6 +492,26 @@ impl Api {
             .hot
             .replace(conversation_id, seq, &revoked)
             .await?;
+        // Its file goes with its content: unreadable through this
+        // conversation, and its bytes deleted once no conversation has it.
+        let content = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .map(|v| v["content"].to_string());
+        if let Some(file) =
+            content.and_then(|c| imflow_stages::model::file_of(head.content_type, &c))
+        {
+            let directory = &self.services.directory;
+            directory
+                .unlink_file(&file.file_id, conversation_id)
+                .await?;
+            if directory
+                .file_conversations(&file.file_id)
+                .await?
+                .is_empty()
+            {
+                self.services.files.delete(&file.file_id).await?;
+            }
+        }
         self.notify(
             user,
             target,
@@ -731,19 +751,33 @@ impl Api {
     /// `GET /files/{file_id}`: where `user` may download it, if they can
     /// read a conversation it was sent in.
     pub async fn file_location(&self, user: &str, file_id: &str) -> Result<String, ImError> {
+        // One answer for a file that does not exist and one the caller
+        // may not read: an id tells nothing. Sent means uploaded in full
+        // (ingest checked it before linking).
+        let refused = || {
+            ImError::forbidden(format!(
+                "{user} reads no conversation in which file {file_id} was sent"
+            ))
+        };
         let file = match files::valid_file_id(file_id) {
             true => self.services.directory.file(file_id).await?,
             false => None,
         };
-        // Sent means uploaded in full: ingest checked it before linking.
         let Some(file) = file else {
-            return Err(ImError::not_found(format!("no file {file_id}")));
+            return Err(refused());
         };
-        for conversation_id in self.services.directory.file_conversations(file_id).await? {
-            let Some(conv) = Conversation::parse(&conversation_id) else {
-                continue;
+        let directory = &*self.services.directory;
+        for (conversation_id, members_to) in directory.file_conversations(file_id).await? {
+            let reads = match Conversation::parse(&conversation_id) {
+                Some(Conversation::Group(g)) => directory.group(&g).await?.is_some_and(|s| {
+                    s.member(user)
+                        .and_then(|m| m.min_seq)
+                        .is_some_and(|min| min <= members_to)
+                }),
+                Some(conv) => store::is_participant(directory, user, &conv).await?,
+                None => false,
             };
-            if store::is_participant(&*self.services.directory, user, &conv).await? {
+            if reads {
                 return Ok(self
                     .services
                     .files
@@ -751,9 +785,7 @@ impl Api {
                     .await?);
             }
         }
-        Err(ImError::forbidden(format!(
-            "{user} reads no conversation in which file {file_id} was sent"
-        )))
+        Err(refused())
     }
 
     /// A file the embedded store serves at a signed URL: `op` (`put` or

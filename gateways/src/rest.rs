@@ -920,6 +920,13 @@ async fn upload_content(
             .into())
         }
         Err(UploadError::Store(e)) => return Err(e.to_client().into()),
+        Err(UploadError::AlreadyStored) => {
+            return Err(ImError::new(
+                ErrorCode::Conflict,
+                format!("file {file_id} is already uploaded"),
+            )
+            .into())
+        }
         Err(e) => return Err(ImError::bad_request(e.to_string()).into()),
     }
     s.api.file_uploaded(&file_id).await?;

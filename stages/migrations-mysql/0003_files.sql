@@ -1,6 +1,8 @@
 -- Files (PROTOCOL v2): what a user declared with POST /files, whether its
 -- bytes arrived in full, and the conversations it was sent in (whose
--- readers may download it).
+-- readers may download it). In a group, `members_to` is the newest first
+-- readable seq among the members when it was sent: a member who came later
+-- (a larger first readable seq) never read that message.
 CREATE TABLE files (
     file_id      VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
     owner        VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -14,5 +16,6 @@ CREATE TABLE files (
 CREATE TABLE file_conversations (
     file_id         VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     conversation_id VARCHAR(160) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    members_to      BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (file_id, conversation_id)
 ) ENGINE = InnoDB;

@@ -132,13 +132,21 @@ pub struct Message {
     pub revoked: Option<bool>,
 }
 
-/// The `file_id` a media message (102–105) refers to, if any.
-pub fn file_of(content_type: i64, content: &str) -> Option<String> {
+/// What a media message (102–105) says of the file it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FileRef {
+    pub file_id: String,
+    pub name: String,
+    pub size: u64,
+}
+
+/// The file a media message (102–105) carries, if it names one
+/// (`check_content` made sure it is well formed).
+pub fn file_of(content_type: i64, content: &str) -> Option<FileRef> {
     if !(102..=105).contains(&content_type) {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(content).ok()?;
-    v.get("file_id")?.as_str().map(str::to_string)
+    serde_json::from_str(content).ok()
 }
 
 /// A stored message's JSON with its content deleted and `revoked: true`
@@ -412,10 +420,13 @@ pub fn check_content(content_type: i64, content: &RawValue) -> Result<(), ImErro
         // v1: a `url` of the client's own.
         102..=105 => {
             let v: serde_json::Value = parse(text)?;
+            let file = v.get("file_id").is_some_and(|t| t.is_string())
+                && v.get("name").is_some_and(|t| t.is_string())
+                && v.get("size").is_some_and(|t| t.is_u64());
+            let v1 = v.get("file_id").is_none() && v.get("url").is_some_and(|t| t.is_string());
             need(
-                v.get("file_id").is_some_and(|t| t.is_string())
-                    || v.get("url").is_some_and(|t| t.is_string()),
-                "{\"file_id\": \"…\", \"name\", \"size\", …} (or v1's {\"url\": \"…\", …})",
+                file || v1,
+                "{\"file_id\": \"…\", \"name\": \"…\", \"size\": bytes, …} (or v1's {\"url\": \"…\", …})",
             )
         }
         106 => {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::model::{
-    check_content, check_id, file_of, new_server_msg_id, notification, now_ms, partition_key,
+    check_content, check_id, file_of, new_server_msg_id, FileRef, notification, now_ms, partition_key,
     valid_client_msg_id, AckInfo, Conversation, ErrorCode, ImError, Notice, SendRequest, Stamped,
     Target,
 };
@@ -225,8 +225,15 @@ impl IngestHandle {
     /// A message of `sender` in `conversation` carries `file_id`: it must be
     /// the sender's and uploaded in full (asked of the object store the
     /// first time); the conversation's readers may then download it.
-    async fn file_sent(&self, sender: &str, file_id: &str, conversation: &str) -> Result<(), ImError> {
+    async fn file_sent(
+        &self,
+        sender: &str,
+        sent: &FileRef,
+        conversation: &str,
+        members_to: u64,
+    ) -> Result<(), ImError> {
         let inner = &self.inner;
+        let file_id = sent.file_id.as_str();
         let file = inner
             .directory
             .file(file_id)
@@ -236,6 +243,12 @@ impl IngestHandle {
             .ok_or_else(|| {
                 ImError::bad_request(format!("file {file_id} was not uploaded by {sender}"))
             })?;
+        if sent.size != file.size {
+            return Err(ImError::bad_request(format!(
+                "content.size is {}; file {file_id} has {} bytes",
+                sent.size, file.size
+            )));
+        }
         if !file.complete {
             let stored = inner
                 .files
@@ -257,7 +270,7 @@ impl IngestHandle {
         }
         inner
             .directory
-            .link_file(file_id, conversation)
+            .link_file(file_id, conversation, members_to)
             .await
             .map_err(|e| e.to_client())
     }
@@ -269,7 +282,9 @@ impl IngestHandle {
             ));
         }
         check_content(req.content_type, &req.content)?;
-        let (target, conversation) = match (req.recv_id, req.group_id) {
+        // In a group: the newest first readable seq among the members, so
+        // a file sent now is not readable by whoever joins later.
+        let (target, conversation, members_to) = match (req.recv_id, req.group_id) {
             (Some(r), None) => {
                 check_id("recv_id", &r)?;
                 if !self
@@ -295,7 +310,7 @@ impl IngestHandle {
                     ));
                 }
                 let conv = Conversation::single(sender, &r);
-                (Target::User(r.into()), conv)
+                (Target::User(r.into()), conv, 0)
             }
             (None, Some(g)) => {
                 check_id("group_id", &g)?;
@@ -330,9 +345,14 @@ impl IngestHandle {
                         format!("{sender} is muted in group {g} until {}", me.muted_until),
                     ));
                 }
+                let members_to = match file_of(req.content_type, req.content.get()) {
+                    Some(_) => group.newest_member_seq(),
+                    None => 0,
+                };
                 (
                     Target::Group(g.clone().into()),
                     Conversation::Group(g.into()),
+                    members_to,
                 )
             }
             _ => {
@@ -341,8 +361,8 @@ impl IngestHandle {
                 ))
             }
         };
-        if let Some(file_id) = file_of(req.content_type, req.content.get()) {
-            self.file_sent(sender, &file_id, &conversation.id())
+        if let Some(file) = file_of(req.content_type, req.content.get()) {
+            self.file_sent(sender, &file, &conversation.id(), members_to)
                 .await?;
         }
         Ok(Stamped {

@@ -36,6 +36,8 @@ pub trait Files: Send + Sync + 'static {
     async fn download_url(&self, file: &FileRow, ttl: Duration) -> Result<String>;
     /// How many bytes of `file_id` are stored, if any.
     async fn stored_size(&self, file_id: &str) -> Result<Option<u64>>;
+    /// Delete the bytes of `file_id` (gone already: fine).
+    async fn delete(&self, file_id: &str) -> Result<()>;
     /// The embedded store, whose URLs the API itself serves.
     fn local(&self) -> Option<&LocalFiles> {
         None
@@ -68,6 +70,8 @@ pub enum UploadError {
     TooShort { got: u64, declared: u64 },
     #[error("reading the body: {0}")]
     Body(String),
+    #[error("the file is already uploaded")]
+    AlreadyStored,
     #[error(transparent)]
     Store(#[from] Error),
 }
@@ -141,7 +145,10 @@ impl LocalFiles {
     }
 
     /// Store the bytes of `file` from `body`, which must be exactly its
-    /// declared size; they become visible only once complete.
+    /// declared size. They go to a file of this upload's own, which takes
+    /// the file's name only if no other upload got there first; an upload
+    /// cut short (a refused body, a timeout dropping this future) leaves
+    /// nothing behind.
     pub async fn store<S, E>(
         &self,
         file: &FileRow,
@@ -158,36 +165,45 @@ impl LocalFiles {
             })
         };
         tokio::fs::create_dir_all(&self.dir).await.map_err(io)?;
-        let part = self.dir.join(format!("{}.part", file.file_id));
-        let mut out = tokio::fs::File::create(&part).await.map_err(io)?;
+        let part = Part(
+            self.dir
+                .join(format!("{}.{}.part", file.file_id, new_file_id())),
+        );
+        let mut out = tokio::fs::File::create(&part.0).await.map_err(io)?;
         let mut got = 0u64;
-        let written = async {
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
-                got += chunk.len() as u64;
-                if got > file.size {
-                    return Err(UploadError::TooLong(file.size));
-                }
-                out.write_all(&chunk).await.map_err(io)?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
+            got += chunk.len() as u64;
+            if got > file.size {
+                return Err(UploadError::TooLong(file.size));
             }
-            if got < file.size {
-                return Err(UploadError::TooShort {
-                    got,
-                    declared: file.size,
-                });
+            out.write_all(&chunk).await.map_err(io)?;
+        }
+        if got < file.size {
+            return Err(UploadError::TooShort {
+                got,
+                declared: file.size,
+            });
+        }
+        out.sync_all().await.map_err(io)?;
+        // A link fails if the name exists: of two uploads, one wins.
+        match tokio::fs::hard_link(&part.0, self.path(&file.file_id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(UploadError::AlreadyStored)
             }
-            out.sync_all().await.map_err(io)?;
-            Ok(())
+            Err(e) => Err(io(e)),
         }
-        .await;
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(e);
-        }
-        tokio::fs::rename(&part, self.path(&file.file_id))
-            .await
-            .map_err(io)?;
-        Ok(())
+    }
+}
+
+/// An upload's own file, removed when dropped (what it held is either
+/// linked under the file's name by then, or not wanted).
+struct Part(PathBuf);
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -205,6 +221,17 @@ impl Files for LocalFiles {
         match tokio::fs::metadata(self.path(file_id)).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Open {
+                path: self.path(file_id).display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn delete(&self, file_id: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.path(file_id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(Error::Open {
                 path: self.path(file_id).display().to_string(),
                 source,
@@ -301,6 +328,13 @@ impl Files for S3Files {
             Err(e) => Err(self.failed(e)),
         }
     }
+
+    async fn delete(&self, file_id: &str) -> Result<()> {
+        match self.store.delete(&Self::path(file_id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
 }
 
 /// A cluster without object storage configured: files are refused with a
@@ -325,6 +359,9 @@ impl Files for NoFiles {
     }
     async fn stored_size(&self, _: &str) -> Result<Option<u64>> {
         Self::refuse()
+    }
+    async fn delete(&self, _: &str) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -377,6 +414,27 @@ mod tests {
             .await
             .expect("verify"));
         assert!(!files.verify("put", &id, 1, sig).await.expect("verify"));
+        // Signed right, but past its time.
+        let past = crate::model::now_ms() - 1;
+        let key = files.key().await.expect("key").to_vec();
+        let stale = hex::encode(
+            LocalFiles::mac(&key, "put", &id, past)
+                .finalize()
+                .into_bytes(),
+        );
+        assert!(!files
+            .verify("put", &id, past, &stale)
+            .await
+            .expect("verify"));
+        let fresh = hex::encode(
+            LocalFiles::mac(&key, "put", &id, past + 60_000)
+                .finalize()
+                .into_bytes(),
+        );
+        assert!(files
+            .verify("put", &id, past + 60_000, &fresh)
+            .await
+            .expect("verify"));
     }
 
     #[tokio::test]
@@ -420,5 +478,15 @@ mod tests {
             files.stored_size(&file.file_id).await.expect("size"),
             Some(5)
         );
+        assert!(matches!(
+            files.store(&file, body(&["vwxyz"])).await,
+            Err(UploadError::AlreadyStored)
+        ));
+        let left: Vec<_> = std::fs::read_dir(local_dir(dir.path()))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(left, [file.file_id.clone()], "no part file left behind");
     }
 }

@@ -128,6 +128,16 @@ impl GroupState {
         }
     }
 
+    /// The newest first readable seq among the members: whoever joins
+    /// later gets a larger one.
+    pub fn newest_member_seq(&self) -> u64 {
+        self.membership
+            .values()
+            .filter_map(|m| m.min_seq)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether `user` may read seq `seq` of the group.
     pub fn can_read(&self, user: &str, seq: u64) -> bool {
         self.member(user)
@@ -323,9 +333,14 @@ pub trait Directory: Send + Sync + 'static {
     async fn create_file(&self, file: &FileRow) -> Result<()>;
     async fn file(&self, file_id: &str) -> Result<Option<FileRow>>;
     async fn complete_file(&self, file_id: &str) -> Result<()>;
-    /// `file_id` was sent in `conversation_id`: its readers may download it.
-    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()>;
-    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>>;
+    /// `file_id` was sent in `conversation_id` (in a group, when its
+    /// members' newest first readable seq was `members_to`): its readers
+    /// may download it.
+    async fn link_file(&self, file_id: &str, conversation_id: &str, members_to: u64) -> Result<()>;
+    /// The conversations `file_id` was sent in, with their `members_to`.
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<(String, u64)>>;
+    /// The message that carried `file_id` in `conversation_id` was revoked.
+    async fn unlink_file(&self, file_id: &str, conversation_id: &str) -> Result<()>;
     /// When `user` was last online (ms), 0 if never.
     async fn last_seen(&self, user: &str) -> Result<i64>;
     async fn set_last_seen(&self, users: &[(Arc<str>, i64)]) -> Result<()>;

@@ -514,23 +514,38 @@ impl Directory for MysqlDirectory {
         Ok(())
     }
 
-    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+    async fn link_file(&self, file_id: &str, conversation_id: &str, members_to: u64) -> Result<()> {
         sqlx::query(
-            "INSERT IGNORE INTO file_conversations (file_id, conversation_id) VALUES (?, ?)",
+            "INSERT INTO file_conversations (file_id, conversation_id, members_to) VALUES (?, ?, ?) \
+             ON DUPLICATE KEY UPDATE members_to = GREATEST(members_to, VALUES(members_to))",
         )
         .bind(file_id)
         .bind(conversation_id)
+        .bind(members_to as i64)
         .execute(&self.master)
         .await?;
         Ok(())
     }
 
-    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT conversation_id FROM file_conversations WHERE file_id = ?")
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT conversation_id, members_to FROM file_conversations WHERE file_id = ?",
+        )
+        .bind(file_id)
+        .fetch_all(&self.master)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((id(r, 0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect()
+    }
+
+    async fn unlink_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM file_conversations WHERE file_id = ? AND conversation_id = ?")
             .bind(file_id)
-            .fetch_all(&self.master)
+            .bind(conversation_id)
+            .execute(&self.master)
             .await?;
-        rows.iter().map(|r| id(r, 0)).collect()
+        Ok(())
     }
 
     async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {

@@ -412,23 +412,38 @@ impl Directory for SqliteStore {
         Ok(())
     }
 
-    async fn link_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+    async fn link_file(&self, file_id: &str, conversation_id: &str, members_to: u64) -> Result<()> {
         sqlx::query(
-            "INSERT OR IGNORE INTO file_conversations (file_id, conversation_id) VALUES (?, ?)",
+            "INSERT INTO file_conversations (file_id, conversation_id, members_to) VALUES (?, ?, ?) \
+             ON CONFLICT (file_id, conversation_id) DO UPDATE SET members_to = MAX(members_to, excluded.members_to)",
         )
         .bind(file_id)
         .bind(conversation_id)
+        .bind(members_to as i64)
         .execute(&self.write)
         .await?;
         Ok(())
     }
 
-    async fn file_conversations(&self, file_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT conversation_id FROM file_conversations WHERE file_id = ?")
+    async fn file_conversations(&self, file_id: &str) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT conversation_id, members_to FROM file_conversations WHERE file_id = ?",
+        )
+        .bind(file_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((text(r, 0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect()
+    }
+
+    async fn unlink_file(&self, file_id: &str, conversation_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM file_conversations WHERE file_id = ? AND conversation_id = ?")
             .bind(file_id)
-            .fetch_all(&self.read)
+            .bind(conversation_id)
+            .execute(&self.write)
             .await?;
-        rows.iter().map(|r| text(r, 0)).collect()
+        Ok(())
     }
 
     async fn devices_of(&self, user: &str) -> Result<Vec<Device>> {
