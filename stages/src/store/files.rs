@@ -487,6 +487,6 @@ mod tests {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().to_string())
             .collect();
-        assert_eq!(left, [file.file_id.clone()], "no part file left behind");
+        assert_eq!(left, vec![file.file_id.clone()], "no part file left behind");
     }
 }
