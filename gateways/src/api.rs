@@ -668,12 +668,7 @@ impl Api {
         if push_token.is_empty() || push_token.len() > 4096 {
             return Err(ImError::bad_request("push_token must be 1 to 4096 bytes"));
         }
-        if provider.is_empty()
-            || provider.len() > 64
-            || !provider
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !imflow_stages::model::valid_provider(&provider) {
             return Err(ImError::bad_request(
                 "provider must be a name such as fcm, apns or webhook",
             ));

@@ -86,6 +86,8 @@ pub(crate) struct Refused {
     /// The receiver will not take it however often it is sent: a 4xx
     /// other than 408 (timeout) and 429 (too many requests).
     pub(crate) for_good: bool,
+    /// The HTTP status, when there was an answer.
+    pub(crate) status: Option<u16>,
 }
 
 impl Endpoint {
@@ -150,6 +152,7 @@ pub(crate) async fn answer(
             format!("cannot reach {url}: {e}")
         },
         for_good: false,
+        status: None,
     })?;
     let status = response.status();
     if status.is_success() {
@@ -160,6 +163,7 @@ pub(crate) async fn answer(
         for_good: status.is_client_error()
             && status != reqwest::StatusCode::REQUEST_TIMEOUT
             && status != reqwest::StatusCode::TOO_MANY_REQUESTS,
+        status: Some(status.as_u16()),
     })
 }
 

@@ -201,6 +201,16 @@ pub fn check_id(what: &str, id: &str) -> Result<(), ImError> {
     }
 }
 
+/// A push provider's name, as devices give it and `offline-push` stages
+/// name theirs: 1 to 64 letters, digits, `-` or `_`.
+pub fn valid_provider(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// `client_msg_id`: 1 to 64 printable ASCII characters.
 pub fn valid_client_msg_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| (0x20..0x7f).contains(&b))

@@ -20,7 +20,7 @@
 //!   the webhook kind, for a push service of the operator's own.
 //!
 //! The bearer tokens are not minted here: `token_env` names a variable
-//! read at start, or `token_file` a file read before each batch, so a
+//! read at start, or `token_file` a file read before each request, so a
 //! sidecar that refreshes it (FCM access tokens live an hour, APNs
 //! provider tokens must be renewed within one) rotates it without a
 //! restart.
@@ -51,7 +51,7 @@ use crate::hooks::{
 };
 use crate::model::{now_ms, Delivery};
 use crate::roles::{DEAD_LETTERS, DIRECTORY, PRESENCE};
-use crate::store::{DeadLetter, DeadLetters, Directory, PushDevice};
+use crate::store::{DeadLetter, DeadLetters, Directory, PushDevice, USERS_PER_QUERY};
 use crate::Presence;
 
 #[derive(Deserialize)]
@@ -109,7 +109,7 @@ struct ProviderOptions {
     /// `fcm`, `apns`: the bearer token, from this environment variable...
     #[serde(default)]
     token_env: Option<String>,
-    /// ...or this file, read before each batch.
+    /// ...or this file, read before each request.
     #[serde(default)]
     token_file: Option<PathBuf>,
     /// `generic`: the HMAC key, or the variable holding it.
@@ -139,7 +139,7 @@ impl Options {
         }
         for (name, p) in &self.providers {
             let at = |field: &str| format!("providers.{name}.{field}");
-            if !valid_provider_name(name) {
+            if !crate::model::valid_provider(name) {
                 say(
                     format!("providers.{name}"),
                     "a provider's name is 1 to 64 letters, digits, '-' or '_' (what devices give as `provider`)".into(),
@@ -194,15 +194,6 @@ impl Options {
         }
         bad
     }
-}
-
-/// What `PUT /users/me/devices/{platform}` accepts as a provider.
-fn valid_provider_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 pub struct OfflinePush;
@@ -290,7 +281,7 @@ enum Sender {
 }
 
 struct Provider {
-    name: String,
+    counters: Counters,
     shape: Shape,
     url: String,
     timeout: Duration,
@@ -339,7 +330,11 @@ impl Provider {
             }
         };
         Ok(Provider {
-            name: name.to_string(),
+            counters: Counters {
+                sent: Metrics::sent(stage, name),
+                failed: Metrics::failed(stage, name),
+                latency: Metrics::latency(stage, name),
+            },
             shape: p.shape,
             url: p.url.trim_end_matches('/').to_string(),
             timeout,
@@ -354,7 +349,16 @@ impl Provider {
         };
         let (url, request) = match self.shape {
             Shape::Apns => {
-                let url = format!("{}/3/device/{}", self.url, note.device.push_token);
+                // The token is the user's input: encoded, it stays one
+                // path segment of Apple's host.
+                let url = format!(
+                    "{}/3/device/{}",
+                    self.url,
+                    percent_encoding::utf8_percent_encode(
+                        &note.device.push_token,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                );
                 let mut r = http
                     .post(&url)
                     .header("apns-topic", topic.as_deref().unwrap_or_default())
@@ -370,6 +374,14 @@ impl Provider {
         answer(request.bearer_auth(bearer), &url, self.timeout)
             .await
             .map(drop)
+            .map_err(|mut r| {
+                // Our bearer token, not this notification: expired or
+                // revoked until the sidecar renews it. Retried.
+                if matches!(r.status, Some(401 | 403)) {
+                    r.for_good = false;
+                }
+                r
+            })
     }
 }
 
@@ -418,6 +430,9 @@ impl Metrics {
         metrics::histogram!("imflow_offline_push_request_seconds", "stage" => stage.to_string(), "provider" => provider.to_string())
     }
 }
+
+/// Notifications gathered before they are sent.
+const MAX_PENDING: usize = 1000;
 
 /// A provider's counters.
 struct Counters {
@@ -531,27 +546,46 @@ struct Sent {
 impl Stage {
     /// Notify the offline recipients of `batch`: `true` once every
     /// notification was taken or kept as a dead letter, `false` if the
-    /// server is stopping first.
+    /// server is stopping first. Recipients are looked up
+    /// `USERS_PER_QUERY` at a time and notifications sent once
+    /// `MAX_PENDING` are ready, so a message to a huge group never holds
+    /// all of its notifications at once.
     async fn notify(&self, batch: &[Envelope<Delivery>]) -> bool {
-        let mut notes: HashMap<&str, Vec<Note>> = HashMap::new();
         let mut titles: HashMap<String, String> = HashMap::new();
+        let mut pending: Vec<Note> = Vec::new();
         for env in batch {
-            let Some(found) = self.notes_of(&env.item, &mut titles).await else {
-                return false;
+            let d = &env.item;
+            let Some((msg, offline)) = self.offline_of(d) else {
+                continue;
             };
-            for note in found {
-                match self.providers.get_key_value(&note.device.provider) {
-                    Some((name, _)) => notes.entry(name.as_str()).or_default().push(note),
-                    None => {
-                        self.metrics.unknown_provider.increment(1);
-                        tracing::debug!(stage = %self.stage, user = %note.user_id, provider = %note.device.provider, "device of a provider this stage does not have; not notified");
-                    }
+            for users in offline.chunks(USERS_PER_QUERY) {
+                let Some(notes) = self.notes_for(d, &msg, users, &mut titles).await else {
+                    return false;
+                };
+                pending.extend(notes);
+                if pending.len() >= MAX_PENDING && !self.deliver(std::mem::take(&mut pending)).await {
+                    return false;
+                }
+            }
+        }
+        pending.is_empty() || self.deliver(pending).await
+    }
+
+    /// Send `notes`, each through its device's provider; `false` if the
+    /// server is stopping first.
+    async fn deliver(&self, notes: Vec<Note>) -> bool {
+        let mut per: HashMap<&str, Vec<Note>> = HashMap::new();
+        for note in notes {
+            match self.providers.get_key_value(&note.device.provider) {
+                Some((name, _)) => per.entry(name.as_str()).or_default().push(note),
+                None => {
+                    self.metrics.unknown_provider.increment(1);
+                    tracing::debug!(stage = %self.stage, user = %note.user_id, provider = %note.device.provider, "device of a provider this stage does not have; not notified");
                 }
             }
         }
         let sent = futures::future::join_all(
-            notes
-                .into_iter()
+            per.into_iter()
                 .map(|(name, notes)| self.send(&self.providers[name], notes)),
         )
         .await;
@@ -563,13 +597,9 @@ impl Stage {
         !stopped
     }
 
-    /// The notifications one delivery asks for; `None` if the server is
-    /// stopping while the directory is away.
-    async fn notes_of(
-        &self,
-        d: &Delivery,
-        titles: &mut HashMap<String, String>,
-    ) -> Option<Vec<Note>> {
+    /// The message and its recipients no connection has (never its
+    /// sender); `None` if nobody is to be notified.
+    fn offline_of(&self, d: &Delivery) -> Option<(Value, Vec<Arc<str>>)> {
         let mut offline: Vec<Arc<str>> = Vec::new();
         for u in d.recipients.iter() {
             if self.presence.is_online(u) {
@@ -579,25 +609,35 @@ impl Stage {
             }
         }
         if offline.is_empty() {
-            return Some(Vec::new());
+            return None;
         }
         let Ok(msg) = serde_json::from_str::<Value>(&d.body) else {
             tracing::error!(stage = %self.stage, conversation = %d.conversation_id, seq = d.seq, "a delivery whose body is not JSON; not notified");
-            return Some(Vec::new());
+            return None;
         };
         // Server notifications (1000 and up) and revoked messages notify
         // nobody; nor does a message its own sender.
         if msg["content_type"].as_i64().is_none_or(|t| t >= 1000) || msg["revoked"] == true {
-            return Some(Vec::new());
+            return None;
         }
-        let sender = msg["sender"].as_str().unwrap_or_default().to_string();
+        let sender = msg["sender"].as_str().unwrap_or_default();
         offline.retain(|u| **u != *sender);
-        if offline.is_empty() {
-            return Some(Vec::new());
-        }
+        (!offline.is_empty()).then_some((msg, offline))
+    }
+
+    /// The notifications of `msg` to `users`' devices; `None` if the
+    /// server is stopping while the directory is away.
+    async fn notes_for(
+        &self,
+        d: &Delivery,
+        msg: &Value,
+        users: &[Arc<str>],
+        titles: &mut HashMap<String, String>,
+    ) -> Option<Vec<Note>> {
+        let sender = msg["sender"].as_str().unwrap_or_default().to_string();
         let devices = self
             .ask("reading devices for offline push", || {
-                self.directory.push_devices(&d.conversation_id, &offline)
+                self.directory.push_devices(&d.conversation_id, users)
             })
             .await?;
         if devices.is_empty() {
@@ -614,7 +654,7 @@ impl Stage {
             titles.insert(sender.clone(), title);
         }
         let title = titles[&sender].clone();
-        let body = summary(&msg, self.preview);
+        let body = summary(msg, self.preview);
         let mut notes = Vec::new();
         for PushDevice {
             user_id,
@@ -663,12 +703,7 @@ impl Stage {
 
     /// Send `notes` through `provider`, `concurrency` requests at a time.
     async fn send(&self, provider: &Provider, notes: Vec<Note>) -> Sent {
-        let counters = Counters {
-            sent: Metrics::sent(&self.stage, &provider.name),
-            failed: Metrics::failed(&self.stage, &provider.name),
-            latency: Metrics::latency(&self.stage, &provider.name),
-        };
-        let counters = &counters;
+        let counters = &provider.counters;
         let parts: Vec<Sent> = match &provider.sender {
             Sender::Generic(endpoint) => {
                 // The futures are made first, then run: a `map` closure
@@ -700,12 +735,16 @@ impl Stage {
                         self.attempt(vec![note], counters, move || {
                             let one = one.clone();
                             async move {
-                                // Read each time: a file a sidecar rewrites
-                                // is picked up by the next request.
+                                // Read per request: a file a sidecar
+                                // rewrites is picked up by the next one.
                                 let bearer = token
                                     .current()
                                     .await
-                                    .map_err(|why| Refused { why, for_good: false })?;
+                                    .map_err(|why| Refused {
+                                        why,
+                                        for_good: false,
+                                        status: None,
+                                    })?;
                                 provider.send_one(&one, &bearer).await
                             }
                         })
