@@ -1,19 +1,10 @@
 //! The `imflow` command line: validate, graph, and config errors.
 
+mod common;
+
 use std::process::Command;
 
-fn imflow(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_imflow"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run imflow");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::imflow;
 
 #[test]
 fn validate_accepts_the_shipped_pipeline() {

@@ -519,20 +519,8 @@ async fn kafka_broker_restarted_loses_and_repeats_nothing() {
 
 /// Failed history commits so far (the history stage's error counter).
 async fn history_errors(s: &TestServer) -> f64 {
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.api))
-        .send()
+    s.metric("imflow_stage_errors_total", "stage=\"history\"")
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find(|l| l.starts_with("imflow_stage_errors_total{stage=\"history\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn bad(cfg: &mut imflow::Config, what: &str) {

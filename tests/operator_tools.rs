@@ -3,23 +3,8 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{Target, TestServer, ADMIN};
+use common::{imflow, Target, TestServer, ADMIN};
 use serde_json::Value;
-
-fn imflow(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_imflow"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run imflow");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_shows_every_stage_with_what_went_through_it() {

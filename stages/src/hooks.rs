@@ -167,6 +167,16 @@ pub(crate) async fn answer(
     })
 }
 
+/// A POST's deadline when a stage names none (ms).
+pub(crate) fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+/// The longest wait between two retries when a stage names none (ms).
+pub(crate) fn default_retry_cap_ms() -> u64 {
+    30_000
+}
+
 /// How long a sink keeps posting one thing before it gives up on it.
 #[derive(Clone)]
 pub(crate) struct Patience {

@@ -31,6 +31,21 @@ pub struct TestServer {
     pub cfg: Config,
 }
 
+/// Run the `imflow` binary in the project's root: (exit code, stdout,
+/// stderr).
+pub fn imflow(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imflow"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run imflow");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Whether the end-to-end tests run on the cluster data plane:
 /// `IMFLOW_TEST_MODE=cluster` (set by `script/test.sh` for a second pass)
 /// puts every test server on Kafka edges and the MySQL, MongoDB and Redis of

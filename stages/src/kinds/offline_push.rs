@@ -68,14 +68,14 @@ struct Options {
     /// Requests in flight at once, per batch of deliveries.
     #[serde(default = "thirty_two")]
     concurrency: usize,
-    #[serde(default = "five_seconds")]
+    #[serde(default = "crate::hooks::default_timeout_ms")]
     timeout_ms: u64,
     /// Attempts at one notification before it becomes a dead letter.
     #[serde(default = "five")]
     max_attempts: u32,
     #[serde(default = "five_hundred")]
     retry_first_ms: u64,
-    #[serde(default = "thirty_seconds")]
+    #[serde(default = "crate::hooks::default_retry_cap_ms")]
     retry_cap_ms: u64,
 }
 
@@ -85,17 +85,11 @@ fn hundred() -> usize {
 fn thirty_two() -> usize {
     32
 }
-fn five_seconds() -> u64 {
-    5_000
-}
 fn five() -> u32 {
     5
 }
 fn five_hundred() -> u64 {
     500
-}
-fn thirty_seconds() -> u64 {
-    30_000
 }
 
 #[derive(Deserialize)]

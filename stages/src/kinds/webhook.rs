@@ -49,7 +49,7 @@ struct Options {
     #[serde(default = "one")]
     batch: usize,
     /// How long one POST may take.
-    #[serde(default = "five_seconds")]
+    #[serde(default = "crate::hooks::default_timeout_ms")]
     timeout_ms: u64,
     /// POSTs of one batch before it becomes a dead letter.
     #[serde(default = "ten")]
@@ -57,24 +57,18 @@ struct Options {
     /// The first retry's delay; each next one doubles, up to `retry_cap_ms`.
     #[serde(default = "two_hundred")]
     retry_first_ms: u64,
-    #[serde(default = "thirty_seconds")]
+    #[serde(default = "crate::hooks::default_retry_cap_ms")]
     retry_cap_ms: u64,
 }
 
 fn one() -> usize {
     1
 }
-fn five_seconds() -> u64 {
-    5_000
-}
 fn ten() -> u32 {
     10
 }
 fn two_hundred() -> u64 {
     200
-}
-fn thirty_seconds() -> u64 {
-    30_000
 }
 
 /// Most messages one POST may carry.
