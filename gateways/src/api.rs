@@ -494,12 +494,7 @@ impl Api {
             .await?;
         // Its file goes with its content: unreadable through this
         // conversation, and its bytes deleted once no conversation has it.
-        let content = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .map(|v| v["content"].to_string());
-        if let Some(file) =
-            content.and_then(|c| imflow_stages::model::file_of(head.content_type, &c))
-        {
+        if let Some(file) = imflow_stages::model::file_in_body(head.content_type, &body) {
             let directory = &self.services.directory;
             directory
                 .unlink_file(&file.file_id, conversation_id)

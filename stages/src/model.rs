@@ -149,6 +149,16 @@ pub fn file_of(content_type: i64, content: &str) -> Option<FileRef> {
     serde_json::from_str(content).ok()
 }
 
+/// The file a stored message (its client JSON) carries, if any; only a
+/// media message's JSON is read.
+pub fn file_in_body(content_type: i64, body: &str) -> Option<FileRef> {
+    if !(102..=105).contains(&content_type) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    serde_json::from_value(v.get("content")?.clone()).ok()
+}
+
 /// A stored message's JSON with its content deleted and `revoked: true`
 /// (what `pull` returns once it was revoked).
 pub fn revoked_body(body: &str) -> Option<String> {

@@ -34,8 +34,17 @@ use crate::model::{Delivery, Sequenced, Stamped};
 
 /// `check_options` for kinds whose options are one serde struct.
 pub(crate) fn check<T: DeserializeOwned>(options: &serde_yaml::Value) -> Vec<OptionError> {
+    check_with::<T>(options, |_| Vec::new())
+}
+
+/// `check_options` for kinds whose options, once decoded, have rules of
+/// their own (`problems`).
+pub(crate) fn check_with<T: DeserializeOwned>(
+    options: &serde_yaml::Value,
+    problems: impl FnOnce(T) -> Vec<OptionError>,
+) -> Vec<OptionError> {
     match decode_options::<T>(options) {
-        Ok(_) => Vec::new(),
+        Ok(o) => problems(o),
         Err(e) => vec![e],
     }
 }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use imflow_runtime::registry::{decode_options, OptionError, StageResult};
+use imflow_runtime::registry::{OptionError, StageResult};
 use imflow_runtime::{
     BuildContext, BuildError, CancellationToken, Envelope, Input, PortType, Retrying, RoleId,
     StageKind, StageTask,
@@ -203,10 +203,7 @@ impl StageKind for OfflinePush {
         None
     }
     fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError> {
-        match decode_options::<Options>(options) {
-            Ok(o) => o.problems(),
-            Err(e) => vec![e],
-        }
+        super::check_with(options, |o: Options| o.problems())
     }
     fn needs(&self) -> Vec<RoleId> {
         vec![PRESENCE.id(), DIRECTORY.id(), DEAD_LETTERS.id()]

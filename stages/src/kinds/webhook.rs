@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imflow_runtime::registry::{decode_options, OptionError, StageResult};
+use imflow_runtime::registry::{OptionError, StageResult};
 use imflow_runtime::{
     BuildContext, BuildError, CancellationToken, Envelope, Input, PortType, RoleId,
     StageKind, StageTask,
@@ -109,10 +109,7 @@ impl StageKind for Webhook {
         None
     }
     fn check_options(&self, options: &serde_yaml::Value) -> Vec<OptionError> {
-        match decode_options::<Options>(options) {
-            Ok(o) => o.problems(),
-            Err(e) => vec![e],
-        }
+        super::check_with(options, |o: Options| o.problems())
     }
     fn needs(&self) -> Vec<RoleId> {
         vec![DEAD_LETTERS.id()]
