@@ -61,4 +61,4 @@ echo "== cargo test: the end-to-end tests again on the cluster data plane"
 echo "   (Kafka edges, MySQL, MongoDB, Redis of script/infra.sh)"
 # --workspace as above: the same package selection unifies features the same
 # way, so this pass reuses the first build instead of compiling again.
-IMFLOW_TEST_MODE=cluster cargo test --workspace --test protocol --test slow_client --test kafka_mode --test trust --test protocol_v2 --test openapi --test example_kind --test webhook --test before_send --test offline_push --test files --test operator_tools
+IMFLOW_TEST_MODE=cluster cargo test --workspace --test protocol --test slow_client --test kafka_mode --test trust --test protocol_v2 --test openapi --test example_kind --test webhook --test before_send --test offline_push --test files --test operator_tools --test reload

@@ -72,6 +72,26 @@ pub struct Config {
     /// script/start_all.sh). A host without `processes` runs every process
     /// kind: the groups of pipeline.yaml, `gateway` and `api`.
     pub hosts: Vec<HostConfig>,
+    /// Where this config was read from, so a live reload reads it again.
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// The file a config came from and what the command line set over it.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub path: PathBuf,
+    /// A missing file is an error (else it means the defaults).
+    pub required: bool,
+    pub overrides: Overrides,
+}
+
+/// Settings given on `imflow serve`'s command line, which win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub gateway: Option<SocketAddr>,
+    pub api: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +358,7 @@ impl Default for Config {
             redis: None,
             s3: None,
             hosts: Vec::new(),
+            origin: None,
         }
     }
 }
@@ -355,7 +376,74 @@ impl Config {
         };
         cfg.apply_env();
         cfg.check(&path.display().to_string())?;
+        cfg.origin = Some(Origin {
+            path: path.to_path_buf(),
+            required,
+            overrides: Overrides::default(),
+        });
         Ok(cfg)
+    }
+
+    /// Apply the command line's settings, and keep them for reloads.
+    pub fn set_overrides(&mut self, o: Overrides) {
+        if let Some(d) = &o.data_dir {
+            self.data_dir = d.clone();
+        }
+        if let Some(a) = o.gateway {
+            self.listen.gateway = a;
+        }
+        if let Some(a) = o.api {
+            self.listen.api = a;
+        }
+        if let Some(origin) = &mut self.origin {
+            origin.overrides = o;
+        }
+    }
+
+    /// The config as its file says now, with the same command-line
+    /// settings (itself when it was not read from a file).
+    pub fn reread(&self) -> anyhow::Result<Config> {
+        let Some(origin) = &self.origin else {
+            return Ok(self.clone());
+        };
+        let mut cfg = Config::load(&origin.path, origin.required)?;
+        cfg.set_overrides(origin.overrides.clone());
+        Ok(cfg)
+    }
+
+    /// The settings `newer` changes that a running process takes only at
+    /// start. The pipeline file and the shutdown deadline apply live.
+    pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),*) => {$(
+                if format!("{:?}", self.$field) != format!("{:?}", newer.$field) {
+                    changed.push(stringify!($field));
+                }
+            )*};
+        }
+        compare!(
+            data_dir,
+            admin_secret,
+            cluster_secret,
+            listen,
+            token_ttl_secs,
+            store,
+            websocket,
+            rest,
+            revoke_window_secs,
+            max_group_members,
+            max_file_bytes,
+            file_url_ttl_secs,
+            kafka,
+            etcd,
+            mysql,
+            mongo,
+            redis,
+            s3,
+            hosts
+        );
+        changed
     }
 
     pub fn parse(file: &str, text: &str) -> anyhow::Result<Config> {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod nginx;
 pub mod process;
+pub mod reload;
 mod running;
 pub mod supervise;
 pub mod tap;
@@ -21,13 +22,14 @@ use anyhow::Context;
 use imflow_gateways::api::Api;
 use imflow_gateways::auth::Auth;
 use imflow_gateways::connections::Connections;
+use imflow_gateways::reload::ReloadReport;
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
 use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR};
 use imflow_stages::store::dead_letters::KafkaDeadLetters;
 use imflow_stages::store::DeadLetters;
 use imflow_stages::store::SqliteStore;
-use imflow_stages::{Backends, Services};
+use imflow_stages::{Backends, Door, Services};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -47,17 +49,20 @@ pub fn load_pipeline(
     required: bool,
     registry: &Registry,
 ) -> anyhow::Result<CompiledPipeline> {
-    let (name, text) = match std::fs::read_to_string(path) {
-        Ok(t) => (path.display().to_string(), t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => (
+    let (name, text) = read_pipeline(path, required)?;
+    compile(&name, &text, registry).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A pipeline file's name (as errors show it) and text.
+pub(crate) fn read_pipeline(path: &Path, required: bool) -> anyhow::Result<(String, String)> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok((path.display().to_string(), t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok((
             "(built-in pipeline.yaml)".to_string(),
             BUILTIN_PIPELINE.to_string(),
-        ),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read pipeline file {}", path.display()))
-        }
-    };
-    compile(&name, &text, registry).map_err(|e| anyhow::anyhow!("{e}"))
+        )),
+        Err(e) => Err(e).with_context(|| format!("cannot read pipeline file {}", path.display())),
+    }
 }
 
 /// The Kafka edges' settings, when the config has `kafka`.
@@ -138,11 +143,51 @@ pub(crate) fn render_metrics() -> String {
     handle.render()
 }
 
+/// The standalone server's resources for a pipeline: the services, and a
+/// place for dead letters when a stage needs one (the Kafka topic, or the
+/// embedded store).
+fn standalone_lender(
+    cfg: &Config,
+    services: &Services,
+    kafka: Option<imflow_runtime::KafkaSettings>,
+    embedded: Option<Arc<SqliteStore>>,
+) -> reload::Lend {
+    let cfg = cfg.clone();
+    let services = services.clone();
+    Box::new(move |pipeline: &CompiledPipeline| {
+        let needs_dead = pipeline.needs(None, DEAD_LETTERS.id());
+        let file = pipeline.file.clone();
+        let (cfg, services, kafka, embedded) = (
+            cfg.clone(),
+            services.clone(),
+            kafka.clone(),
+            embedded.clone(),
+        );
+        Box::pin(async move {
+            let mut resources = services.resources();
+            if needs_dead {
+                let dead: Arc<dyn DeadLetters> = match (&kafka, embedded) {
+                    (Some(k), _) => dead_letter_topic(&cfg, k).await?,
+                    (None, Some(store)) => store,
+                    (None, None) => anyhow::bail!(
+                        "{file}: a stage needs `{}`, kept in a Kafka topic or the embedded store; with the cluster stores, configure `kafka`",
+                        DEAD_LETTERS.name
+                    ),
+                };
+                tracing::info!(to = %dead.place(), "dead letters");
+                resources.insert(&DEAD_LETTERS, dead);
+            }
+            Ok(resources)
+        })
+    })
+}
+
 /// A running standalone server.
 pub struct Server {
     pub gateway_addr: SocketAddr,
     pub api_addr: SocketAddr,
     running: Running,
+    reloader: imflow_gateways::reload::Reloader,
 }
 
 impl Server {
@@ -198,20 +243,8 @@ impl Server {
         if let Some(k) = &kafka {
             ensure_topics(k, &pipeline).await?;
         }
-        let mut resources = services.resources();
-        if pipeline.needs(None, DEAD_LETTERS.id()) {
-            let dead: Arc<dyn DeadLetters> = match (&kafka, embedded) {
-                (Some(k), _) => dead_letter_topic(&cfg, k).await?,
-                (None, Some(store)) => store,
-                (None, None) => anyhow::bail!(
-                    "{}: a stage needs `{}`, kept in a Kafka topic or the embedded store; with the cluster stores, configure `kafka`",
-                    pipeline.file,
-                    DEAD_LETTERS.name
-                ),
-            };
-            tracing::info!(to = %dead.place(), "dead letters");
-            resources.insert(&DEAD_LETTERS, dead);
-        }
+        let lend = standalone_lender(&cfg, &services, kafka.clone(), embedded);
+        let resources = lend(&pipeline).await?;
         let topology =
             RunningTopology::start_with(&pipeline, &registry, &resources, kafka.as_ref())?;
         if kafka.is_some() {
@@ -223,24 +256,31 @@ impl Server {
             cfg.token_ttl_secs,
         )
         .await?;
+        let door = Door::new(topology.provided(&INGEST_DOOR));
         let api = Arc::new(Api {
             services: services.clone(),
             auth,
             conns: conns.clone(),
-            ingest: topology.provided(&INGEST_DOOR),
+            ingest: door.clone(),
             cluster: None,
             rules: cfg.rules(),
         });
-        let gauges = topology.queue_gauges();
+        let gauges = reload::GaugeSlot::default();
+        gauges.set(topology.queue_gauges());
+        let (reloader, reloads) = reload::channel();
         let draining = CancellationToken::new();
         let rest = router(RestState {
             api: api.clone(),
-            metrics: Arc::new(move || {
-                gauges.record();
-                render_metrics()
+            metrics: Arc::new({
+                let gauges = gauges.clone();
+                move || {
+                    gauges.record();
+                    render_metrics()
+                }
             }),
             draining: draining.clone(),
             per_user: imflow_gateways::rest::user_rate(&cfg.rest),
+            reload: Some(reloader.clone()),
         });
 
         let accept_stop = CancellationToken::new();
@@ -266,8 +306,20 @@ impl Server {
                 leave: None,
                 draining,
                 accept_stop,
-                topology: Some(topology),
-                deadline: Duration::from_secs(cfg.shutdown_deadline_secs),
+                pipeline: reload::Pipeline {
+                    name: "imflow".into(),
+                    scope: reload::Scope::Everything,
+                    topology: Some(topology),
+                    compiled: Some((pipeline, resources)),
+                    registry,
+                    config: cfg,
+                    kafka,
+                    lend,
+                    door,
+                    gauges,
+                    broken: None,
+                },
+                reloads,
                 conns,
                 tracker,
                 servers,
@@ -278,6 +330,7 @@ impl Server {
             gateway_addr,
             api_addr,
             running,
+            reloader,
         })
     }
 
@@ -289,6 +342,12 @@ impl Server {
     /// Graceful shutdown.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.running.stop().await
+    }
+
+    /// Re-read the config and pipeline file and swap the running pipeline
+    /// for the file's (what `SIGHUP` does).
+    pub async fn reload(&self) -> ReloadReport {
+        (self.reloader)().await
     }
 
     pub fn is_finished(&self) -> bool {

@@ -50,6 +50,11 @@ enum Command {
     /// Follow one conversation's messages through every stage of every
     /// process, with the time spent between them.
     Tap(imflow::tap::TapArgs),
+    /// Re-read the config and pipeline.yaml in the running server (every
+    /// process of a cluster, one at a time): changed stages are rebuilt,
+    /// added ones start, removed ones drain; an invalid file is refused
+    /// with every error. The same as `kill -HUP`.
+    Reload(imflow::reload::ReloadArgs),
     /// Print a token for USER from the running server (with the
     /// configured admin secret; the shipped one is refused).
     Token(imflow::token::TokenArgs),
@@ -134,17 +139,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => (PathBuf::from("config/standalone.yaml"), false),
     };
     let mut cfg = Config::load(&path, required)?;
-    if let Some(d) = args.data_dir {
-        cfg.data_dir = d;
-    }
-    if let Some(a) = args.gateway_addr {
-        cfg.listen.gateway = a;
-    }
-    if let Some(a) = args.api_addr {
-        cfg.listen.api = a;
-    }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    cfg.set_overrides(imflow::config::Overrides {
+        data_dir: args.data_dir,
+        gateway: args.gateway_addr,
+        api: args.api_addr,
+    });
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     if let Some(process) = args.process {
         cfg.check_cluster_process(&path.display().to_string())?;
         let placement = imflow::process::Placement {
@@ -153,18 +155,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             host: args.host.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
         };
         let mut server = imflow::process::ProcessServer::start(cfg, placement).await?;
-        tokio::select! {
-            r = server.wait() => return r,
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-            _ = term.recv() => tracing::info!("terminated; shutting down"),
+        loop {
+            tokio::select! {
+                r = server.wait() => return r,
+                _ = tokio::signal::ctrl_c() => break tracing::info!("interrupted; shutting down"),
+                _ = term.recv() => break tracing::info!("terminated; shutting down"),
+                // The report is logged where the reload runs.
+                _ = hup.recv() => { server.reload().await; }
+            }
         }
         return server.stop().await;
     }
     let mut server = Server::start(cfg).await?;
-    tokio::select! {
-        r = server.wait() => return r,
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    loop {
+        tokio::select! {
+            r = server.wait() => return r,
+            _ = tokio::signal::ctrl_c() => break tracing::info!("interrupted; shutting down"),
+            _ = term.recv() => break tracing::info!("terminated; shutting down"),
+            _ = hup.recv() => { server.reload().await; }
+        }
     }
     server.stop().await
 }
@@ -225,6 +234,7 @@ fn main() -> std::process::ExitCode {
             Command::Top(a) => imflow::top::run(a).await,
             Command::Tap(a) => imflow::tap::run(a).await,
             Command::Token(a) => imflow::token::run(a).await,
+            Command::Reload(a) => imflow::reload::run(a).await,
             Command::Nginx(a) => {
                 let cfg = Config::load(&a.config, true)?;
                 print!(

@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use imflow_gateways::api::{Api, ClusterDoor};
@@ -12,14 +11,16 @@ use imflow_gateways::auth::Auth;
 use imflow_gateways::cluster::{rpc_router, DoorLink, RemoteIngest, RemotePresence, RpcState};
 use imflow_gateways::connections::Connections;
 use imflow_gateways::discovery::{Discovery, Member};
+use imflow_gateways::reload::{ReloadReport, Reloader};
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{CompiledPipeline, RunningTopology};
 use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR, PRESENCE};
-use imflow_stages::{Backends, Presence, Resends, Services};
+use imflow_stages::{Backends, Door, Presence, Resends, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::reload::{Lend, Pipeline, Scope};
 use crate::running::{serve_http, wait_for_consumers, Parts, Running};
 use crate::{kafka_settings, load_pipeline, prometheus, Config};
 
@@ -91,6 +92,7 @@ pub struct ProcessServer {
     pub addr: SocketAddr,
     pub placement: Placement,
     running: Running,
+    reloader: Reloader,
 }
 
 /// A `Presence` for processes that push to nobody.
@@ -101,6 +103,42 @@ impl Presence for Nobody {
     fn is_online(&self, _: &str) -> bool {
         false
     }
+}
+
+/// A process group's resources for a pipeline: the services, and the
+/// dead-letter topic when one of its stages needs it. Presence is chosen
+/// at start; a reload that gives push-like stages to a group started
+/// without them is refused with how to get them.
+fn group_lender(
+    cfg: &Config,
+    services: &Services,
+    kafka: &imflow_runtime::KafkaSettings,
+    group: &str,
+    has_presence: bool,
+) -> Lend {
+    let (cfg, services, kafka, group) = (
+        cfg.clone(),
+        services.clone(),
+        kafka.clone(),
+        group.to_string(),
+    );
+    Box::new(move |pipeline: &CompiledPipeline| {
+        let needs_dead = pipeline.needs(Some(&group), DEAD_LETTERS.id());
+        let needs_presence = pipeline.needs(Some(&group), PRESENCE.id());
+        let file = pipeline.file.clone();
+        let (cfg, services, kafka, group) =
+            (cfg.clone(), services.clone(), kafka.clone(), group.clone());
+        Box::pin(async move {
+            if needs_presence && !has_presence {
+                bail!("{file}: a stage of `{group}` now needs `{}` (where users are online), which this process follows only when started with such a stage; restart the group's processes", PRESENCE.name);
+            }
+            let mut resources = services.resources();
+            if needs_dead {
+                resources.insert(&DEAD_LETTERS, crate::dead_letter_topic(&cfg, &kafka).await?);
+            }
+            Ok(resources)
+        })
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -139,7 +177,10 @@ impl ProcessServer {
         let conns = Arc::new(Connections::new(cfg.websocket.outgoing_queue));
         let metrics = Arc::new(crate::render_metrics);
 
-        let mut topology = None;
+        let mut running_pipeline = None;
+        let mut door_handle = Door::default();
+        let gauges = crate::reload::GaugeSlot::default();
+        let (reloader, reloads) = crate::reload::channel();
         let mut servers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         let accept_stop = CancellationToken::new();
         let mut kinds = Vec::new();
@@ -156,7 +197,7 @@ impl ProcessServer {
                 services,
                 auth,
                 conns: conns.clone(),
-                ingest: None,
+                ingest: Default::default(),
                 cluster: Some(ClusterDoor {
                     ingest: RemoteIngest::new(members.clone(), &secret),
                     link,
@@ -203,10 +244,11 @@ impl ProcessServer {
                     rpc,
                     rpc_router(RpcState {
                         secret: secret.as_str().into(),
-                        ingest: None,
+                        ingest: Default::default(),
                         conns: Some(conns.clone()),
                         metrics: metrics.clone(),
                         draining: draining.clone(),
+                        reload: Some(reloader.clone()),
                     }),
                     accept_stop.clone(),
                     &cfg.rest,
@@ -226,6 +268,7 @@ impl ProcessServer {
                         metrics: metrics.clone(),
                         draining: draining.clone(),
                         per_user: imflow_gateways::rest::user_rate(&cfg.rest),
+                        reload: Some(reloader.clone()),
                     }),
                     accept_stop.clone(),
                     &cfg.rest,
@@ -253,7 +296,8 @@ impl ProcessServer {
                     );
                 }
                 // Only a group that pushes follows where users are online.
-                let presence: Arc<dyn Presence> = if pipeline.needs(Some(group), PRESENCE.id()) {
+                let follows = pipeline.needs(Some(group), PRESENCE.id());
+                let presence: Arc<dyn Presence> = if follows {
                     RemotePresence::start(redis.clone(), members.clone(), &secret, stop.clone())
                 } else {
                     Arc::new(Nobody)
@@ -271,26 +315,27 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let mut resources = services.resources();
-                if pipeline.needs(Some(group), DEAD_LETTERS.id()) {
-                    resources.insert(&DEAD_LETTERS, crate::dead_letter_topic(&cfg, &kafka).await?);
-                }
+                let lend = group_lender(&cfg, &services, &kafka, group, follows);
+                let resources = lend(&pipeline).await?;
                 let t =
                     RunningTopology::start_group(&pipeline, &registry, &resources, &kafka, group)?;
                 wait_for_consumers(&t).await;
+                gauges.set(t.queue_gauges());
+                door_handle = Door::new(t.provided(&INGEST_DOOR));
                 servers.push(serve_http(
                     rpc,
                     rpc_router(RpcState {
                         secret: secret.as_str().into(),
-                        ingest: t.provided(&INGEST_DOOR),
+                        ingest: door_handle.clone(),
                         conns: None,
                         metrics: metrics.clone(),
                         draining: draining.clone(),
+                        reload: Some(reloader.clone()),
                     }),
                     accept_stop.clone(),
                     &cfg.rest,
                 ));
-                topology = Some(t);
+                running_pipeline = Some((t, pipeline, resources, registry, lend));
             }
         }
         let registration = discovery
@@ -309,14 +354,43 @@ impl ProcessServer {
             .await?;
         tracing::info!(process = %placement.process, index = placement.index, %addr, "imflow process serving");
 
+        let name = format!("{}#{}", placement.process, placement.index);
+        let pipeline = match running_pipeline {
+            Some((t, compiled, resources, registry, lend)) => Pipeline {
+                name,
+                scope: Scope::Group(placement.process.clone()),
+                topology: Some(t),
+                compiled: Some((compiled, resources)),
+                registry,
+                config: cfg,
+                kafka: Some(kafka),
+                lend,
+                door: door_handle,
+                gauges,
+                broken: None,
+            },
+            None => Pipeline {
+                name,
+                scope: Scope::Doors,
+                topology: None,
+                compiled: None,
+                registry: imflow_stages::registry(),
+                config: cfg,
+                kafka: Some(kafka),
+                lend: Box::new(|_| Box::pin(async { Ok(imflow_runtime::Resources::new()) })),
+                door: door_handle,
+                gauges,
+                broken: None,
+            },
+        };
         let running = Running::start(
             stop,
             Parts {
                 leave: Some(registration),
                 draining,
                 accept_stop,
-                topology,
-                deadline: Duration::from_secs(cfg.shutdown_deadline_secs),
+                pipeline,
+                reloads,
                 conns,
                 tracker,
                 servers,
@@ -327,12 +401,19 @@ impl ProcessServer {
             addr,
             placement,
             running,
+            reloader,
         })
     }
 
     /// Wait until the process stops on its own (a pipeline failure).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         self.running.wait().await
+    }
+
+    /// Re-read the config and pipeline file and swap this process's stages
+    /// for the file's (what `SIGHUP` does).
+    pub async fn reload(&self) -> ReloadReport {
+        (self.reloader)().await
     }
 
     /// Graceful shutdown: out of etcd first, then drain.

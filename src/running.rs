@@ -8,6 +8,8 @@ use std::time::Duration;
 use imflow_gateways::connections::Connections;
 use imflow_gateways::http::HttpLimits;
 use imflow_runtime::RunningTopology;
+
+use crate::reload::{Pipeline, Requests};
 use imflow_stages::Backends;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -45,9 +47,10 @@ pub(crate) struct Parts {
     /// Then no new connections or requests.
     pub accept_stop: CancellationToken,
     /// Then the pipeline drains (ingest stops; what is queued is stored,
-    /// acked and pushed) within `deadline`.
-    pub topology: Option<RunningTopology>,
-    pub deadline: Duration,
+    /// acked and pushed) within the config's deadline. Until then it is
+    /// reloaded on each request of `reloads`.
+    pub pipeline: Pipeline,
+    pub reloads: Requests,
     /// Then the connections close, the listeners end, the stores close.
     pub conns: Arc<Connections>,
     pub tracker: TaskTracker,
@@ -66,14 +69,15 @@ impl Running {
     pub(crate) fn start(stop: CancellationToken, mut p: Parts) -> Running {
         let signal = stop.clone();
         let done = tokio::spawn(async move {
-            let failure = match &mut p.topology {
-                Some(t) => tokio::select! {
-                    _ = signal.cancelled() => None,
-                    (stage, why) = t.failed() => Some(format!("stage `{stage}` failed: {why}")),
-                },
-                None => {
-                    signal.cancelled().await;
-                    None
+            let failure = loop {
+                tokio::select! {
+                    _ = signal.cancelled() => break None,
+                    (stage, why) = p.pipeline.failed() => break Some(format!("stage `{stage}` failed: {why}")),
+                    Some(answer) = p.reloads.recv() => {
+                        let report = p.pipeline.reload().await;
+                        crate::reload::log(&report);
+                        let _ = answer.send(report);
+                    }
                 }
             };
             if let Some(f) = &failure {
@@ -85,10 +89,7 @@ impl Running {
             }
             p.draining.cancel();
             p.accept_stop.cancel();
-            let drained = match p.topology {
-                Some(t) => t.shutdown(p.deadline).await,
-                None => true,
-            };
+            let drained = p.pipeline.shutdown().await;
             p.conns.close_all();
             p.tracker.close();
             let _ = tokio::time::timeout(Duration::from_secs(2), p.tracker.wait()).await;

@@ -12,7 +12,7 @@ use imflow_stages::store::{
     self, files, ConversationState, Device, FileRow, GroupChanges, GroupState, LocalFiles, Profile,
     Role,
 };
-use imflow_stages::{IngestHandle, PendingAck, Services};
+use imflow_stages::{Door, PendingAck, Services};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -26,8 +26,9 @@ pub struct Api {
     pub auth: Auth,
     pub conns: Arc<Connections>,
     /// The door of this process's own pipeline (standalone): what the
-    /// running topology's source provided as `roles::INGEST_DOOR`.
-    pub ingest: Option<IngestHandle>,
+    /// running topology's source provided as `roles::INGEST_DOOR`, swapped
+    /// by a live reload.
+    pub ingest: Door,
     /// Set when this door is its own process in a cluster: sends go to the
     /// ingest processes, kicks and per-user frames to the other doors.
     pub cluster: Option<ClusterDoor>,
@@ -148,14 +149,8 @@ impl Api {
     pub async fn send(&self, user: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
         match &self.cluster {
             Some(c) => c.ingest.send(user, req).await,
-            None => self.local_ingest()?.send(user, req).await,
+            None => self.ingest.send(user, req).await,
         }
-    }
-
-    fn local_ingest(&self) -> Result<&IngestHandle, ImError> {
-        self.ingest
-            .as_ref()
-            .ok_or_else(|| ImError::unavailable("this server's pipeline takes no sends"))
     }
 
     /// Write a server notification into a conversation and wait until it
@@ -175,7 +170,7 @@ impl Api {
         };
         let pending = match &self.cluster {
             Some(c) => c.ingest.notify(&sender, notice).await?,
-            None => self.local_ingest()?.notify(&sender, notice).await?,
+            None => self.ingest.notify(&sender, notice).await?,
         };
         pending.wait().await.map(|_| ())
     }

@@ -35,7 +35,7 @@ use imflow_stages::model::{AckInfo, Conversation, ImError, Notice, SendRequest, 
 use imflow_stages::roles::INGEST_DOOR;
 use imflow_stages::store::redis::Redis;
 use imflow_stages::store::Directory;
-use imflow_stages::{IngestHandle, PendingAck, Presence, PushItem};
+use imflow_stages::{Door, PendingAck, Presence, PushItem};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -249,9 +249,10 @@ async fn rpc_send(
     if let Err(r) = s.check(&headers) {
         return r;
     }
-    let Some(ingest) = s.ingest.clone() else {
+    let ingest = &s.ingest;
+    if !ingest.serves().await {
         return (StatusCode::NOT_FOUND, "this process runs no ingest stage").into_response();
-    };
+    }
     let sender: Arc<str> = body.sender.into();
     let submitted = match (body.req, body.notice) {
         (Some(req), None) => ingest.send(&sender, req).await,
@@ -846,12 +847,14 @@ async fn record_presence(
 #[derive(Clone)]
 pub struct RpcState {
     pub secret: Arc<str>,
-    /// Set in a process that runs an `ingest` stage.
-    pub ingest: Option<IngestHandle>,
+    /// Serves in a process that runs an `ingest` stage.
+    pub ingest: Door,
     /// Set in a gateway.
     pub conns: Option<Arc<Connections>>,
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pub draining: CancellationToken,
+    /// `/reload`: this process re-reads its config and pipeline.
+    pub reload: Option<crate::reload::Reloader>,
 }
 
 impl RpcState {
@@ -879,6 +882,7 @@ pub fn rpc_router(state: RpcState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/tap", get(rpc_tap))
+        .route("/reload", post(rpc_reload))
         .with_state(state)
 }
 
@@ -888,6 +892,13 @@ async fn healthz(State(s): State<RpcState>) -> Response {
     } else {
         "ok".into_response()
     }
+}
+
+async fn rpc_reload(State(s): State<RpcState>, headers: HeaderMap) -> Response {
+    if let Err(r) = s.check(&headers) {
+        return r;
+    }
+    crate::reload::answer(s.reload.as_ref()).await
 }
 
 async fn rpc_tap(

@@ -13,6 +13,7 @@ pub mod error;
 pub mod handshake;
 pub mod http;
 pub mod openapi;
+pub mod reload;
 pub mod rest;
 pub mod tap;
 pub mod ws;

@@ -33,6 +33,8 @@ pub struct RestState {
     pub draining: CancellationToken,
     /// Requests per user.
     pub per_user: Arc<UserRate>,
+    /// How `POST /reload` reaches the process's pipeline.
+    pub reload: Option<crate::reload::Reloader>,
 }
 
 /// A rate limit per user of the REST API.
@@ -195,6 +197,7 @@ pub fn router(state: RestState) -> Router {
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(tap))
+        .routes(routes!(reload))
         .split_for_parts();
     let doc = crate::openapi::finish(doc);
     router
@@ -1118,6 +1121,20 @@ async fn healthz(State(s): State<RestState>) -> Response {
     security(("admin_secret" = [])))]
 async fn tap(_: Admin, Query(q): Query<crate::tap::TapQuery>) -> Response {
     crate::tap::follow(q.conversation)
+}
+
+/// Re-read the config and the pipeline file and swap the running pipeline
+/// for the file's: stages added start, removed ones drain first, changed
+/// ones are rebuilt; sends wait at the door meanwhile and connections stay
+/// open. An invalid file is refused (422, every error listed) and the
+/// running pipeline keeps serving. The same as `SIGHUP` and `imflow reload`.
+#[utoipa::path(post, path = "/reload", tag = "operations",
+    responses(
+        (status = 200, body = crate::reload::ReloadReport),
+        (status = 422, description = "refused; the running pipeline is unchanged", body = crate::reload::ReloadReport)),
+    security(("admin_secret" = [])))]
+async fn reload(_: Admin, State(s): State<RestState>) -> Response {
+    crate::reload::answer(s.reload.as_ref()).await
 }
 
 /// This process's metrics, in Prometheus text format.

@@ -681,7 +681,7 @@ mod tests {
             services,
             auth,
             conns,
-            ingest: None,
+            ingest: Default::default(),
             cluster: None,
             rules: Default::default(),
         })

@@ -84,6 +84,22 @@ pub struct CompiledPipeline {
     pub processes: Vec<ProcessGroup>,
 }
 
+/// The stages two versions of a pipeline run differently, by name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StageDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+impl StageDiff {
+    /// Nothing to restart.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
 impl CompiledPipeline {
     pub fn stage_count(&self) -> usize {
         self.graph.node_count()
@@ -123,6 +139,72 @@ impl CompiledPipeline {
     /// provides `role`.
     pub fn provides(&self, group: Option<&str>, role: RoleId) -> bool {
         self.stages_of(group).any(|n| n.provides.contains(&role))
+    }
+
+    /// How the stages of `group` (all for `None`) differ from `older`'s:
+    /// what a live reload starts, stops and rebuilds. A stage is changed
+    /// when its kind, options or any edge into or out of it (peer, topic,
+    /// partitions, capacity) differ.
+    pub fn diff(&self, older: &CompiledPipeline, group: Option<&str>) -> StageDiff {
+        let mine: HashMap<&str, String> = self
+            .stages_of(group)
+            .map(|n| (n.name.as_str(), self.signature(&n.name)))
+            .collect();
+        let theirs: HashMap<&str, String> = older
+            .stages_of(group)
+            .map(|n| (n.name.as_str(), older.signature(&n.name)))
+            .collect();
+        let mut d = StageDiff::default();
+        for (name, sig) in &mine {
+            match theirs.get(name) {
+                None => d.added.push(name.to_string()),
+                Some(old) if old != sig => d.changed.push(name.to_string()),
+                Some(_) => d.unchanged.push(name.to_string()),
+            }
+        }
+        d.removed = theirs
+            .keys()
+            .filter(|n| !mine.contains_key(*n))
+            .map(|n| n.to_string())
+            .collect();
+        for v in [
+            &mut d.added,
+            &mut d.removed,
+            &mut d.changed,
+            &mut d.unchanged,
+        ] {
+            v.sort();
+        }
+        d
+    }
+
+    /// Everything that makes a stage what it runs as, as comparable text.
+    fn signature(&self, stage: &str) -> String {
+        let Some(idx) = self
+            .graph
+            .node_indices()
+            .find(|i| self.graph[*i].name == stage)
+        else {
+            return String::new();
+        };
+        let n = &self.graph[idx];
+        let options = serde_yaml::to_string(&n.options).unwrap_or_default();
+        let mut edges: Vec<String> = self
+            .graph
+            .edges_directed(idx, petgraph::Direction::Incoming)
+            .map(|e| (e, "in", &self.graph[e.source()].name))
+            .chain(
+                self.graph
+                    .edges_directed(idx, petgraph::Direction::Outgoing)
+                    .map(|e| (e, "out", &self.graph[e.target()].name)),
+            )
+            .map(|(e, dir, peer)| {
+                let w = e.weight();
+                format!("{dir} {peer} {:?} {} {}", w.topic, w.partitions, w.capacity)
+            })
+            .collect();
+        edges.sort();
+        format!("{}\n{options}\n{}", n.kind, edges.join("\n"))
     }
 
     /// The graph in Graphviz DOT.
@@ -868,6 +950,37 @@ mod tests {
         assert_eq!(names, ["s", "c", "k"]);
         assert!(p.to_dot().contains("kafka ws2ms_chat ×8"));
         assert!(p.to_string().contains("3 stages, 2 edges"));
+    }
+
+    #[test]
+    fn a_diff_names_stages_added_removed_and_changed_by_options_or_edges() {
+        let base = "stages:\n  s:\n    kind: src\n  m:\n    kind: map\n    inputs: [s]\n  c:\n    kind: conv\n    inputs: [m]\n  k:\n    kind: sink\n    inputs: [c]\n";
+        let old = compile("p.yaml", base, &registry()).unwrap();
+        assert!(old.diff(&old, None).is_empty());
+        // `k` gets an option; `m` is dropped, so `c` reads `s` (both `s`
+        // and `c` have other edges); `k2` is new.
+        let text = "stages:\n  s:\n    kind: src\n  c:\n    kind: conv\n    inputs: [s]\n  k:\n    kind: sink\n    inputs: [c]\n    options: {batch: 4}\n  k2:\n    kind: sink\n    inputs: [c]\n";
+        let new = compile("p.yaml", text, &registry()).unwrap();
+        let d = new.diff(&old, None);
+        assert_eq!(d.added, ["k2"]);
+        assert_eq!(d.removed, ["m"]);
+        assert_eq!(d.changed, ["c", "k", "s"]);
+        assert!(d.unchanged.is_empty());
+        // A partition count is an edge change too.
+        let wider = base.replace(
+            "inputs: [c]",
+            "inputs:\n      - from: c\n        partitions: 3",
+        );
+        let d = compile("p.yaml", &wider, &registry())
+            .unwrap()
+            .diff(&old, None);
+        assert_eq!(
+            (d.changed, d.unchanged),
+            (
+                vec!["c".to_string(), "k".to_string()],
+                vec!["m".to_string(), "s".to_string()]
+            )
+        );
     }
 
     #[test]

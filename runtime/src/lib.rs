@@ -21,7 +21,7 @@ pub mod tap;
 pub mod topology;
 
 pub use ack::{Ack, AckStatus};
-pub use compile::{compile, CompiledPipeline};
+pub use compile::{compile, CompiledPipeline, StageDiff};
 pub use edge::{Envelope, Input, Output, Payload};
 pub use error::{BuildError, CompileErrors, Diagnostic};
 pub use kafka::KafkaSettings;

@@ -99,14 +99,14 @@ impl RunningTopology {
         )
     }
 
-    fn start_stages(
+    /// Whether `resources` has every role the stages (of group `only`, or
+    /// all) need: every gap at once, before a task runs (a live reload asks
+    /// before it stops the running pipeline).
+    pub fn check_roles(
         pipeline: &CompiledPipeline,
-        registry: &Registry,
         resources: &Resources,
-        kafka: Option<&KafkaSettings>,
         only: Option<&[String]>,
-    ) -> Result<Self, BuildError> {
-        // Every gap at once, before a task runs.
+    ) -> Result<(), BuildError> {
         let missing: Vec<(String, String, &'static str)> = pipeline
             .graph
             .node_weights()
@@ -118,9 +118,21 @@ impl RunningTopology {
                     .map(|r| (n.name.clone(), n.kind.clone(), r.0))
             })
             .collect();
-        if !missing.is_empty() {
-            return Err(BuildError::MissingRoles(missing));
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(BuildError::MissingRoles(missing))
         }
+    }
+
+    fn start_stages(
+        pipeline: &CompiledPipeline,
+        registry: &Registry,
+        resources: &Resources,
+        kafka: Option<&KafkaSettings>,
+        only: Option<&[String]>,
+    ) -> Result<Self, BuildError> {
+        Self::check_roles(pipeline, resources, only)?;
         let mut provided = Resources::new();
         let shutdown = CancellationToken::new();
         let mut pending = HashMap::new();

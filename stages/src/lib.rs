@@ -22,7 +22,7 @@ use std::sync::Arc;
 use imflow_runtime::{Ack, Registry, Resources};
 
 pub use error::Error;
-pub use kinds::ingest::{IngestHandle, PendingAck};
+pub use kinds::ingest::{Door, IngestHandle, PendingAck, Swap};
 use store::mongo::{MongoHistory, MongoSettings};
 use store::mysql::{MysqlDirectory, MysqlSettings};
 use store::redis::{Redis, RedisHot, RedisSequencer, RedisSettings};

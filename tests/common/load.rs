@@ -58,6 +58,10 @@ pub struct PairLog {
     /// Pushes to the receiver: (when, seq, server_msg_id).
     pub pushes: Vec<(Instant, u64, String)>,
     pub receiver_reconnected: bool,
+    /// Times the sender's connection dropped.
+    pub sender_reconnects: usize,
+    /// Each acked message: when it was first sent, and how long its ack took.
+    pub acks: Vec<(Instant, Duration)>,
     pub resends: usize,
     /// What the receiver read by pull at the end, in seq order.
     pub stored: Vec<Value>,
@@ -168,6 +172,11 @@ impl Load {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends answered `unavailable` so far.
+    pub fn refused_so_far(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Messages acked so far.
@@ -350,7 +359,10 @@ impl Pair {
                                 let id = v["server_msg_id"].as_str().expect("ack id").to_string();
                                 match self.log.acked.insert(o.cmid.clone(), id.clone()) {
                                     Some(before) => assert_eq!(before, id, "{}: a resend of {} got another id", self.log.conversation, o.cmid),
-                                    None => { self.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed); }
+                                    None => {
+                                        self.log.acks.push((o.first, o.first.elapsed()));
+                                        self.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    }
                                 }
                             }
                             _ => {
@@ -364,6 +376,7 @@ impl Pair {
                     None | Some(Err(_)) => {
                         // Dropped (the server or gateway died): reconnect and
                         // resend whatever had no answer.
+                        self.log.sender_reconnects += 1;
                         tx = self.connect(&sender, 1, Instant::now() + MESSAGE_DEADLINE).await;
                         let now = Instant::now();
                         for (_, o) in outstanding.drain() {

@@ -71,6 +71,59 @@ impl StageKind for Ingest {
     }
 }
 
+/// Where doors send: the running pipeline's [`IngestHandle`], kept across
+/// live reloads. While a reload swaps the pipeline, sends wait here (in
+/// arrival order) instead of failing, so a reload loses and refuses nothing.
+/// Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Door(Arc<tokio::sync::RwLock<Option<IngestHandle>>>);
+
+/// A door closed for a swap: sends wait until [`Swap::open`].
+pub struct Swap(tokio::sync::OwnedRwLockWriteGuard<Option<IngestHandle>>);
+
+impl Swap {
+    /// Let the waiting sends through to `handle` (none: the new pipeline
+    /// takes no sends).
+    pub fn open(mut self, handle: Option<IngestHandle>) {
+        *self.0 = handle;
+    }
+}
+
+impl Door {
+    pub fn new(handle: Option<IngestHandle>) -> Self {
+        Door(Arc::new(tokio::sync::RwLock::new(handle)))
+    }
+
+    /// Hold new sends back, once those already handing their message to
+    /// the pipeline have done so.
+    pub async fn close(&self) -> Swap {
+        Swap(self.0.clone().write_owned().await)
+    }
+
+    /// Whether a pipeline takes sends here.
+    pub async fn serves(&self) -> bool {
+        self.0.read().await.is_some()
+    }
+
+    pub async fn send(&self, sender: &Arc<str>, req: SendRequest) -> Result<PendingAck, ImError> {
+        match &*self.0.read().await {
+            Some(h) => h.send(sender, req).await,
+            None => Err(no_pipeline()),
+        }
+    }
+
+    pub async fn notify(&self, sender: &Arc<str>, notice: Notice) -> Result<PendingAck, ImError> {
+        match &*self.0.read().await {
+            Some(h) => h.notify(sender, notice).await,
+            None => Err(no_pipeline()),
+        }
+    }
+}
+
+fn no_pipeline() -> ImError {
+    ImError::unavailable("this server's pipeline takes no sends")
+}
+
 /// How a door submits messages. Cheap to clone.
 #[derive(Clone)]
 pub struct IngestHandle {
