@@ -57,6 +57,8 @@ export IMFLOW_TANSU_SQLITE
 
 echo "== cargo test (standalone, and the runtime's Kafka edges)"
 cargo test --workspace --all-targets
+echo "== imflow test: the pipeline tests of the six kinds (tests/pipeline)"
+target/debug/imflow test tests/pipeline/*.yaml
 echo "== cargo test: the end-to-end tests again on the cluster data plane"
 echo "   (Kafka edges, MySQL, MongoDB, Redis of script/infra.sh)"
 # --workspace as above: the same package selection unifies features the same

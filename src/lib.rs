@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod nginx;
+pub mod pipetest;
 pub mod process;
 pub mod reload;
 mod running;

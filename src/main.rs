@@ -55,6 +55,9 @@ enum Command {
     /// added ones start, removed ones drain; an invalid file is refused
     /// with every error. The same as `kill -HUP`.
     Reload(imflow::reload::ReloadArgs),
+    /// Run pipeline tests written in YAML (a stage or a chain of stages,
+    /// the items in, the items and acks out); exit 1 with diffs if any fail.
+    Test(imflow::pipetest::TestArgs),
     /// Print a token for USER from the running server (with the
     /// configured admin secret; the shipped one is refused).
     Token(imflow::token::TokenArgs),
@@ -235,6 +238,7 @@ fn main() -> std::process::ExitCode {
             Command::Tap(a) => imflow::tap::run(a).await,
             Command::Token(a) => imflow::token::run(a).await,
             Command::Reload(a) => imflow::reload::run(a).await,
+            Command::Test(a) => imflow::pipetest::run(a).await,
             Command::Nginx(a) => {
                 let cfg = Config::load(&a.config, true)?;
                 print!(

@@ -232,3 +232,59 @@ fn a_cluster_process_refuses_the_shipped_secrets() {
         assert!(err.contains(says) && err.contains(file), "{file}: {err}");
     }
 }
+
+/// `imflow test`: the shipped pipeline tests of the six kinds pass, and a
+/// failing test says which field differs (a diff) and exits 1.
+#[test]
+fn pipeline_tests_pass_and_a_failing_one_shows_a_diff() {
+    let shipped: Vec<String> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pipeline"))
+            .expect("tests/pipeline")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().display().to_string())
+            .filter(|p| p.ends_with(".yaml"))
+            .collect();
+    for kind in [
+        "ingest",
+        "seq_assign",
+        "persist_mongo",
+        "persist_redis",
+        "fanout",
+        "push",
+    ] {
+        assert!(
+            shipped
+                .iter()
+                .any(|p| p.ends_with(&format!("/{kind}.yaml"))),
+            "no pipeline test for {kind}"
+        );
+    }
+    let mut args = vec!["test"];
+    args.extend(shipped.iter().map(String::as_str));
+    let (code, out, err) = imflow(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wrong.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "pipeline: {}/pipeline.yaml\ntests:\n  - name: wrong seq\n    stages: [seq]\n    input:\n      - {{conversation_id: si_a_b, server_msg_id: s1, client_msg_id: c1, sender: a, target: {{user: b}}, content_type: 101, content: '{{}}', send_time: 1}}\n    expect:\n      output:\n        - {{seq: 2, msg: {{sender: a}}}}\n      acks: [failed]\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = imflow(&["test", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL") && out.contains("wrong seq"), "{out}");
+    assert!(
+        out.contains("-  \"seq\": 2") && out.contains("+  \"seq\": 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("acks: expected [\"failed\"], got [\"delivered\"]"),
+        "{out}"
+    );
+    assert!(out.contains("0 passed, 1 failed"), "{out}");
+}

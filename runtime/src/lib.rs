@@ -12,6 +12,7 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod fault;
+pub mod harness;
 pub mod kafka;
 pub mod locate;
 pub mod registry;

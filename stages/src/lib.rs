@@ -200,7 +200,7 @@ impl Services {
     }
 }
 
-pub use kinds::register_all;
+pub use kinds::{register_all, register_test_kinds};
 
 /// A registry of every kind of this crate: enough to check a pipeline,
 /// since kinds hold no resources.

@@ -65,3 +65,39 @@ pub fn sequenced() -> Option<PortType> {
 pub fn delivery() -> Option<PortType> {
     Some(PortType::of::<Delivery>("delivery"))
 }
+
+/// The stages `imflow test` feeds and reads around the stages under test:
+/// `test-source:PORT` and `test-sink:PORT` for each port of this crate,
+/// keyed by conversation as the real producers key them.
+pub fn register_test_kinds(registry: &mut Registry) {
+    use crate::model::partition_key as key;
+    use imflow_runtime::harness::{JsonSink, JsonSource};
+    registry
+        .register(JsonSource::<Stamped>::new(
+            "test-source:stamped-message",
+            PortType::of::<Stamped>("stamped-message"),
+            |m| key(&m.conversation_id),
+        ))
+        .register(JsonSource::<Sequenced>::new(
+            "test-source:sequenced-message",
+            PortType::of::<Sequenced>("sequenced-message"),
+            |m| key(&m.msg.conversation_id),
+        ))
+        .register(JsonSource::<Delivery>::new(
+            "test-source:delivery",
+            PortType::of::<Delivery>("delivery"),
+            |d| key(&d.conversation_id),
+        ))
+        .register(JsonSink::<Stamped>::new(
+            "test-sink:stamped-message",
+            PortType::of::<Stamped>("stamped-message"),
+        ))
+        .register(JsonSink::<Sequenced>::new(
+            "test-sink:sequenced-message",
+            PortType::of::<Sequenced>("sequenced-message"),
+        ))
+        .register(JsonSink::<Delivery>::new(
+            "test-sink:delivery",
+            PortType::of::<Delivery>("delivery"),
+        ));
+}
