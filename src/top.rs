@@ -29,6 +29,19 @@ pub struct TopArgs {
     /// With --once: JSON instead of a table.
     #[arg(long, requires = "once")]
     pub json: bool,
+    /// With --once: the live screen as text, COLSxROWS (e.g. 100x24).
+    #[arg(long, requires = "once", conflicts_with = "json", value_parser = parse_size)]
+    pub screen: Option<(u16, u16)>,
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{s}`: give COLSxROWS, e.g. 100x24");
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if w < 40 || h < 10 {
+        return Err(format!("`{s}`: at least 40x10"));
+    }
+    Ok((w, h))
 }
 
 /// One process to read.
@@ -101,6 +114,8 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         let reading = read(&targets, &first, &second, interval);
         if args.json {
             println!("{}", serde_json::to_string_pretty(&reading)?);
+        } else if let Some((w, h)) = args.screen {
+            print!("{}", screen(&reading, w, h)?);
         } else {
             print!("{}", table(&reading));
         }
@@ -398,6 +413,70 @@ fn table(r: &Reading) -> String {
     out
 }
 
+/// One frame of the live screen: the stages summed above, the processes
+/// below.
+fn draw(frame: &mut ratatui::Frame, reading: Option<&Reading>) {
+    use ratatui::layout::{Constraint, Layout};
+    use ratatui::style::{Modifier, Style};
+    use ratatui::widgets::{Block, Row, Table};
+
+    let [top, bottom] = Layout::vertical([Constraint::Percentage(60), Constraint::Percentage(40)])
+        .areas(frame.area());
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    let (stages, processes) = match reading {
+        Some(r) => (
+            r.stages
+                .iter()
+                .map(|s| Row::new(stage_row(s)))
+                .collect::<Vec<_>>(),
+            r.processes
+                .iter()
+                .map(|p| Row::new(process_row(p)))
+                .collect::<Vec<_>>(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut widths = vec![Constraint::Length(18)];
+    widths.extend([Constraint::Length(10); 7]);
+    frame.render_widget(
+        Table::new(stages, widths)
+            .header(Row::new(HEADER).style(bold))
+            .block(Block::bordered().title(" imflow top: stages, summed (q quits) ")),
+        top,
+    );
+    frame.render_widget(
+        Table::new(
+            processes,
+            [
+                Constraint::Length(28),
+                Constraint::Length(7),
+                Constraint::Length(11),
+                Constraint::Min(10),
+            ],
+        )
+        .header(Row::new(["PROCESS", "CPU", "MEMORY", "STAGES"]).style(bold))
+        .block(Block::bordered().title(" processes ")),
+        bottom,
+    );
+}
+
+/// The live screen of `reading`, `width`×`height`, as text: what a
+/// terminal shows, for docs and bug reports (`--once --screen`).
+fn screen(reading: &Reading, width: u16, height: u16) -> anyhow::Result<String> {
+    let mut terminal = ratatui::Terminal::new(ratatui::backend::TestBackend::new(width, height))?;
+    terminal.draw(|frame| draw(frame, Some(reading)))?;
+    let buffer = terminal.backend().buffer();
+    let mut out = String::new();
+    for y in 0..height {
+        let line: String = (0..width)
+            .map(|x| buffer.cell((x, y)).map_or(" ", |c| c.symbol()))
+            .collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// The live screen: refreshed every `interval`, `q` or Esc quits.
 async fn tui(
     http: reqwest::Client,
@@ -405,56 +484,13 @@ async fn tui(
     interval: Duration,
 ) -> anyhow::Result<()> {
     use ratatui::crossterm::event::{self, Event, KeyCode};
-    use ratatui::layout::{Constraint, Layout};
-    use ratatui::style::{Modifier, Style};
-    use ratatui::widgets::{Block, Row, Table};
 
     let mut terminal = ratatui::init();
     let mut previous = scrape_all(&http, &targets).await;
     let mut reading: Option<Reading> = None;
     let mut next = Instant::now() + interval;
     let result: anyhow::Result<()> = loop {
-        let drawn = terminal.draw(|frame| {
-            let [top, bottom] =
-                Layout::vertical([Constraint::Percentage(60), Constraint::Percentage(40)])
-                    .areas(frame.area());
-            let bold = Style::default().add_modifier(Modifier::BOLD);
-            let (stages, processes) = match &reading {
-                Some(r) => (
-                    r.stages
-                        .iter()
-                        .map(|s| Row::new(stage_row(s)))
-                        .collect::<Vec<_>>(),
-                    r.processes
-                        .iter()
-                        .map(|p| Row::new(process_row(p)))
-                        .collect::<Vec<_>>(),
-                ),
-                None => (Vec::new(), Vec::new()),
-            };
-            let mut widths = vec![Constraint::Length(18)];
-            widths.extend([Constraint::Length(10); 7]);
-            frame.render_widget(
-                Table::new(stages, widths)
-                    .header(Row::new(HEADER).style(bold))
-                    .block(Block::bordered().title(" imflow top: stages, summed (q quits) ")),
-                top,
-            );
-            frame.render_widget(
-                Table::new(
-                    processes,
-                    [
-                        Constraint::Length(28),
-                        Constraint::Length(7),
-                        Constraint::Length(11),
-                        Constraint::Min(10),
-                    ],
-                )
-                .header(Row::new(["PROCESS", "CPU", "MEMORY", "STAGES"]).style(bold))
-                .block(Block::bordered().title(" processes ")),
-                bottom,
-            );
-        });
+        let drawn = terminal.draw(|frame| draw(frame, reading.as_ref()));
         if let Err(e) = drawn {
             break Err(e.into());
         }
@@ -530,5 +566,41 @@ mod tests {
         let total = summed(&[p.clone(), p]);
         assert_eq!(total[0].in_per_sec, 200.0);
         assert_eq!(total[0].p99_ms, Some(10.0));
+    }
+
+    #[test]
+    fn the_screen_shows_each_stage_and_process_as_the_terminal_would() {
+        let seq = StageFigures {
+            stage: "seq".into(),
+            in_per_sec: 1234.0,
+            out_per_sec: 1234.0,
+            ..Default::default()
+        };
+        let reading = Reading {
+            at_ms: 0,
+            interval_secs: 1.0,
+            processes: vec![ProcessFigures {
+                process: "imflow".into(),
+                url: "http://127.0.0.1:10002/metrics".into(),
+                up: true,
+                error: None,
+                cpu_percent: 42.0,
+                memory_bytes: 80.0 * 1024.0 * 1024.0,
+                stages: vec![seq.clone()],
+            }],
+            stages: vec![seq],
+        };
+        let text = screen(&reading, 100, 16).expect("drawn");
+        assert_eq!(text.lines().count(), 16);
+        assert!(text.contains("imflow top: stages, summed"), "{text}");
+        let row = text.lines().find(|l| l.contains("seq")).expect("a seq row");
+        assert!(row.contains("1234"), "{row}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("imflow") && l.contains("42%")),
+            "{text}"
+        );
+        assert!(parse_size("10x5").is_err() && parse_size("wide").is_err());
+        assert_eq!(parse_size("100x24"), Ok((100, 24)));
     }
 }
