@@ -289,6 +289,27 @@ impl Pipeline {
 
     /// Refusals that depend on what this process is.
     fn fits(&self, compiled: &CompiledPipeline) -> Result<(), String> {
+        // A cluster process announced in etcd the roles its stages give
+        // (doors find ingest processes by them): those stay as announced.
+        if let (Scope::Group(g), Some((old, _))) = (&self.scope, &self.compiled) {
+            let gives = |p: &CompiledPipeline| {
+                let mut v: Vec<String> = p
+                    .stages_of(Some(g))
+                    .flat_map(|n| n.provides.iter().map(|r| r.to_string()))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            if compiled.process(g).is_some() && gives(compiled) != gives(old) {
+                return Err(format!(
+                    "{}: the stages of `{g}` would provide {:?} instead of {:?}, which this process announced in etcd; restart the group's processes for that",
+                    compiled.file,
+                    gives(compiled),
+                    gives(old)
+                ));
+            }
+        }
         match &self.scope {
             Scope::Group(g) if compiled.process(g).is_none() => Err(format!(
                 "{}: process group `{g}` is no longer in the file; stop this process (script/start_all.sh stop) or put the group back",
