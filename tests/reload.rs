@@ -293,6 +293,9 @@ async fn sighup_and_imflow_reload_apply_the_files_and_refuse_a_broken_pipeline()
         "{out}"
     );
 
+    // That reload's own log line, so the one below can only be SIGHUP's.
+    wait_log(&["reload done", "seq"]);
+
     // SIGHUP does the same.
     write(
         &pipeline,
