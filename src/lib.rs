@@ -26,7 +26,7 @@ use imflow_gateways::connections::Connections;
 use imflow_gateways::reload::ReloadReport;
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{compile, CompiledPipeline, Registry, RunningTopology};
-use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR};
+use imflow_stages::roles::INGEST_DOOR;
 use imflow_stages::store::dead_letters::KafkaDeadLetters;
 use imflow_stages::store::DeadLetters;
 use imflow_stages::store::SqliteStore;
@@ -144,45 +144,6 @@ pub(crate) fn render_metrics() -> String {
     handle.render()
 }
 
-/// The standalone server's resources for a pipeline: the services, and a
-/// place for dead letters when a stage needs one (the Kafka topic, or the
-/// embedded store).
-fn standalone_lender(
-    cfg: &Config,
-    services: &Services,
-    kafka: Option<imflow_runtime::KafkaSettings>,
-    embedded: Option<Arc<SqliteStore>>,
-) -> reload::Lend {
-    let cfg = cfg.clone();
-    let services = services.clone();
-    Box::new(move |pipeline: &CompiledPipeline| {
-        let needs_dead = pipeline.needs(None, DEAD_LETTERS.id());
-        let file = pipeline.file.clone();
-        let (cfg, services, kafka, embedded) = (
-            cfg.clone(),
-            services.clone(),
-            kafka.clone(),
-            embedded.clone(),
-        );
-        Box::pin(async move {
-            let mut resources = services.resources();
-            if needs_dead {
-                let dead: Arc<dyn DeadLetters> = match (&kafka, embedded) {
-                    (Some(k), _) => dead_letter_topic(&cfg, k).await?,
-                    (None, Some(store)) => store,
-                    (None, None) => anyhow::bail!(
-                        "{file}: a stage needs `{}`, kept in a Kafka topic or the embedded store; with the cluster stores, configure `kafka`",
-                        DEAD_LETTERS.name
-                    ),
-                };
-                tracing::info!(to = %dead.place(), "dead letters");
-                resources.insert(&DEAD_LETTERS, dead);
-            }
-            Ok(resources)
-        })
-    })
-}
-
 /// A running standalone server.
 pub struct Server {
     pub gateway_addr: SocketAddr,
@@ -244,7 +205,7 @@ impl Server {
         if let Some(k) = &kafka {
             ensure_topics(k, &pipeline).await?;
         }
-        let lend = standalone_lender(&cfg, &services, kafka.clone(), embedded);
+        let lend = reload::lender(&cfg, &services, kafka.clone(), embedded, None, true);
         let resources = lend(&pipeline).await?;
         let topology =
             RunningTopology::start_with(&pipeline, &registry, &resources, kafka.as_ref())?;

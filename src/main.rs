@@ -148,8 +148,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api: args.api_addr,
     });
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     if let Some(process) = args.process {
         cfg.check_cluster_process(&path.display().to_string())?;
         let placement = imflow::process::Placement {
@@ -157,19 +157,50 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             index: args.index,
             host: args.host.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
         };
-        let mut server = imflow::process::ProcessServer::start(cfg, placement).await?;
-        loop {
-            tokio::select! {
-                r = server.wait() => return r,
-                _ = tokio::signal::ctrl_c() => break tracing::info!("interrupted; shutting down"),
-                _ = term.recv() => break tracing::info!("terminated; shutting down"),
-                // The report is logged where the reload runs.
-                _ = hup.recv() => { server.reload().await; }
-            }
-        }
-        return server.stop().await;
+        let server = imflow::process::ProcessServer::start(cfg, placement).await?;
+        return until_signalled(server, term, hup).await;
     }
-    let mut server = Server::start(cfg).await?;
+    until_signalled(Server::start(cfg).await?, term, hup).await
+}
+
+/// What `serve` runs: the all-in-one server or one cluster process.
+trait Serving {
+    async fn wait(&mut self) -> anyhow::Result<()>;
+    async fn reload(&self) -> imflow_gateways::reload::ReloadReport;
+    async fn stop(self) -> anyhow::Result<()>;
+}
+
+impl Serving for Server {
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        Server::wait(self).await
+    }
+    async fn reload(&self) -> imflow_gateways::reload::ReloadReport {
+        Server::reload(self).await
+    }
+    async fn stop(self) -> anyhow::Result<()> {
+        Server::stop(self).await
+    }
+}
+
+impl Serving for imflow::process::ProcessServer {
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        Self::wait(self).await
+    }
+    async fn reload(&self) -> imflow_gateways::reload::ReloadReport {
+        Self::reload(self).await
+    }
+    async fn stop(self) -> anyhow::Result<()> {
+        Self::stop(self).await
+    }
+}
+
+/// Serve until the server fails, or stop gracefully on Ctrl-C or SIGTERM;
+/// SIGHUP reloads (the report is logged where the reload runs).
+async fn until_signalled(
+    mut server: impl Serving,
+    mut term: tokio::signal::unix::Signal,
+    mut hup: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             r = server.wait() => return r,

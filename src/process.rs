@@ -14,13 +14,13 @@ use imflow_gateways::discovery::{Discovery, Member};
 use imflow_gateways::reload::{ReloadReport, Reloader};
 use imflow_gateways::rest::{router, RestState};
 use imflow_runtime::{CompiledPipeline, RunningTopology};
-use imflow_stages::roles::{DEAD_LETTERS, INGEST_DOOR, PRESENCE};
+use imflow_stages::roles::{INGEST_DOOR, PRESENCE};
 use imflow_stages::{Backends, Door, Presence, Resends, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::reload::{Lend, Pipeline, Scope};
+use crate::reload::{Pipeline, Scope};
 use crate::running::{serve_http, wait_for_consumers, Parts, Running};
 use crate::{kafka_settings, load_pipeline, prometheus, Config};
 
@@ -103,42 +103,6 @@ impl Presence for Nobody {
     fn is_online(&self, _: &str) -> bool {
         false
     }
-}
-
-/// A process group's resources for a pipeline: the services, and the
-/// dead-letter topic when one of its stages needs it. Presence is chosen
-/// at start; a reload that gives push-like stages to a group started
-/// without them is refused with how to get them.
-fn group_lender(
-    cfg: &Config,
-    services: &Services,
-    kafka: &imflow_runtime::KafkaSettings,
-    group: &str,
-    has_presence: bool,
-) -> Lend {
-    let (cfg, services, kafka, group) = (
-        cfg.clone(),
-        services.clone(),
-        kafka.clone(),
-        group.to_string(),
-    );
-    Box::new(move |pipeline: &CompiledPipeline| {
-        let needs_dead = pipeline.needs(Some(&group), DEAD_LETTERS.id());
-        let needs_presence = pipeline.needs(Some(&group), PRESENCE.id());
-        let file = pipeline.file.clone();
-        let (cfg, services, kafka, group) =
-            (cfg.clone(), services.clone(), kafka.clone(), group.clone());
-        Box::pin(async move {
-            if needs_presence && !has_presence {
-                bail!("{file}: a stage of `{group}` now needs `{}` (where users are online), which this process follows only when started with such a stage; restart the group's processes", PRESENCE.name);
-            }
-            let mut resources = services.resources();
-            if needs_dead {
-                resources.insert(&DEAD_LETTERS, crate::dead_letter_topic(&cfg, &kafka).await?);
-            }
-            Ok(resources)
-        })
-    })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -315,7 +279,14 @@ impl ProcessServer {
                 )
                 .await?;
                 addr = rpc.local_addr()?;
-                let lend = group_lender(&cfg, &services, &kafka, group, follows);
+                let lend = crate::reload::lender(
+                    &cfg,
+                    &services,
+                    Some(kafka.clone()),
+                    None,
+                    Some(group.to_string()),
+                    follows,
+                );
                 let resources = lend(&pipeline).await?;
                 let t =
                     RunningTopology::start_group(&pipeline, &registry, &resources, &kafka, group)?;

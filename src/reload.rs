@@ -41,6 +41,55 @@ pub(crate) enum Scope {
 pub(crate) type Lend =
     Box<dyn Fn(&CompiledPipeline) -> BoxFuture<'static, anyhow::Result<Resources>> + Send + Sync>;
 
+/// A process's resources for a pipeline's stages (of `group`, or all):
+/// the services, and a place for dead letters when a stage needs one (the
+/// Kafka topic, else the embedded store). `follows_presence` says whether
+/// the process was started knowing where users are online; a pipeline that
+/// needs it in a process started without it is refused.
+pub(crate) fn lender(
+    cfg: &Config,
+    services: &imflow_stages::Services,
+    kafka: Option<KafkaSettings>,
+    embedded: Option<Arc<imflow_stages::store::SqliteStore>>,
+    group: Option<String>,
+    follows_presence: bool,
+) -> Lend {
+    use imflow_stages::roles::{DEAD_LETTERS, PRESENCE};
+    use imflow_stages::store::DeadLetters;
+    let (cfg, services) = (cfg.clone(), services.clone());
+    Box::new(move |pipeline: &CompiledPipeline| {
+        let needs_dead = pipeline.needs(group.as_deref(), DEAD_LETTERS.id());
+        let needs_presence = pipeline.needs(group.as_deref(), PRESENCE.id());
+        let file = pipeline.file.clone();
+        let (cfg, services, kafka, embedded, group) = (
+            cfg.clone(),
+            services.clone(),
+            kafka.clone(),
+            embedded.clone(),
+            group.clone(),
+        );
+        Box::pin(async move {
+            if needs_presence && !follows_presence {
+                anyhow::bail!("{file}: a stage of `{}` now needs `{}` (where users are online), which this process follows only when started with such a stage; restart the group's processes", group.unwrap_or_default(), PRESENCE.name);
+            }
+            let mut resources = services.resources();
+            if needs_dead {
+                let dead: Arc<dyn DeadLetters> = match (&kafka, embedded) {
+                    (Some(k), _) => crate::dead_letter_topic(&cfg, k).await?,
+                    (None, Some(store)) => store,
+                    (None, None) => anyhow::bail!(
+                        "{file}: a stage needs `{}`, kept in a Kafka topic or the embedded store; with the cluster stores, configure `kafka`",
+                        DEAD_LETTERS.name
+                    ),
+                };
+                tracing::info!(to = %dead.place(), "dead letters");
+                resources.insert(&DEAD_LETTERS, dead);
+            }
+            Ok(resources)
+        })
+    })
+}
+
 /// The queue gauges of whichever pipeline runs now, for `/metrics`.
 #[derive(Clone, Default)]
 pub(crate) struct GaugeSlot(Arc<Mutex<Option<QueueGauges>>>);
@@ -205,10 +254,11 @@ impl Pipeline {
             Scope::Group(g) => Some(g.as_str()),
             _ => None,
         };
-        let diff = match &self.compiled {
-            Some((old, _)) => compiled.diff(old, group),
-            None => compiled.diff(&compiled, group),
+        // Every process with stages started with a compiled pipeline.
+        let Some((old, _)) = &self.compiled else {
+            return report;
         };
+        let diff = compiled.diff(old, group);
         report.added = diff.added.clone();
         report.removed = diff.removed.clone();
         report.changed = diff.changed.clone();
