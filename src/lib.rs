@@ -114,6 +114,32 @@ pub async fn ensure_topics(
     if !created.is_empty() {
         tracing::info!(?created, "kafka topics created");
     }
+    // A topic that exists keeps its partition count, and a message's
+    // partition is its key modulo the count pipeline.yaml gives: the two
+    // must agree, or writes land where no reader expects them.
+    let edges: Vec<(String, String, u32)> = pipeline
+        .edges()
+        .filter_map(|(_, to, w)| w.topic.clone().map(|t| (t, to.to_string(), w.partitions)))
+        .collect();
+    let topics: Vec<String> = edges.iter().map(|(t, _, _)| t.clone()).collect();
+    let counts = imflow_runtime::kafka::partition_counts(k, &topics)
+        .await
+        .with_context(|| format!("kafka.addr: cannot read the topics on {}", k.brokers))?;
+    let wrong: Vec<String> = edges
+        .iter()
+        .filter_map(|(topic, to, wanted)| {
+            let has = *counts.get(topic)?;
+            (has != *wanted).then(|| {
+                format!(
+                    "{}: stage `{to}` reads topic `{topic}` with {wanted} partitions, but `{topic}` has {has} on the broker; a topic's partition count cannot change in place (keys would move to other partitions). Give the edge a new topic (and restart once the old one is drained), or set partitions back to {has}",
+                    pipeline.file
+                )
+            })
+        })
+        .collect();
+    if !wrong.is_empty() {
+        anyhow::bail!("{}", wrong.join("\n"));
+    }
     Ok(())
 }
 

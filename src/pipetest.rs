@@ -125,6 +125,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 pub async fn run(args: TestArgs) -> anyhow::Result<()> {
     let (mut passed, mut failed) = (0, 0);
+    let mut ran_any = false;
     for file in &args.files {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read test file {}", file.display()))?;
@@ -144,6 +145,7 @@ pub async fn run(args: TestArgs) -> anyhow::Result<()> {
             if args.only.as_ref().is_some_and(|o| !case.name.contains(o)) {
                 continue;
             }
+            ran_any = true;
             match run_case(&pipeline, case).await {
                 Ok(()) => {
                     passed += 1;
@@ -155,6 +157,14 @@ pub async fn run(args: TestArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    if !ran_any {
+        // A filter that matches nothing would otherwise look like success.
+        bail!(
+            "no test matches --only {:?} in {} file(s)",
+            args.only.as_deref().unwrap_or_default(),
+            args.files.len()
+        );
     }
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
@@ -229,9 +239,36 @@ fn yaml(v: Value) -> serde_yaml::Value {
 async fn run_case(pipeline: &CompiledPipeline, case: &Case) -> Result<(), String> {
     let mut registry = imflow_stages::registry();
     imflow_stages::register_test_kinds(&mut registry);
+    if case.expect.output.is_none() && case.expect.acks.is_none() {
+        return Err(
+            "`expect` gives neither `output` nor `acks`, so nothing would be checked".into(),
+        );
+    }
     let text = harness(pipeline, case, &registry)?;
-    let compiled =
-        compile(&format!("(test `{}`)", case.name), &text, &registry).map_err(|e| e.to_string())?;
+    // The harness text is generated: its line numbers would mean nothing
+    // to the reader, so only what is wrong is told.
+    let compiled = compile(&format!("(test `{}`)", case.name), &text, &registry).map_err(|e| {
+        let why: Vec<String> =
+            e.0.iter()
+                .map(|d| format!("{}: {}", d.path, d.message))
+                .collect();
+        format!(
+            "the chain {:?} cannot run on its own: {}",
+            case.stages,
+            why.join("; ")
+        )
+    })?;
+    let sinks = compiled
+        .graph
+        .node_weights()
+        .any(|n| n.kind.starts_with("test-sink:"));
+    let pushes = compiled.graph.node_weights().any(|n| n.kind == "push");
+    if case.expect.output.is_some() && !sinks && !pushes {
+        return Err(format!(
+            "`{}` gives no output to compare (no output port, and no `push` in the chain); check `expect.acks` instead",
+            case.stages.last().map(String::as_str).unwrap_or_default()
+        ));
+    }
 
     let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
     let store = SqliteStore::open(dir.path(), Durability::Normal)
@@ -266,11 +303,7 @@ async fn run_case(pipeline: &CompiledPipeline, case: &Case) -> Result<(), String
     while let Ok(v) = collected.try_recv() {
         output.push(v);
     }
-    if compiled
-        .graph
-        .node_weights()
-        .all(|n| !n.kind.starts_with("test-sink:"))
-    {
+    if !sinks {
         output = recorder
             .delivered
             .lock()
@@ -323,6 +356,9 @@ async fn given(services: &Services, g: &Given) -> Result<(), String> {
 /// Feed every input, in order, and wait for each one's ack.
 async fn feed(topology: &RunningTopology, input: &[Value]) -> Result<Vec<String>, String> {
     let mut waiting: Vec<futures::future::BoxFuture<'static, Result<String, String>>> = Vec::new();
+    // A resend is answered with its first ack (as a client sees it); the
+    // test names it `duplicate` by that message id.
+    let first_ids = Arc::new(Mutex::new(HashSet::<String>::new()));
     if let Some(door) = topology.provided(&INGEST_DOOR) {
         for (i, v) in input.iter().enumerate() {
             let sender: Arc<str> = v["sender"]
@@ -334,10 +370,17 @@ async fn feed(topology: &RunningTopology, input: &[Value]) -> Result<Vec<String>
                 m.remove("sender");
             }
             let req = serde_json::from_value(req).map_err(|e| format!("input[{i}]: {e}"))?;
+            let ids = first_ids.clone();
             let outcome = match door.send(&sender, req).await {
                 Ok(pending) => Box::pin(async move {
                     Ok(match pending.wait().await {
-                        Ok(_) => "delivered".to_string(),
+                        Ok(info) => {
+                            let first = ids
+                                .lock()
+                                .map(|mut s| s.insert(info.server_msg_id))
+                                .unwrap_or(true);
+                            if first { "delivered" } else { "duplicate" }.to_string()
+                        }
                         Err(e) => e.code.as_str().to_string(),
                     })
                 }) as futures::future::BoxFuture<'static, _>,

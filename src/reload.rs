@@ -266,6 +266,13 @@ impl Pipeline {
             self.config.pipeline = newer.pipeline;
             return report;
         }
+        if self.kafka.is_some() {
+            let moves = compiled.kafka_moves(old);
+            if !moves.is_empty() {
+                report.errors = moves;
+                return report;
+            }
+        }
         let resources = match (self.lend)(&compiled).await {
             Ok(r) => r,
             Err(e) => {

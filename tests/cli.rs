@@ -287,4 +287,22 @@ fn pipeline_tests_pass_and_a_failing_one_shows_a_diff() {
         "{out}"
     );
     assert!(out.contains("0 passed, 1 failed"), "{out}");
+
+    // A filter that matches nothing, and a test that checks nothing, fail
+    // instead of passing silently.
+    let (code, _, err) = imflow(&["test", "--only", "no such test", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no test matches --only"), "{err}");
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(
+        &empty,
+        format!(
+            "pipeline: {}/pipeline.yaml\ntests:\n  - name: checks nothing\n    stages: [seq]\n    input: []\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = imflow(&["test", empty.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("nothing would be checked"), "{out}");
 }

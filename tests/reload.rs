@@ -110,6 +110,27 @@ async fn three_reloads_under_load_lose_duplicate_refuse_and_disconnect_nothing()
         all.contains("fan-out") && all.contains("max_batch"),
         "both errors named: {all}"
     );
+    if common::cluster_mode() {
+        // Kafka edges: moving an edge to another topic would strand what
+        // is unread in the old one, and a topic's partition count cannot
+        // change in place; both are refused, naming the way out.
+        let moved = original.replace("topic: ms2ps_chat", "topic: moved-ms2ps_chat");
+        write(&file, &moved);
+        let r = reload().await;
+        let all = r.errors.join("\n");
+        assert!(
+            !r.reloaded && all.contains("`hot` -> `fanout` would move from topic"),
+            "{r:?}"
+        );
+        let wider = original.replace("partitions: 10", "partitions: 12");
+        write(&file, &wider);
+        let r = reload().await;
+        let all = r.errors.join("\n");
+        assert!(
+            !r.reloaded && all.contains("with 12 partitions, but") && all.contains("has 10"),
+            "{r:?}"
+        );
+    }
     // A stretch with no reload: the baseline the reloads are compared to.
     let before = load.acked_so_far();
     load.wait_acked(before + 600).await;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -56,9 +57,19 @@ pub fn serve(
     limits: &HttpLimits,
 ) -> JoinHandle<()> {
     let timeout = Duration::from_secs(limits.request_timeout_secs.max(1));
-    let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        axum::http::StatusCode::REQUEST_TIMEOUT,
-        timeout,
+    // A reload drains the pipeline before it answers and is bounded by the
+    // shutdown deadline instead: a 408 there would tell `imflow reload` to
+    // move on to the next process while this one is still swapping.
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            if req.uri().path() == "/reload" {
+                return next.run(req).await;
+            }
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => axum::http::StatusCode::REQUEST_TIMEOUT.into_response(),
+            }
+        },
     ));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let head_deadline = Duration::from_secs(limits.header_timeout_secs.max(1));

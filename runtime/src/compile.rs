@@ -178,6 +178,58 @@ impl CompiledPipeline {
         d
     }
 
+    /// Every edge as (source stage, target stage, edge).
+    pub fn edges(&self) -> impl Iterator<Item = (&str, &str, &EdgeInfo)> {
+        self.graph.edge_references().map(|e| {
+            (
+                self.graph[e.source()].name.as_str(),
+                self.graph[e.target()].name.as_str(),
+                e.weight(),
+            )
+        })
+    }
+
+    /// Why `self` cannot replace `older` while their Kafka topics hold
+    /// records: an edge moved to another topic (records still unread in the
+    /// old one would be stranded, acked messages lost) or a topic read by a
+    /// stage of another name (its consumer group is named after the stage,
+    /// so a new one would start from the earliest record and deliver again).
+    pub fn kafka_moves(&self, older: &CompiledPipeline) -> Vec<String> {
+        let edges = |p: &CompiledPipeline| -> Vec<(String, String, Option<String>)> {
+            p.edges()
+                .map(|(from, to, w)| (from.to_string(), to.to_string(), w.topic.clone()))
+                .collect()
+        };
+        let (mine, theirs) = (edges(self), edges(older));
+        let mut why = Vec::new();
+        for (from, to, topic) in &theirs {
+            let Some(topic) = topic else { continue };
+            if let Some((_, _, now)) = mine.iter().find(|(f, t, _)| f == from && t == to) {
+                if now.as_ref() != Some(topic) {
+                    why.push(format!(
+                        "{}: the edge `{from}` -> `{to}` would move from topic `{topic}` to {}; records not yet read from `{topic}` would be left there. Keep the topic, or stop the pipeline's writers, let `{to}` drain `{topic}`, and restart",
+                        self.file,
+                        now.as_ref().map_or("memory".to_string(), |t| format!("`{t}`"))
+                    ));
+                }
+            }
+            let readers: Vec<&String> = mine
+                .iter()
+                .filter(|(_, _, t)| t.as_ref() == Some(topic))
+                .map(|(_, t, _)| t)
+                .collect();
+            if !readers.is_empty() && !readers.contains(&to) {
+                why.push(format!(
+                    "{}: topic `{topic}` would be read by `{}` instead of `{to}`; its consumer group is named after the stage, so the new one would start from the earliest record and deliver again what `{to}` did. Keep the stage's name",
+                    self.file, readers[0]
+                ));
+            }
+        }
+        why.sort();
+        why.dedup();
+        why
+    }
+
     /// Everything that makes a stage what it runs as, as comparable text.
     fn signature(&self, stage: &str) -> String {
         let Some(idx) = self
@@ -980,6 +1032,42 @@ mod tests {
                 vec!["c".to_string(), "k".to_string()],
                 vec!["m".to_string(), "s".to_string()]
             )
+        );
+    }
+
+    #[test]
+    fn a_kafka_edge_may_not_move_topic_or_reader() {
+        let on = |from: &str, to: &str, topic: &str| {
+            format!("stages:\n  s:\n    kind: src\n  {to}:\n    kind: conv\n    inputs:\n      - from: {from}\n        topic: {topic}\n  k:\n    kind: sink\n    inputs: [{to}]\n")
+        };
+        let old = compile("p.yaml", &on("s", "m", "t1"), &registry()).unwrap();
+        assert!(old.kafka_moves(&old).is_empty());
+        // Options of other stages may change freely.
+        let moved = compile("p.yaml", &on("s", "m", "t2"), &registry()).unwrap();
+        let why = moved.kafka_moves(&old);
+        assert!(
+            why.iter()
+                .any(|w| w.contains("`s` -> `m` would move from topic `t1` to `t2`")),
+            "{why:?}"
+        );
+        let renamed = compile("p.yaml", &on("s", "m2", "t1"), &registry()).unwrap();
+        let why = renamed.kafka_moves(&old);
+        assert!(
+            why.iter()
+                .any(|w| w.contains("topic `t1` would be read by `m2` instead of `m`")),
+            "{why:?}"
+        );
+        // Dropping a Kafka-fed stage with its topic is the operator's call.
+        let gone = compile(
+            "p.yaml",
+            "stages:\n  s:\n    kind: src\n  m:\n    kind: conv\n    inputs: [s]\n  k:\n    kind: sink\n    inputs: [m]\n",
+            &registry(),
+        )
+        .unwrap();
+        assert_eq!(
+            gone.kafka_moves(&old).len(),
+            1,
+            "the edge itself moved to memory"
         );
     }
 

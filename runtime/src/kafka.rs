@@ -795,19 +795,32 @@ pub async fn create_topics(
 
 /// How many partitions `topic` has (0 if the broker does not know it).
 pub async fn topic_partitions(settings: &KafkaSettings, topic: &str) -> Result<u32, KafkaError> {
+    let counts = partition_counts(settings, &[topic.to_string()]).await?;
+    Ok(counts.get(topic).copied().unwrap_or(0))
+}
+
+/// How many partitions each of `topics` has on the broker (absent: unknown
+/// to it), read in one metadata request.
+pub async fn partition_counts(
+    settings: &KafkaSettings,
+    topics: &[String],
+) -> Result<HashMap<String, u32>, KafkaError> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
-    let topic = topic.to_string();
+    let topics = topics.to_vec();
     // librdkafka's metadata call blocks its thread.
     tokio::task::spawn_blocking(move || {
         let client: rdkafka::consumer::BaseConsumer = config.create()?;
-        let md = client.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        Ok(md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().len() as u32)
-            .unwrap_or(0))
+        let mut counts = HashMap::new();
+        for topic in &topics {
+            let md = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            for t in md.topics() {
+                if t.name() == topic && !t.partitions().is_empty() {
+                    counts.insert(topic.clone(), t.partitions().len() as u32);
+                }
+            }
+        }
+        Ok(counts)
     })
     .await
     .map_err(|_| KafkaError::Canceled)?
