@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod procstat;
+pub mod relay;
 pub mod report;
 pub mod scenario;
 pub mod setup;

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use imflow_bench::relay;
+use imflow_bench::report::{Comparison, Report};
 use imflow_bench::scenario::{self, Load, Search, Target};
 
 #[derive(Parser)]
@@ -38,6 +40,11 @@ struct Cli {
     /// Exit non-zero if anything was lost, duplicated or failed.
     #[arg(long, global = true)]
     strict: bool,
+    /// First run the same scenario against an ideal relay this program
+    /// starts (same frames, no auth, no storage), then against the server;
+    /// report both and the server's figures as multiples of the relay's.
+    #[arg(long, global = true)]
+    baseline: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -69,7 +76,7 @@ struct LoadArgs {
     max_steps: u32,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum Scenario {
     /// Pairs of online users chatting (the seed's test 1: 10k online, 2300 msg/s).
     Single {
@@ -116,6 +123,14 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         hold: f64,
     },
+    /// Not a load: the ideal relay `--baseline` measures against, on its
+    /// own (prints `relay api=URL ws=URL` once listening).
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen_api: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen_ws: std::net::SocketAddr,
+    },
 }
 
 impl LoadArgs {
@@ -136,6 +151,68 @@ impl LoadArgs {
     }
 }
 
+/// One scenario against `target`.
+async fn measure(target: &Target, scenario: &Scenario) -> anyhow::Result<Report> {
+    Ok(match scenario.clone() {
+        Scenario::Single { clients, load } => {
+            scenario::single(target, clients, load.load(), load.search()).await?
+        }
+        Scenario::Group {
+            members,
+            online,
+            load,
+        } => scenario::group(target, members, online, load.load(), load.search()).await?,
+        Scenario::Conversations { count, repeat } => {
+            scenario::conversation_list(target, count, repeat.max(1)).await?
+        }
+        Scenario::Connections { count, hold } => scenario::connections(target, count, hold).await?,
+        Scenario::ReceiveWebhooks { .. } | Scenario::Relay { .. } => {
+            anyhow::bail!("not a load scenario")
+        }
+    })
+}
+
+/// The ideal relay as a child process (so its CPU and memory are its
+/// own), stopped when dropped.
+struct RelayChild {
+    child: std::process::Child,
+    api: String,
+    ws: String,
+}
+
+impl RelayChild {
+    fn start() -> anyhow::Result<RelayChild> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("relay")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+        };
+        match (field("api="), field("ws=")) {
+            (Some(api), Some(ws)) => Ok(RelayChild { child, api, ws }),
+            _ => {
+                let _ = child.kill();
+                anyhow::bail!("the relay did not say where it listens: {line:?}")
+            }
+        }
+    }
+}
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let target = Target {
         api: cli.api.clone(),
@@ -144,30 +221,54 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         server_pid: cli.server_pid,
         progress: !cli.quiet,
     };
-    let report = match cli.scenario {
-        Scenario::Single { clients, load } => {
-            scenario::single(&target, clients, load.load(), load.search()).await?
-        }
-        Scenario::Group {
-            members,
-            online,
-            load,
-        } => scenario::group(&target, members, online, load.load(), load.search()).await?,
-        Scenario::Conversations { count, repeat } => {
-            scenario::conversation_list(&target, count, repeat.max(1)).await?
-        }
-        Scenario::Connections { count, hold } => {
-            scenario::connections(&target, count, hold).await?
-        }
+    match &cli.scenario {
         Scenario::ReceiveWebhooks { listen, secret } => {
-            let summary = imflow_bench::webhook::serve(listen, secret).await?;
+            let summary = imflow_bench::webhook::serve(*listen, secret.clone()).await?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             return Ok(summary.bad_signatures == 0);
         }
+        Scenario::Relay {
+            listen_api,
+            listen_ws,
+        } => {
+            relay::serve(*listen_api, *listen_ws, |b| {
+                println!("relay api=http://{} ws=ws://{}/ws", b.api, b.ws);
+            })
+            .await?;
+            return Ok(true);
+        }
+        _ => {}
+    }
+    let (report, compared) = if cli.baseline {
+        let relay = tokio::task::spawn_blocking(RelayChild::start).await??;
+        if !cli.quiet {
+            eprintln!("baseline: the ideal relay (pid {})", relay.child.id());
+        }
+        let against = Target {
+            api: relay.api.clone(),
+            ws: relay.ws.clone(),
+            server_pid: Some(relay.child.id()),
+            ..target.clone()
+        };
+        let base = measure(&against, &cli.scenario).await?;
+        drop(relay);
+        if !cli.quiet {
+            eprintln!("imflow: {}", cli.api);
+        }
+        let report = measure(&target, &cli.scenario).await?;
+        let compared = Comparison::new(base, report.clone());
+        print!("{}", compared.summary());
+        (report, Some(compared))
+    } else {
+        let report = measure(&target, &cli.scenario).await?;
+        print!("{}", report.summary());
+        (report, None)
     };
-    print!("{}", report.summary());
     if let Some(path) = &cli.report {
-        report.write_json(path)?;
+        match &compared {
+            Some(c) => c.write_json(path)?,
+            None => report.write_json(path)?,
+        }
         let plot = path.with_extension("svg");
         if report.write_plot(&plot)? {
             eprintln!("report: {} (plot: {})", path.display(), plot.display());

@@ -22,6 +22,8 @@ pub struct ServerStats {
     pub rss_mib_after: f64,
     /// Of one core: 200 means both cores of a 2-core machine.
     pub cpu_percent: f64,
+    /// User plus system CPU time the server spent over the run (drain included).
+    pub cpu_secs: f64,
 }
 
 /// One run at one rate.
@@ -75,6 +77,137 @@ pub struct ListStats {
     /// Bytes of one reply's body.
     pub bytes: usize,
     pub latency_ms: Latency,
+}
+
+/// The same scenario against the ideal relay and against imflow, in one
+/// invocation, and imflow's figures as multiples of the relay's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub baseline: Report,
+    pub imflow: Report,
+    pub ratios: Ratios,
+}
+
+/// imflow ÷ baseline for each figure both runs have. Throughput wants
+/// ≥ 1; the others want ≤ 1 (they are costs).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rate_held: Option<Sides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<Sides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_message: Option<Sides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_delivery: Option<Sides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_connection: Option<Sides>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sides {
+    pub baseline: f64,
+    pub imflow: f64,
+    pub ratio: f64,
+}
+
+impl Sides {
+    fn of(baseline: Option<f64>, imflow: Option<f64>) -> Option<Sides> {
+        let (b, i) = (baseline?, imflow?);
+        (b > 0.0).then(|| Sides {
+            baseline: b,
+            imflow: i,
+            ratio: i / b,
+        })
+    }
+}
+
+impl Step {
+    /// Server CPU µs per acked message.
+    pub fn cpu_us_per_message(&self) -> Option<f64> {
+        let s = self.server.as_ref()?;
+        (self.acked > 0).then(|| s.cpu_secs * 1e6 / self.acked as f64)
+    }
+    /// Server CPU µs per message delivered to a recipient's connection.
+    pub fn cpu_us_per_delivery(&self) -> Option<f64> {
+        let s = self.server.as_ref()?;
+        (self.delivered > 0).then(|| s.cpu_secs * 1e6 / self.delivered as f64)
+    }
+}
+
+impl Comparison {
+    pub fn new(baseline: Report, imflow: Report) -> Comparison {
+        let (b, i) = (baseline.result.as_ref(), imflow.result.as_ref());
+        let searched = baseline.max_rate_held.is_some() || !baseline.steps.is_empty();
+        let ratios = Ratios {
+            max_rate_held: searched
+                .then(|| {
+                    Sides::of(
+                        baseline.max_rate_held,
+                        Some(imflow.max_rate_held.unwrap_or(0.0)),
+                    )
+                })
+                .flatten(),
+            // A find-max's held steps ran at different rates: only a fixed
+            // rate's tail compares.
+            p99_ms: (!searched)
+                .then(|| Sides::of(b.map(|s| s.latency_ms.p99), i.map(|s| s.latency_ms.p99)))
+                .flatten(),
+            cpu_us_per_message: Sides::of(
+                b.and_then(Step::cpu_us_per_message),
+                i.and_then(Step::cpu_us_per_message),
+            ),
+            cpu_us_per_delivery: Sides::of(
+                b.and_then(Step::cpu_us_per_delivery),
+                i.and_then(Step::cpu_us_per_delivery),
+            ),
+            bytes_per_connection: Sides::of(
+                baseline
+                    .connections
+                    .as_ref()
+                    .and_then(|c| c.bytes_per_connection),
+                imflow
+                    .connections
+                    .as_ref()
+                    .and_then(|c| c.bytes_per_connection),
+            ),
+        };
+        Comparison {
+            baseline,
+            imflow,
+            ratios,
+        }
+    }
+
+    /// Both summaries, then the ratios as a table.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "--- baseline (ideal relay)\n{}--- imflow\n{}--- imflow / baseline\n",
+            self.baseline.summary(),
+            self.imflow.summary()
+        );
+        let r = &self.ratios;
+        for (name, sides) in [
+            ("highest rate held (msg/s)", r.max_rate_held),
+            ("p99 latency (ms)", r.p99_ms),
+            ("server CPU per message (µs)", r.cpu_us_per_message),
+            ("server CPU per delivery (µs)", r.cpu_us_per_delivery),
+            ("bytes per idle connection", r.bytes_per_connection),
+        ] {
+            if let Some(s) = sides {
+                out.push_str(&format!(
+                    "{name:<30} baseline {:>10.2}  imflow {:>10.2}  ratio {:>6.2}\n",
+                    s.baseline, s.imflow, s.ratio
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
 }
 
 impl Latency {

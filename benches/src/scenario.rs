@@ -226,6 +226,7 @@ async fn run_round(target: &Target, fleet: &Fleet, plan: &Plan, round: u32, load
                 rss_mib_before: r0 as f64 / 1024.0,
                 rss_mib_after: r1 as f64 / 1024.0,
                 cpu_percent: 100.0 * (c1 - c0) / wall,
+                cpu_secs: c1 - c0,
             }),
             _ => None,
         },

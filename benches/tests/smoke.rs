@@ -70,3 +70,48 @@ async fn group_smoke_run_loses_nothing() {
     );
     s.stop().await.unwrap();
 }
+
+/// `--baseline`: the ideal relay answers the same scenario with the frames
+/// the load generator counts (nothing lost there either), and a comparison
+/// carries both sides and their ratios.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ideal_relay_loses_nothing_and_compares() {
+    let (bound, addrs) = tokio::sync::oneshot::channel();
+    let any = "127.0.0.1:0".parse().unwrap();
+    tokio::spawn(imflow_bench::relay::serve(any, any, move |b| {
+        let _ = bound.send((b.api, b.ws));
+    }));
+    let (api, ws) = addrs.await.unwrap();
+    let (s, _dir, target) = server().await;
+    let relay = Target {
+        api: format!("http://{api}"),
+        ws: format!("ws://{ws}/ws"),
+        ..target.clone()
+    };
+    let load = Load {
+        rate: 200.0,
+        duration_secs: 2.0,
+        drain_secs: 15.0,
+    };
+    let base = scenario::single(&relay, 100, load, None).await.unwrap();
+    let b = base.result.clone().expect("a result");
+    assert_eq!(
+        (b.acked, b.delivered, b.lost, b.duplicates, b.failed),
+        (400, 400, 0, 0, 0),
+        "{}",
+        base.summary()
+    );
+    let group = scenario::group(&relay, 300, 20, Load { rate: 50.0, ..load }, None)
+        .await
+        .unwrap();
+    let g = group.result.clone().expect("a result");
+    assert_eq!((g.delivered, g.lost), (100 * 19, 0), "{}", group.summary());
+
+    let mine = scenario::single(&target, 100, load, None).await.unwrap();
+    let c = imflow_bench::report::Comparison::new(base, mine);
+    let p99 = c.ratios.p99_ms.expect("p99 on both sides");
+    assert!(p99.baseline > 0.0 && p99.imflow > 0.0, "{}", c.summary());
+    assert!(c.ratios.cpu_us_per_message.is_some(), "{}", c.summary());
+    assert!(c.summary().contains("imflow / baseline"), "{}", c.summary());
+    s.stop().await.unwrap();
+}
