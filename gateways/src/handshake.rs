@@ -23,14 +23,17 @@ pub struct Head {
 /// Read until the end of the request head. Returns the parsed head and
 /// every byte read (head and anything after it), which must be replayed.
 pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Head, Vec<u8>)> {
+    // Read straight into `buf` (no chunk array on the stack: this future
+    // lives inside every connection's task).
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
     loop {
-        let n = stream.read(&mut chunk).await?;
+        if buf.len() == buf.capacity() {
+            buf.reserve(1024);
+        }
+        let n = stream.read_buf(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
