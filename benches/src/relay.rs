@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -153,7 +153,9 @@ async fn connection(relay: Arc<Relay>, tcp: tokio::net::TcpStream) -> anyhow::Re
     let config = WebSocketConfig::default()
         .read_buffer_size(2048)
         .write_buffer_size(16 * 1024);
-    let callback = |req: &Request, resp: Response| {
+    // The handshake callback's error type is fixed by tungstenite.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         user = req
             .uri()
             .query()
