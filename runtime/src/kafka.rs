@@ -800,7 +800,7 @@ pub async fn topic_partitions(settings: &KafkaSettings, topic: &str) -> Result<u
 }
 
 /// How many partitions each of `topics` has on the broker (absent: unknown
-/// to it), read in one metadata request.
+/// to it), one metadata request per topic on one client.
 pub async fn partition_counts(
     settings: &KafkaSettings,
     topics: &[String],
