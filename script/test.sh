@@ -28,6 +28,9 @@ command -v make >/dev/null || need_apt+=(make)
 [[ -e /usr/include/openssl/ssl.h ]] || need_apt+=(libssl-dev)
 command -v openssl >/dev/null || need_apt+=(openssl)
 [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || need_apt+=(nginx)
+# The web pages' tests (tests/web.rs): a real Chromium and its WebDriver.
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

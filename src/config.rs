@@ -72,9 +72,21 @@ pub struct Config {
     /// script/start_all.sh). A host without `processes` runs every process
     /// kind: the groups of pipeline.yaml, `gateway` and `api`.
     pub hosts: Vec<HostConfig>,
+    /// The web pages the API serves (`/app`, `/console`).
+    pub web: WebConfig,
     /// Where this config was read from, so a live reload reads it again.
     #[serde(skip)]
     pub origin: Option<Origin>,
+}
+
+/// The web pages (`/app`, the chat page; `/console`, the operators').
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// The WebSocket URL the chat page connects to, e.g.
+    /// `wss://im.example.com/ws` behind a proxy. Default: the page's own
+    /// host at `listen.gateway`'s port.
+    pub ws_url: Option<String>,
 }
 
 /// The file a config came from and what the command line set over it.
@@ -358,6 +370,7 @@ impl Default for Config {
             redis: None,
             s3: None,
             hosts: Vec::new(),
+            web: WebConfig::default(),
             origin: None,
         }
     }
@@ -441,7 +454,8 @@ impl Config {
             mongo,
             redis,
             s3,
-            hosts
+            hosts,
+            web
         );
         changed
     }
@@ -484,6 +498,11 @@ impl Config {
         }
         if self.websocket.max_connections == 0 {
             bail!("{file}: websocket.max_connections must be at least 1");
+        }
+        if let Some(url) = &self.web.ws_url {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                bail!("{file}: web.ws_url `{url}` is not a WebSocket URL; give one like wss://im.example.com/ws, or leave it out to use the page's host at listen.gateway's port");
+            }
         }
         for (i, h) in self.hosts.iter().enumerate() {
             if h.addr.parse::<std::net::IpAddr>().is_err() {
@@ -611,6 +630,14 @@ impl Config {
 
 impl Config {
     /// The protocol's configurable rules.
+    /// Where the chat page finds the gateway, which listens on `ws_port`.
+    pub fn app_settings(&self, ws_port: u16) -> imflow_gateways::web::AppSettings {
+        imflow_gateways::web::AppSettings {
+            ws_url: self.web.ws_url.clone(),
+            ws_port,
+        }
+    }
+
     pub fn rules(&self) -> imflow_gateways::api::Rules {
         imflow_gateways::api::Rules {
             revoke_window_secs: self.revoke_window_secs,

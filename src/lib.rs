@@ -3,6 +3,7 @@
 //! end-to-end tests can run a real server in-process on ephemeral ports.
 
 pub mod config;
+mod console;
 pub mod nginx;
 pub mod pipetest;
 pub mod process;
@@ -257,18 +258,21 @@ impl Server {
         gauges.set(topology.queue_gauges());
         let (reloader, reloads) = reload::channel();
         let draining = CancellationToken::new();
+        let metrics: Arc<dyn Fn() -> String + Send + Sync> = Arc::new({
+            let gauges = gauges.clone();
+            move || {
+                gauges.record();
+                render_metrics()
+            }
+        });
         let rest = router(RestState {
             api: api.clone(),
-            metrics: Arc::new({
-                let gauges = gauges.clone();
-                move || {
-                    gauges.record();
-                    render_metrics()
-                }
-            }),
+            metrics: metrics.clone(),
             draining: draining.clone(),
             per_user: imflow_gateways::rest::user_rate(&cfg.rest),
             reload: Some(reloader.clone()),
+            overview: Some(console::overview(&cfg, registry.clone(), metrics)),
+            app: Arc::new(cfg.app_settings(gateway_addr.port())),
         });
 
         let accept_stop = CancellationToken::new();

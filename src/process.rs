@@ -233,6 +233,12 @@ impl ProcessServer {
                         draining: draining.clone(),
                         per_user: imflow_gateways::rest::user_rate(&cfg.rest),
                         reload: Some(reloader.clone()),
+                        overview: Some(crate::console::overview(
+                            &cfg,
+                            imflow_stages::registry(),
+                            metrics.clone(),
+                        )),
+                        app: Arc::new(cfg.app_settings(cfg.listen.gateway.port())),
                     }),
                     accept_stop.clone(),
                     &cfg.rest,

@@ -40,6 +40,11 @@ pub async fn processes(config: Option<&Path>) -> anyhow::Result<Vec<Process>> {
             }
         }
     };
+    of_config(&path, &cfg).await
+}
+
+/// The processes of a config already read from `path`.
+pub(crate) async fn of_config(path: &Path, cfg: &Config) -> anyhow::Result<Vec<Process>> {
     let Some(etcd) = &cfg.etcd else {
         let mut api = cfg.listen.api;
         if api.ip().is_unspecified() {
@@ -51,7 +56,7 @@ pub async fn processes(config: Option<&Path>) -> anyhow::Result<Vec<Process>> {
             secret: Some(("x-admin-secret", cfg.admin_secret.clone())),
         }]);
     };
-    let mut members = members_of(&cfg)
+    let mut members = members_of(cfg)
         .await
         .with_context(|| format!("{}: etcd", path.display()))?;
     members.sort_by(|a, b| (&a.role, a.index, &a.host).cmp(&(&b.role, b.index, &b.host)));

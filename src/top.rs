@@ -46,15 +46,18 @@ fn parse_size(s: &str) -> Result<(u16, u16), String> {
 
 /// One process to read.
 #[derive(Clone)]
-struct Target {
-    name: String,
-    url: String,
+pub(crate) struct Target {
+    pub(crate) name: String,
+    pub(crate) url: String,
     /// The header that lets us in, if one is needed.
-    secret: Option<(&'static str, String)>,
+    pub(crate) secret: Option<(&'static str, String)>,
+    /// The process reading itself (the console of a standalone server):
+    /// its metrics rendered in place instead of fetched from `url`.
+    pub(crate) local: Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 /// A process's metrics at one moment.
-struct Scrape {
+pub(crate) struct Scrape {
     at: Instant,
     samples: Vec<prometheus_parse::Sample>,
 }
@@ -133,6 +136,7 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
                 name: u.clone(),
                 url: u.clone(),
                 secret: None,
+                local: None,
             })
             .collect());
     }
@@ -143,20 +147,16 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
             url: format!("{}/metrics", p.base),
             name: p.name,
             secret: p.secret,
+            local: None,
         })
         .collect())
 }
 
 async fn scrape(http: &reqwest::Client, t: &Target) -> Result<Scrape, String> {
-    let mut request = http.get(&t.url);
-    if let Some((header, value)) = &t.secret {
-        request = request.header(*header, value);
-    }
-    let response = request.send().await.map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
-    let text = response.text().await.map_err(|e| e.to_string())?;
+    let text = match &t.local {
+        Some(render) => render(),
+        None => fetch(http, t).await?,
+    };
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let parsed = prometheus_parse::Scrape::parse(lines).map_err(|e| e.to_string())?;
     Ok(Scrape {
@@ -165,7 +165,19 @@ async fn scrape(http: &reqwest::Client, t: &Target) -> Result<Scrape, String> {
     })
 }
 
-async fn scrape_all(http: &reqwest::Client, targets: &[Target]) -> Vec<Result<Scrape, String>> {
+async fn fetch(http: &reqwest::Client, t: &Target) -> Result<String, String> {
+    let mut request = http.get(&t.url);
+    if let Some((header, value)) = &t.secret {
+        request = request.header(*header, value);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    response.text().await.map_err(|e| e.to_string())
+}
+
+pub(crate) async fn scrape_all(http: &reqwest::Client, targets: &[Target]) -> Vec<Result<Scrape, String>> {
     futures::future::join_all(targets.iter().map(|t| scrape(http, t))).await
 }
 
@@ -299,7 +311,7 @@ fn process_figures(t: &Target, before: &Scrape, after: &Scrape) -> ProcessFigure
     }
 }
 
-fn read(
+pub(crate) fn read(
     targets: &[Target],
     before: &[Result<Scrape, String>],
     after: &[Result<Scrape, String>],
@@ -555,6 +567,7 @@ mod tests {
             name: "p".into(),
             url: "u".into(),
             secret: None,
+            local: None,
         };
         let p = process_figures(&target, &before, &after);
         assert_eq!((p.cpu_percent * 10.0).round(), 250.0);

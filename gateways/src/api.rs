@@ -1101,7 +1101,18 @@ impl Api {
                 "{caller} is not a member of group {group_id}"
             )));
         }
-        Ok(GroupInfo {
+        Ok(Self::info_of(&g))
+    }
+
+    /// A group as an operator sees it (the console): no membership needed.
+    pub async fn group_info_for_admin(&self, group_id: &str) -> Result<GroupInfo, ImError> {
+        check_id("group_id", group_id)?;
+        let g = self.group(group_id).await?;
+        Ok(Self::info_of(&g))
+    }
+
+    fn info_of(g: &GroupState) -> GroupInfo {
+        GroupInfo {
             group_id: g.group_id.to_string(),
             name: g.name.clone(),
             notice: g.notice.clone(),
@@ -1110,7 +1121,7 @@ impl Api {
             member_count: g.members.len(),
             muted: g.muted,
             dismissed: g.dismissed,
-        })
+        }
     }
 
     pub async fn update_group(
@@ -1286,6 +1297,16 @@ impl Api {
                 "{caller} is not a member of group {group_id}"
             )));
         }
+        self.members_for_admin(group_id, offset, limit).await
+    }
+
+    /// A page of a group's members with no membership check (the console).
+    pub async fn members_for_admin(
+        &self,
+        group_id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<(Arc<str>, Role)>, usize), ImError> {
         Ok(store::members_page(
             &*self.services.directory,
             group_id,

@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod reload;
 pub mod rest;
 pub mod tap;
+pub mod web;
 pub mod ws;
 
 pub use error::Error;

@@ -35,6 +35,10 @@ pub struct RestState {
     pub per_user: Arc<UserRate>,
     /// How `POST /reload` reaches the process's pipeline.
     pub reload: Option<crate::reload::Reloader>,
+    /// What `/admin/overview` (the console) reads.
+    pub overview: Option<crate::web::Overview>,
+    /// Where the chat page (`/app`) finds the gateway.
+    pub app: Arc<crate::web::AppSettings>,
 }
 
 /// A rate limit per user of the REST API.
@@ -198,6 +202,9 @@ pub fn router(state: RestState) -> Router {
         .routes(routes!(metrics))
         .routes(routes!(tap))
         .routes(routes!(reload))
+        .routes(routes!(overview))
+        .routes(routes!(user_lookup))
+        .routes(routes!(group_lookup))
         .split_for_parts();
     let doc = crate::openapi::finish(doc);
     router
@@ -213,6 +220,7 @@ pub fn router(state: RestState) -> Router {
                 }
             }),
         )
+        .merge(crate::web::routes())
         .fallback(|| async { ApiError(ImError::not_found("no such endpoint")) })
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)
@@ -1174,4 +1182,81 @@ mod tests {
         let typed: PullReply = serde_json::from_slice(&bytes).expect("the documented shape");
         assert_eq!(typed.messages.len(), 2);
     }
+}
+
+// ---- the console's reads (admin) ----
+
+/// The console's reading: the pipeline compiled from the file this
+/// process serves (stages, edges, topics) and every process's figures
+/// (rates, queues, Kafka lag, CPU), as `imflow top --once --json` shows
+/// them.
+#[utoipa::path(get, path = "/admin/overview", tag = "operations",
+    responses((status = 200, body = Object)),
+    security(("admin_secret" = [])))]
+async fn overview(_: Admin, State(s): State<RestState>) -> ApiResult<Json<serde_json::Value>> {
+    let Some(read) = &s.overview else {
+        return Err(ImError::not_found("this process serves no console").into());
+    };
+    Ok(Json(read().await))
+}
+
+#[derive(Serialize, ToSchema)]
+struct UserLookup {
+    profile: Profile,
+    presence: crate::api::PresenceState,
+    groups: Vec<MyGroup>,
+}
+
+/// A user as an operator sees it: profile, presence and groups.
+#[utoipa::path(get, path = "/admin/users/{user_id}", tag = "users",
+    params(("user_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "alice")),
+    responses((status = 200, body = UserLookup)),
+    security(("admin_secret" = [])))]
+async fn user_lookup(
+    _: Admin,
+    State(s): State<RestState>,
+    Path(user_id): Path<String>,
+) -> ApiResult<Json<UserLookup>> {
+    let profile = s.api.profile(&user_id).await?;
+    let (presence, groups) =
+        futures::try_join!(s.api.presence(&user_id), s.api.my_groups(&user_id))?;
+    Ok(Json(UserLookup {
+        profile,
+        presence,
+        groups,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct GroupLookup {
+    group: GroupInfo,
+    /// The first 100 members.
+    members: Vec<MemberEntry>,
+    total: usize,
+}
+
+/// A group as an operator sees it: its settings and first members.
+#[utoipa::path(get, path = "/admin/groups/{group_id}", tag = "groups",
+    params(("group_id" = String, Path, pattern = "^[A-Za-z0-9.@-]{1,64}$", example = "team")),
+    responses((status = 200, body = GroupLookup)),
+    security(("admin_secret" = [])))]
+async fn group_lookup(
+    _: Admin,
+    State(s): State<RestState>,
+    Path(group_id): Path<String>,
+) -> ApiResult<Json<GroupLookup>> {
+    let group = s.api.group_info_for_admin(&group_id).await?;
+    let (page, total) = s.api.members_for_admin(&group_id, 0, 100).await?;
+    let members = page
+        .into_iter()
+        .map(|(u, r)| MemberEntry {
+            user_id: u.to_string(),
+            role: r.as_str(),
+        })
+        .collect();
+    Ok(Json(GroupLookup {
+        group,
+        members,
+        total,
+    }))
 }
