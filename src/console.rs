@@ -70,7 +70,9 @@ impl Console {
     async fn read(&self) -> Value {
         let pipeline = match crate::load_pipeline(&self.cfg.pipeline, false, &self.registry) {
             Ok(p) => graph(&p, self.cfg.kafka.is_some()),
-            Err(e) => json!({ "file": self.cfg.pipeline.display().to_string(), "error": format!("{e:#}") }),
+            Err(e) => {
+                json!({ "file": self.cfg.pipeline.display().to_string(), "error": format!("{e:#}") })
+            }
         };
         let mut state = self.state.lock().await;
         let (reading, error) = match self.targets(&mut state).await {

@@ -177,7 +177,10 @@ async fn fetch(http: &reqwest::Client, t: &Target) -> Result<String, String> {
     response.text().await.map_err(|e| e.to_string())
 }
 
-pub(crate) async fn scrape_all(http: &reqwest::Client, targets: &[Target]) -> Vec<Result<Scrape, String>> {
+pub(crate) async fn scrape_all(
+    http: &reqwest::Client,
+    targets: &[Target],
+) -> Vec<Result<Scrape, String>> {
     futures::future::join_all(targets.iter().map(|t| scrape(http, t))).await
 }
 

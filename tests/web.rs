@@ -60,7 +60,8 @@ impl Driver {
 
     /// A new browser window of `width`×`height` CSS pixels.
     async fn browser(&self, width: u32, height: u32) -> Client {
-        let chromium = std::env::var("IMFLOW_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let chromium =
+            std::env::var("IMFLOW_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -186,7 +187,12 @@ async fn sign_in(c: &Client, s: &TestServer, user: &str) {
     let token = s.token(user, 5).await;
     type_in(c, "#token", &token).await;
     click(c, "#login-form button").await;
-    until(c, "signed in and online", "document.querySelector('#conn.on')").await;
+    until(
+        c,
+        "signed in and online",
+        "document.querySelector('#conn.on')",
+    )
+    .await;
 }
 
 async fn screenshot(c: &Client, name: &str) {
@@ -204,7 +210,11 @@ async fn screenshot(c: &Client, name: &str) {
 struct BrowserLog;
 
 impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
-    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
         base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
     }
 
@@ -224,7 +234,9 @@ async fn console_errors(c: &Client) -> Vec<String> {
         .iter()
         .filter(|e| e["level"] == "SEVERE")
         .filter_map(|e| e["message"].as_str())
-        .filter(|m| !m.contains("WebSocket connection to") && !m.contains("Failed to load resource"))
+        .filter(|m| {
+            !m.contains("WebSocket connection to") && !m.contains("Failed to load resource")
+        })
         .map(str::to_string)
         .collect()
 }
@@ -234,12 +246,11 @@ async fn two_people_chat_in_a_real_browser_and_the_console_shows_the_load() {
     let proxy = Proxy::start().await;
     let ws_url = format!("ws://{}/ws", proxy.addr);
     let s = TestServer::start_with(|cfg| cfg.web.ws_url = Some(ws_url)).await;
-    let gateway = s
-        .ws
-        .trim_start_matches("ws://")
-        .trim_end_matches("/ws")
-        .parse()
-        .expect("gateway address");
+    let gateway =
+        s.ws.trim_start_matches("ws://")
+            .trim_end_matches("/ws")
+            .parse()
+            .expect("gateway address");
     proxy.target.set(gateway).expect("set once");
     s.register(&["alice", "bob", "carol"]).await;
 
@@ -260,46 +271,101 @@ async fn two_people_chat_in_a_real_browser_and_the_console_shows_the_load() {
 
     // The conversation list, with its unread count.
     let carol_conv = "[data-conv='si_alice_carol']";
-    until(&alice, "45 unread from carol", &format!("document.querySelector(\"{carol_conv} .badge\")?.textContent === '45'")).await;
+    until(
+        &alice,
+        "45 unread from carol",
+        &format!("document.querySelector(\"{carol_conv} .badge\")?.textContent === '45'"),
+    )
+    .await;
     click(&alice, carol_conv).await;
-    until(&alice, "the latest 30 shown", "document.querySelectorAll('#list [data-seq]').length === 30").await;
-    assert_eq!(js(&alice, &format!("{SHOWN}.at(-1)")).await, "carol says 45");
+    until(
+        &alice,
+        "the latest 30 shown",
+        "document.querySelectorAll('#list [data-seq]').length === 30",
+    )
+    .await;
+    assert_eq!(
+        js(&alice, &format!("{SHOWN}.at(-1)")).await,
+        "carol says 45"
+    );
     // Scrolling back pulls the rest.
     js(&alice, "document.querySelector('#messages').scrollTop = 0").await;
-    until(&alice, "all 45 shown", "document.querySelectorAll('#list [data-seq]').length === 45").await;
+    until(
+        &alice,
+        "all 45 shown",
+        "document.querySelectorAll('#list [data-seq]').length === 45",
+    )
+    .await;
     assert_eq!(js(&alice, &format!("{SHOWN}[0]")).await, "carol says 1");
-    until(&alice, "no unread left", &format!("!document.querySelector(\"{carol_conv} .badge\")")).await;
+    until(
+        &alice,
+        "no unread left",
+        &format!("!document.querySelector(\"{carol_conv} .badge\")"),
+    )
+    .await;
     let alice_token = s.token("alice", 1).await;
     let deadline = Instant::now() + PATIENCE;
     loop {
         let (_, v) = s.call("GET", &alice_token, "/conversations", None).await;
         let conv = v["conversations"]
             .as_array()
-            .and_then(|a| a.iter().find(|c| c["conversation_id"] == "si_alice_carol").cloned())
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c["conversation_id"] == "si_alice_carol")
+                    .cloned()
+            })
             .unwrap_or_default();
         if conv["read_seq"] == 45 {
             break;
         }
-        assert!(Instant::now() < deadline, "the read never reached the server: {conv}");
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the server: {conv}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Alice starts a chat with bob; bob (on a phone) sees it arrive.
     type_in(&alice, "#new-peer", "bob").await;
     click(&alice, "#new-chat button").await;
-    until(&alice, "the chat with bob open", "document.querySelector('#title').textContent === 'bob'").await;
+    until(
+        &alice,
+        "the chat with bob open",
+        "document.querySelector('#title').textContent === 'bob'",
+    )
+    .await;
     type_in(&alice, "#text", "hello bob").await;
     click(&alice, "#composer button").await;
     let bob_conv = "[data-conv='si_alice_bob']";
-    until(&bob, "1 unread from alice", &format!("document.querySelector(\"{bob_conv} .badge\")?.textContent === '1'")).await;
+    until(
+        &bob,
+        "1 unread from alice",
+        &format!("document.querySelector(\"{bob_conv} .badge\")?.textContent === '1'"),
+    )
+    .await;
     click(&bob, bob_conv).await;
-    until(&bob, "alice's message", &format!("{SHOWN}.includes('hello bob')")).await;
+    until(
+        &bob,
+        "alice's message",
+        &format!("{SHOWN}.includes('hello bob')"),
+    )
+    .await;
     // Typing shows on the other side; the reply arrives live.
     type_in(&bob, "#text", "hi al").await;
-    until(&alice, "bob typing", "document.querySelector('#typing').textContent.includes('bob is typing')").await;
+    until(
+        &alice,
+        "bob typing",
+        "document.querySelector('#typing').textContent.includes('bob is typing')",
+    )
+    .await;
     type_in(&bob, "#text", "ice").await;
     click(&bob, "#composer button").await;
-    until(&alice, "bob's reply", &format!("{SHOWN}.includes('hi alice')")).await;
+    until(
+        &alice,
+        "bob's reply",
+        &format!("{SHOWN}.includes('hi alice')"),
+    )
+    .await;
     // Bob read alice's message: her side says so.
     until(&alice, "a read receipt", "[...document.querySelectorAll('#list .msg.mine .meta')].some(m => m.textContent.includes('Read'))").await;
     screenshot(&alice, "app.png").await;
@@ -308,22 +374,52 @@ async fn two_people_chat_in_a_real_browser_and_the_console_shows_the_load() {
     // The network drops. Alice writes anyway (it waits in her page), and
     // her phone (REST) sends one too; bob sees neither until he is back.
     proxy.cut();
-    until(&bob, "bob offline", "!document.querySelector('#banner').hidden").await;
-    until(&alice, "alice offline", "!document.querySelector('#conn.on')").await;
+    until(
+        &bob,
+        "bob offline",
+        "!document.querySelector('#banner').hidden",
+    )
+    .await;
+    until(
+        &alice,
+        "alice offline",
+        "!document.querySelector('#conn.on')",
+    )
+    .await;
     type_in(&alice, "#text", "are you there?").await;
     click(&alice, "#composer button").await;
-    until(&alice, "the send waiting", "document.querySelector('[data-pending]')?.textContent.includes('waiting')").await;
+    until(
+        &alice,
+        "the send waiting",
+        "document.querySelector('[data-pending]')?.textContent.includes('waiting')",
+    )
+    .await;
     let body = json!({"client_msg_id": "phone-1", "recv_id": "bob", "content_type": 101,
                       "content": {"text": "sent from my phone"}});
     let (status, v) = s.call("POST", &alice_token, "/msg/send", Some(body)).await;
     assert_eq!(status, 200, "{v}");
     proxy.restore();
-    until(&bob, "the catch-up", &format!("{SHOWN}.includes('sent from my phone') && {SHOWN}.includes('are you there?')")).await;
-    until(&bob, "bob online again", "document.querySelector('#banner').hidden").await;
+    until(
+        &bob,
+        "the catch-up",
+        &format!("{SHOWN}.includes('sent from my phone') && {SHOWN}.includes('are you there?')"),
+    )
+    .await;
+    until(
+        &bob,
+        "bob online again",
+        "document.querySelector('#banner').hidden",
+    )
+    .await;
     until(&alice, "the waiting send stored", "!document.querySelector('[data-pending]') && document.querySelectorAll('#list [data-seq]').length === 4").await;
     // Stored once each, in order, however often the page tried.
     let (_, v) = s
-        .call("GET", &alice_token, "/conversations/si_alice_bob/messages?from_seq=1&to_seq=100", None)
+        .call(
+            "GET",
+            &alice_token,
+            "/conversations/si_alice_bob/messages?from_seq=1&to_seq=100",
+            None,
+        )
         .await;
     let texts: Vec<&str> = v["messages"]
         .as_array()
@@ -337,25 +433,67 @@ async fn two_people_chat_in_a_real_browser_and_the_console_shows_the_load() {
 
     // The operator's console: the pipeline of the file, the rates moving.
     let team = json!({"group_id": "team", "name": "The team", "members": ["bob", "carol"]});
-    assert_eq!(s.call("POST", &alice_token, "/groups", Some(team)).await.0, 201);
+    assert_eq!(
+        s.call("POST", &alice_token, "/groups", Some(team)).await.0,
+        201
+    );
     let op = driver.browser(1280, 900).await;
-    op.goto(&format!("{}/console", s.api)).await.expect("open /console");
+    op.goto(&format!("{}/console", s.api))
+        .await
+        .expect("open /console");
     type_in(&op, "#secret", "not the secret").await;
     click(&op, "#login-form button").await;
-    until(&op, "a refused secret", "document.querySelector('#login-error').textContent.includes('refused')").await;
-    op.find(Locator::Css("#secret")).await.expect("secret").clear().await.expect("clear");
+    until(
+        &op,
+        "a refused secret",
+        "document.querySelector('#login-error').textContent.includes('refused')",
+    )
+    .await;
+    op.find(Locator::Css("#secret"))
+        .await
+        .expect("secret")
+        .clear()
+        .await
+        .expect("clear");
     type_in(&op, "#secret", ADMIN).await;
     click(&op, "#login-form button").await;
     let registry = imflow_stages::registry();
     let text = std::fs::read_to_string(&s.cfg.pipeline).expect("pipeline file");
     let pipeline = imflow_runtime::compile("pipeline.yaml", &text, &registry).expect("compiles");
-    let names: Vec<String> = pipeline.order.iter().map(|&i| pipeline.graph[i].name.clone()).collect();
-    until(&op, "the graph drawn", &format!("document.querySelectorAll('#graph .node').length === {}", names.len())).await;
+    let names: Vec<String> = pipeline
+        .order
+        .iter()
+        .map(|&i| pipeline.graph[i].name.clone())
+        .collect();
+    until(
+        &op,
+        "the graph drawn",
+        &format!(
+            "document.querySelectorAll('#graph .node').length === {}",
+            names.len()
+        ),
+    )
+    .await;
     for n in &names {
-        until(&op, "every stage of the file", &format!("document.querySelector('#graph .node[data-stage=\"{n}\"]')")).await;
+        until(
+            &op,
+            "every stage of the file",
+            &format!("document.querySelector('#graph .node[data-stage=\"{n}\"]')"),
+        )
+        .await;
     }
-    until(&op, "the process table", "document.querySelector('#processes tbody tr .pill.good')").await;
-    until(&op, "a quiet pipeline", "document.querySelector('#graph .node[data-stage=\"ingest\"]').dataset.in === '0.0'").await;
+    until(
+        &op,
+        "the process table",
+        "document.querySelector('#processes tbody tr .pill.good')",
+    )
+    .await;
+    until(
+        &op,
+        "a quiet pipeline",
+        "document.querySelector('#graph .node[data-stage=\"ingest\"]').dataset.in === '0.0'",
+    )
+    .await;
     let ingest = format!("{:?}", names[0]);
     let load = tokio::spawn({
         let s_ws = s.ws.clone();
@@ -374,18 +512,47 @@ async fn two_people_chat_in_a_real_browser_and_the_console_shows_the_load() {
             }
         }
     });
-    until(&op, "the rates moving under load", &format!("Number(document.querySelector('#graph .node[data-stage={ingest}]').dataset.in) > 0")).await;
-    until(&op, "the edge's rate", "[...document.querySelectorAll('#graph .edge')].some(e => Number(e.dataset.rate) > 0)").await;
+    until(
+        &op,
+        "the rates moving under load",
+        &format!(
+            "Number(document.querySelector('#graph .node[data-stage={ingest}]').dataset.in) > 0"
+        ),
+    )
+    .await;
+    until(
+        &op,
+        "the edge's rate",
+        "[...document.querySelectorAll('#graph .edge')].some(e => Number(e.dataset.rate) > 0)",
+    )
+    .await;
     screenshot(&op, "console.png").await;
     load.abort();
-    until(&op, "the rates falling back", &format!("document.querySelector('#graph .node[data-stage={ingest}]').dataset.in === '0.0'")).await;
+    until(
+        &op,
+        "the rates falling back",
+        &format!(
+            "document.querySelector('#graph .node[data-stage={ingest}]').dataset.in === '0.0'"
+        ),
+    )
+    .await;
 
     // Looking up a user, then one of their groups.
     type_in(&op, "#lookup-id", "bob").await;
     click(&op, "#lookup-form button").await;
-    until(&op, "bob's card", "document.querySelector('[data-user=bob] .presence')?.textContent.startsWith('online')").await;
+    until(
+        &op,
+        "bob's card",
+        "document.querySelector('[data-user=bob] .presence')?.textContent.startsWith('online')",
+    )
+    .await;
     click(&op, "[data-user=bob] .groups button").await;
-    until(&op, "the team's card", "document.querySelector('[data-group=team] .count')?.textContent === '3'").await;
+    until(
+        &op,
+        "the team's card",
+        "document.querySelector('[data-group=team] .count')?.textContent === '3'",
+    )
+    .await;
 
     for (who, c) in [("alice", &alice), ("bob", &bob), ("the operator", &op)] {
         let errors = console_errors(c).await;

@@ -89,8 +89,14 @@ fn asset(name: &str) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }
 
@@ -111,7 +117,10 @@ mod tests {
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
                     .collect();
-                assert!(file(&name).is_some(), "{page} links /web/{name}, not served");
+                assert!(
+                    file(&name).is_some(),
+                    "{page} links /web/{name}, not served"
+                );
             }
         }
     }

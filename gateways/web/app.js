@@ -17,6 +17,7 @@ const A = {
   convs: new Map(), // conversation_id → conversation
   open: null, // the conversation shown
   names: new Map(), // user_id → nickname
+  presence: new Map(), // user_id → online, for the peers we follow
   groupNames: new Map(),
   peerRead: new Map(), // conversation_id → the peer's read seq (receipts)
   backoff: 500,
@@ -171,7 +172,8 @@ function onFrame(f) {
       if (A.open && A.open.id === f.conversation_id) showTyping(f.user_id);
       break;
     case 'presence':
-      if (A.open && A.open.peer && f.user_id === A.open.peer) subtitle(f.online);
+      A.presence.set(f.user_id, f.online);
+      subtitle();
       break;
     case 'kick':
       A.stopped = true;
@@ -409,9 +411,10 @@ function typed() {
   request('typing', { conversation_id: c.id }).catch(() => {});
 }
 
-function subtitle(online) {
+function subtitle() {
   const c = A.open;
   if (!c) return;
+  const online = A.presence.get(c.peer);
   if (c.group_id) $('#subtitle').textContent = `group ${c.group_id}`;
   else $('#subtitle').textContent = online === undefined ? c.peer : `${c.peer} · ${online ? 'online' : 'offline'}`;
 }
@@ -529,7 +532,10 @@ async function openConv(c) {
   if (c.peer) {
     nickname(c.peer);
     request('subscribe_presence', { user_ids: [c.peer] })
-      .then((r) => { const u = (r.users || [])[0]; if (u && A.open === c) subtitle(u.online); })
+      .then((r) => {
+        for (const u of r.users || []) A.presence.set(u.user_id, u.online);
+        subtitle();
+      })
       .catch(() => {});
   }
   if (connected()) {

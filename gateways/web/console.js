@@ -74,9 +74,9 @@ function render(o) {
 
 // ---- the graph ----
 
-const W = 184; // a stage's box
-const H = 92;
-const GAP_X = 96;
+const W = 172; // a stage's box
+const H = 104;
+const GAP_X = 84;
 const GAP_Y = 28;
 
 /** Each stage's column (longest path from a source) and row. */
@@ -157,7 +157,7 @@ function buildGraph(p, columns, rows, vertical) {
       const [x1, y1, x2, y2] = [a.x + W, a.y + H / 2, b.x, b.y + H / 2];
       const mid = (x1 + x2) / 2;
       d = `M${x1},${y1} C${mid},${y1} ${mid},${y2} ${x2 - 2},${y2}`;
-      [lx, ly] = [mid, (y1 + y2) / 2 - 16];
+      [lx, ly] = [mid, (y1 + y2) / 2 - 7];
     }
     const via = e.transport === 'kafka'
       ? `${e.topic} ×${e.partitions}`
@@ -165,18 +165,18 @@ function buildGraph(p, columns, rows, vertical) {
     root.append(svg('g', { class: 'edge', 'data-edge': `${e.from}->${e.to}` },
       svg('path', { d, 'marker-end': 'url(#arrow)' }),
       svg('text', { class: 'rate', x: lx, y: ly, 'text-anchor': vertical ? 'start' : 'middle' }, '0/s'),
-      svg('text', { class: 'via', x: lx, y: ly + 13, 'text-anchor': vertical ? 'start' : 'middle' }, via)));
+      svg('text', { class: 'via', x: lx, y: ly + (vertical ? 13 : 20), 'text-anchor': vertical ? 'start' : 'middle' }, via)));
   }
   for (const s of p.stages) {
     const { x, y } = at.get(s.name);
-    const kind = s.process ? `${s.kind} · ${s.process}` : s.kind;
     root.append(svg('g', { class: 'node', 'data-stage': s.name, transform: `translate(${x},${y})` },
-      svg('title', {}, `${s.name}: a ${s.kind} stage`),
+      svg('title', {}, `${s.name}: a ${s.kind} stage${s.process ? ` in process ${s.process}` : ''}`),
       svg('rect', { width: W, height: H, rx: 10 }),
       svg('text', { class: 'name', x: 12, y: 22 }, s.name),
-      svg('text', { class: 'kind', x: 12, y: 39 }, kind),
-      svg('text', { class: 'figures', x: 12, y: 61 }, ''),
-      svg('text', { class: 'lag', x: 12, y: 79 }, '')));
+      svg('text', { class: 'kind', x: 12, y: 38 }, s.kind),
+      svg('text', { class: 'kind', x: 12, y: 52 }, s.process ? `process ${s.process}` : ''),
+      svg('text', { class: 'figures', x: 12, y: 74 }, ''),
+      svg('text', { class: 'lag', x: 12, y: 92 }, '')));
   }
   return root;
 }
@@ -225,7 +225,7 @@ function renderProcesses(processes) {
     el('td', {}, p.up ? `${p.cpu_percent.toFixed(0)}%` : '–'),
     el('td', {}, p.up ? fmtBytes(p.memory_bytes) : '–'),
     el('td', { class: 'stages' },
-      p.stages.map((s) => `${s.stage} ${fmtCount(s.in_per_sec)}`).join(' · ') || '–')));
+      p.stages.map((s) => `${s.stage} ${fmtCount(s.in_per_sec || s.out_per_sec)}`).join(' · ') || '–')));
   $('#processes tbody').replaceChildren(...rows);
 }
 
