@@ -103,12 +103,7 @@ impl Console {
             crate::targets::of_config(&path, &self.cfg)
                 .await?
                 .into_iter()
-                .map(|p| Target {
-                    url: format!("{}/metrics", p.base),
-                    name: p.name,
-                    secret: p.secret,
-                    local: None,
-                })
+                .map(Target::from)
                 .collect()
         } else {
             vec![Target {

@@ -56,6 +56,17 @@ pub(crate) struct Target {
     pub(crate) local: Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
+impl From<crate::targets::Process> for Target {
+    fn from(p: crate::targets::Process) -> Target {
+        Target {
+            url: format!("{}/metrics", p.base),
+            name: p.name,
+            secret: p.secret,
+            local: None,
+        }
+    }
+}
+
 /// A process's metrics at one moment.
 pub(crate) struct Scrape {
     at: Instant,
@@ -143,12 +154,7 @@ async fn targets(args: &TopArgs) -> anyhow::Result<Vec<Target>> {
     Ok(crate::targets::processes(args.config.as_deref())
         .await?
         .into_iter()
-        .map(|p| Target {
-            url: format!("{}/metrics", p.base),
-            name: p.name,
-            secret: p.secret,
-            local: None,
-        })
+        .map(Target::from)
         .collect())
 }
 

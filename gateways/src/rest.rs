@@ -450,6 +450,15 @@ struct MemberEntry {
     role: &'static str,
 }
 
+fn entries(page: Vec<(Arc<str>, imflow_stages::store::Role)>) -> Vec<MemberEntry> {
+    page.into_iter()
+        .map(|(u, r)| MemberEntry {
+            user_id: u.to_string(),
+            role: r.as_str(),
+        })
+        .collect()
+}
+
 #[derive(Serialize, ToSchema)]
 struct MembersPage {
     members: Vec<MemberEntry>,
@@ -471,13 +480,7 @@ async fn members(
     let offset = number("offset", p.offset.as_deref(), 0usize)?;
     let limit = number("limit", p.limit.as_deref(), 100usize)?;
     let (page, total) = s.api.members(&me.user_id, &group_id, offset, limit).await?;
-    let members = page
-        .into_iter()
-        .map(|(u, r)| MemberEntry {
-            user_id: u.to_string(),
-            role: r.as_str(),
-        })
-        .collect();
+    let members = entries(page);
     Ok(Json(MembersPage { members, total }))
 }
 
@@ -1247,13 +1250,7 @@ async fn group_lookup(
 ) -> ApiResult<Json<GroupLookup>> {
     let group = s.api.group_info_for_admin(&group_id).await?;
     let (page, total) = s.api.members_for_admin(&group_id, 0, 100).await?;
-    let members = page
-        .into_iter()
-        .map(|(u, r)| MemberEntry {
-            user_id: u.to_string(),
-            role: r.as_str(),
-        })
-        .collect();
+    let members = entries(page);
     Ok(Json(GroupLookup {
         group,
         members,
