@@ -239,6 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         _ => {}
     }
+    if cli.baseline && matches!(cli.scenario, Scenario::Conversations { .. }) {
+        // The relay has no history and no conversation list to read.
+        anyhow::bail!("--baseline: the ideal relay stores nothing, so `conversations` (which reads the conversation list) has nothing to compare against; run it without --baseline");
+    }
     let (report, compared) = if cli.baseline {
         let relay = tokio::task::spawn_blocking(RelayChild::start).await??;
         if !cli.quiet {
