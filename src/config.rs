@@ -629,7 +629,6 @@ impl Config {
 }
 
 impl Config {
-    /// The protocol's configurable rules.
     /// Where the chat page finds the gateway, which listens on `ws_port`.
     pub fn app_settings(&self, ws_port: u16) -> imflow_gateways::web::AppSettings {
         imflow_gateways::web::AppSettings {
@@ -638,6 +637,7 @@ impl Config {
         }
     }
 
+    /// The protocol's configurable rules.
     pub fn rules(&self) -> imflow_gateways::api::Rules {
         imflow_gateways::api::Rules {
             revoke_window_secs: self.revoke_window_secs,

@@ -38,9 +38,16 @@ struct Console {
 #[derive(Default)]
 struct State {
     targets: Option<(Instant, Vec<Target>)>,
-    /// The last scrape of each target, for the rates of the next reading.
-    last: Option<(Instant, Vec<Result<Scrape, String>>)>,
+    /// The last scrape, for the rates of the next reading.
+    last: Option<LastScrape>,
     reading: Option<Reading>,
+}
+
+struct LastScrape {
+    at: Instant,
+    /// The targets scraped, by name: rates need the same processes twice.
+    names: Vec<String>,
+    scrapes: Vec<Result<Scrape, String>>,
 }
 
 /// The console's reader for a process started with `cfg`; `local`
@@ -118,8 +125,9 @@ impl Console {
     }
 
     async fn reading(&self, state: &mut State, targets: &[Target]) -> Reading {
-        if let (Some((at, _)), Some(r)) = (&state.last, &state.reading) {
-            if at.elapsed() < FRESH && r.processes.len() == targets.len() {
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        if let (Some(last), Some(r)) = (&state.last, &state.reading) {
+            if last.at.elapsed() < FRESH && last.names == names {
                 return r.clone();
             }
         }
@@ -127,12 +135,16 @@ impl Console {
         let reading = match state.last.take() {
             // Rates need two scrapes of the same processes; the first
             // reading (or one after the cluster changed) shows totals only.
-            Some((at, before)) if before.len() == now.len() => {
-                top::read(targets, &before, &now, at.elapsed())
+            Some(last) if last.names == names => {
+                top::read(targets, &last.scrapes, &now, last.at.elapsed())
             }
             _ => top::read(targets, &now, &now, Duration::ZERO),
         };
-        state.last = Some((Instant::now(), now));
+        state.last = Some(LastScrape {
+            at: Instant::now(),
+            names,
+            scrapes: now,
+        });
         state.reading = Some(reading.clone());
         reading
     }

@@ -53,16 +53,31 @@ pub(crate) fn routes() -> Router<RestState> {
         )
 }
 
-/// The files of `gateways/web/`, by name.
+/// The files of `gateways/web/`, by name, with their content type.
 fn file(name: &str) -> Option<(&'static str, &'static str)> {
     Some(match name {
-        "console.html" => (include_str!("../web/console.html"), "text/html"),
-        "app.html" => (include_str!("../web/app.html"), "text/html"),
-        "style.css" => (include_str!("../web/style.css"), "text/css"),
-        "common.js" => (include_str!("../web/common.js"), "text/javascript"),
-        "console.js" => (include_str!("../web/console.js"), "text/javascript"),
-        "app.js" => (include_str!("../web/app.js"), "text/javascript"),
-        "icon.svg" => (include_str!("../web/icon.svg"), "image/svg+xml"),
+        "console.html" => (
+            include_str!("../web/console.html"),
+            "text/html; charset=utf-8",
+        ),
+        "app.html" => (include_str!("../web/app.html"), "text/html; charset=utf-8"),
+        "style.css" => (include_str!("../web/style.css"), "text/css; charset=utf-8"),
+        "common.js" => (
+            include_str!("../web/common.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "console.js" => (
+            include_str!("../web/console.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "app.js" => (
+            include_str!("../web/app.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "icon.svg" => (
+            include_str!("../web/icon.svg"),
+            "image/svg+xml; charset=utf-8",
+        ),
         _ => return None,
     })
 }
@@ -78,11 +93,7 @@ fn asset(name: &str) -> Response {
     };
     let mut r = body.into_response();
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_str(&format!("{mime}; charset=utf-8"))
-            .unwrap_or(HeaderValue::from_static("text/plain")),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
     // A new binary may ship new pages: the browser checks each time.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(
