@@ -7,6 +7,11 @@ use imflow_bench::relay;
 use imflow_bench::report::{Comparison, Report};
 use imflow_bench::scenario::{self, Load, Search, Target};
 
+// The server's allocator: the relay baseline and the load generator get
+// the same footing as the server they are compared with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "imflow-bench",
