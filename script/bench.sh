@@ -39,6 +39,13 @@ secret=bench-admin-secret
 echo "== building (release)" >&2
 cargo build --release -q -p imflow -p imflow-bench
 
+# Another server on these ports would answer the health check and take the
+# load in this one's place (which then fails to bind): refuse up front.
+if curl -sf "http://$api/healthz" >/dev/null 2>&1; then
+  echo "something already answers on http://$api (another imflow?); stop it or set BENCH_API and BENCH_GATEWAY" >&2
+  exit 1
+fi
+
 data=$(mktemp -d /tmp/imflow-bench.XXXXXX)
 if [[ -n "${BENCH_PIPELINE:-}" ]]; then
   [[ -f "$BENCH_PIPELINE" ]] || { echo "BENCH_PIPELINE: no file $BENCH_PIPELINE" >&2; exit 2; }

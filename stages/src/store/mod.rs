@@ -501,9 +501,13 @@ pub type SeqMemory = lru::LruCache<Arc<str>, u64>;
 pub const SEQ_MEMORY: usize = 100_000;
 
 pub fn seq_memory(entries: usize) -> SeqMemory {
-    lru::LruCache::new(
-        std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN),
-    )
+    // Bounded but not preallocated (`LruCache::new` would be): a table
+    // sized for the bound is faulted in by the first burst of new
+    // conversations, a pause on a fresh server; this one grows as they come.
+    let mut memory = lru::LruCache::new(std::num::NonZeroUsize::MIN);
+    memory
+        .resize(std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN));
+    memory
 }
 
 /// Hands out seqs. Each seq-assign task owns the conversations of its
@@ -695,4 +699,21 @@ where
         known.extend(rest(missing).await?);
     }
     Ok(known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_memory_keeps_its_bound_while_growing_from_empty() {
+        let mut memory = seq_memory(3);
+        assert_eq!(memory.cap().get(), 3);
+        for (i, c) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            memory.put(Arc::from(c), i as u64);
+        }
+        assert_eq!(memory.len(), 3);
+        assert!(!memory.contains("a"), "the least recent is forgotten");
+        assert_eq!(memory.get("d"), Some(&3));
+    }
 }

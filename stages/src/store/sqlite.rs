@@ -774,17 +774,26 @@ impl Directory for SqliteStore {
     }
 
     async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
+        let rows: Vec<(Arc<str>, &str)> = conversations
+            .iter()
+            .filter_map(|conv| match Conversation::parse(conv) {
+                Some(Conversation::Single(a, b)) => Some([(a, &**conv), (b, &**conv)]),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        // One statement per chunk, one transaction: a burst of new chats
+        // (every conversation's first message) is a few round trips to the
+        // writer, not two per chat.
         let mut tx = self.write.begin().await?;
-        for conv in conversations {
-            if let Some(Conversation::Single(a, b)) = Conversation::parse(conv) {
-                sqlx::query("INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?, ?), (?, ?)")
-                    .bind(&*a)
-                    .bind(&**conv)
-                    .bind(&*b)
-                    .bind(&**conv)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) ",
+            );
+            q.push_values(chunk, |mut b, (user, conv)| {
+                b.push_bind(&**user).push_bind(*conv);
+            });
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
