@@ -652,6 +652,19 @@ pub(crate) fn url_escape(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
+/// The (user, conversation) rows that record new single chats in a
+/// user's list: two per single chat of `conversations`, none for groups.
+pub(crate) fn single_chat_rows(conversations: &[Arc<str>]) -> Vec<(Arc<str>, &str)> {
+    conversations
+        .iter()
+        .filter_map(|c| match crate::model::Conversation::parse(c) {
+            Some(crate::model::Conversation::Single(a, b)) => Some([(a, &**c), (b, &**c)]),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// Max seqs for `sync`: the hot store first, the history for the rest.
 pub async fn visible_max_seqs(
     hot: &dyn Hot,
@@ -704,6 +717,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_single_chat_is_recorded_for_both_users_and_a_group_not_at_all() {
+        let convs: Vec<Arc<str>> = vec![
+            crate::model::Conversation::single("bob", "alice")
+                .id()
+                .into(),
+            crate::model::Conversation::Group("g1".into()).id().into(),
+        ];
+        let rows = single_chat_rows(&convs);
+        let users: Vec<&str> = rows.iter().map(|(u, _)| &**u).collect();
+        assert_eq!(users, ["alice", "bob"]);
+        assert!(rows.iter().all(|(_, c)| *c == &*convs[0]));
+    }
 
     #[test]
     fn seq_memory_keeps_its_bound_while_growing_from_empty() {

@@ -24,7 +24,7 @@ use super::{
     GroupState, Profile, PushDevice, Role, USERS_PER_QUERY,
 };
 use crate::error::{Error, Result};
-use crate::model::{now_ms, Conversation, ImError};
+use crate::model::{now_ms, ImError};
 
 /// Where MySQL is.
 #[derive(Debug, Clone)]
@@ -909,14 +909,7 @@ impl Directory for MysqlDirectory {
     }
 
     async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
-        let rows: Vec<(Arc<str>, &str)> = conversations
-            .iter()
-            .filter_map(|c| match Conversation::parse(c) {
-                Some(Conversation::Single(a, b)) => Some([(a, &**c), (b, &**c)]),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let rows = super::single_chat_rows(conversations);
         // One statement per chunk: a burst of new chats (a client fleet's
         // first messages) must not cost a round trip each.
         for chunk in rows.chunks(500) {

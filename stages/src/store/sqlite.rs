@@ -37,7 +37,7 @@ enum Bind<'a> {
     Int(i64),
     Text(&'a str),
 }
-use crate::model::{now_ms, AckInfo, Conversation, ImError, Sequenced};
+use crate::model::{now_ms, AckInfo, ImError, Sequenced};
 
 struct WriteJob {
     messages: Vec<Sequenced>,
@@ -774,14 +774,7 @@ impl Directory for SqliteStore {
     }
 
     async fn open_single_chats(&self, conversations: &[Arc<str>]) -> Result<()> {
-        let rows: Vec<(Arc<str>, &str)> = conversations
-            .iter()
-            .filter_map(|conv| match Conversation::parse(conv) {
-                Some(Conversation::Single(a, b)) => Some([(a, &**conv), (b, &**conv)]),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let rows = super::single_chat_rows(conversations);
         // One statement per chunk, one transaction: a burst of new chats
         // (every conversation's first message) is a few round trips to the
         // writer, not two per chat.
