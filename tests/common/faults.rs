@@ -125,17 +125,18 @@ pub async fn check_everything(
             .unwrap();
         let deadline = tokio::time::Instant::now() + PATIENCE * 3;
         let want = last.1.clone();
-        let f = tokio::time::timeout_at(
-            deadline,
-            a.next_where(|f| {
+        // The deadline bounds the whole wait, not each frame: after a kill
+        // the pushes resume once the consumer group has moved the
+        // partitions, which can leave the socket quiet for a while.
+        let f = a
+            .next_where_until(deadline, |f| {
                 f["op"] == "push"
                     && f["messages"]
                         .as_array()
                         .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == json!(want)))
-            }),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{conv}: the last message was never pushed"));
+            })
+            .await
+            .unwrap_or_else(|| panic!("{conv}: the last message was never pushed"));
         let seq = f["messages"]
             .as_array()
             .unwrap()

@@ -418,17 +418,55 @@ impl Client {
 
     /// Next frame from the socket (not the backlog); None when closed.
     pub async fn read_frame(&mut self) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.read_frame_until(deadline)
+            .await
+            .expect("timed out waiting for a frame")
+    }
+
+    /// Next frame from the socket by `deadline` (Err when it passes);
+    /// Ok(None) when closed.
+    pub async fn read_frame_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Value>, tokio::time::error::Elapsed> {
         loop {
-            let m = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("timed out waiting for a frame")?;
+            let Some(m) = tokio::time::timeout_at(deadline, self.ws.next()).await? else {
+                return Ok(None);
+            };
             match m {
                 Ok(Message::Text(t)) => {
-                    return Some(serde_json::from_str(t.as_str()).expect("server frames are JSON"))
+                    return Ok(Some(
+                        serde_json::from_str(t.as_str()).expect("server frames are JSON"),
+                    ))
                 }
-                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(Message::Close(_)) | Err(_) => return Ok(None),
                 Ok(_) => continue,
             }
+        }
+    }
+
+    /// The first frame (backlog first) that `pred` accepts by `deadline`,
+    /// however long the quiet between frames; None if the deadline passes.
+    /// Others are kept.
+    pub async fn next_where_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i);
+        }
+        loop {
+            let f = self
+                .read_frame_until(deadline)
+                .await
+                .ok()?
+                .expect("connection closed while waiting");
+            if pred(&f) {
+                return Some(f);
+            }
+            self.backlog.push_back(f);
         }
     }
 
