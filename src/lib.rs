@@ -144,6 +144,10 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// How often histogram samples are drained into their summaries (the
+/// exporter's own default when it runs the upkeep itself).
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -151,6 +155,21 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // A second server in the same process (tests) shares the first's recorder.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples pile up until drained: without this a server
+        // nobody scrapes grows by every sample it records, and the first
+        // scrape drains them all at once. (`build_recorder`, unlike
+        // `install`, spawns no upkeep of its own; a thread, because the
+        // recorder outlives any one runtime, as in tests.)
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(METRICS_UPKEEP);
+                upkeep.run_upkeep();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no metrics upkeep thread: histograms drain only when scraped");
+        }
         handle
     })
 }
