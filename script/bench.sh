@@ -40,11 +40,16 @@ echo "== building (release)" >&2
 cargo build --release -q -p imflow -p imflow-bench
 
 # Another server on these ports would answer the health check and take the
-# load in this one's place (which then fails to bind): refuse up front.
-if curl -sf "http://$api/healthz" >/dev/null 2>&1; then
-  echo "something already answers on http://$api (another imflow?); stop it or set BENCH_API and BENCH_GATEWAY" >&2
-  exit 1
-fi
+# load in this one's place (which then fails to bind): refuse up front. curl
+# exits 7 when nothing listens; anything else means the port is taken.
+for addr in "$api" "$gateway"; do
+  rc=0
+  curl -s -o /dev/null --max-time 2 "http://$addr/" || rc=$?
+  if [[ $rc -ne 7 ]]; then
+    echo "something already listens on $addr (another imflow?); stop it or set BENCH_API and BENCH_GATEWAY" >&2
+    exit 1
+  fi
+done
 
 data=$(mktemp -d /tmp/imflow-bench.XXXXXX)
 if [[ -n "${BENCH_PIPELINE:-}" ]]; then

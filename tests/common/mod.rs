@@ -448,7 +448,7 @@ impl Client {
 
     /// The first frame (backlog first) that `pred` accepts by `deadline`,
     /// however long the quiet between frames; None if the deadline passes.
-    /// Others are kept.
+    /// Others are kept. Panics if the connection closes.
     pub async fn next_where_until(
         &mut self,
         deadline: tokio::time::Instant,
@@ -457,7 +457,9 @@ impl Client {
         if let Some(i) = self.backlog.iter().position(&pred) {
             return self.backlog.remove(i);
         }
-        loop {
+        // Frames already buffered are read without waiting, so a stream
+        // of unwanted ones must not carry the wait past the deadline.
+        while tokio::time::Instant::now() < deadline {
             let f = self
                 .read_frame_until(deadline)
                 .await
@@ -468,6 +470,7 @@ impl Client {
             }
             self.backlog.push_back(f);
         }
+        None
     }
 
     /// The first frame (backlog first) that `pred` accepts; others are kept.

@@ -59,7 +59,8 @@ pub struct SqliteStore {
     blocks: DashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
 }
 
-/// Rows per multi-row INSERT: 7 parameters each stays far below SQLite's limit.
+/// Rows per multi-row INSERT: at 7 parameters a row (2 for new chats), far
+/// below SQLite's limit.
 const ROWS_PER_STATEMENT: usize = 128;
 /// The writer connection's page cache (`PRAGMA cache_size`, negative: KiB).
 const WRITER_CACHE: &str = "-4096";
@@ -101,7 +102,9 @@ impl SqliteStore {
         sqlx::migrate!("./migrations").run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            // The tails of thousands of active conversations stay cached.
+            // Helps reads between commits only: in WAL mode a reader drops
+            // its whole cache when it starts after another connection's
+            // commit, so under steady writes this is mostly unused.
             .connect_with(base.read_only(true).pragma("cache_size", "-65536"))
             .await?;
 
@@ -777,7 +780,7 @@ impl Directory for SqliteStore {
         let rows = super::single_chat_rows(conversations);
         // One statement per chunk, one transaction: a burst of new chats
         // (every conversation's first message) is a few round trips to the
-        // writer, not two per chat.
+        // writer, not one per chat.
         let mut tx = self.write.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
