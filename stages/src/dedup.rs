@@ -87,17 +87,20 @@ struct InFlight {
 /// and one that grows would stop every send for a rehash of all of it.
 const SHARDS: usize = 64;
 
+/// One shard: the key is already a hash, foldhash only spreads it.
+type Shard = HashMap<u128, Compact, foldhash::fast::RandomState>;
+
 /// The remembered table, split by the key's low bits.
-struct Remembered(Vec<HashMap<u128, Compact, foldhash::fast::RandomState>>);
+struct Remembered(Vec<Shard>);
 
 impl Remembered {
     fn new() -> Self {
-        Remembered((0..SHARDS).map(|_| HashMap::default()).collect())
+        Remembered((0..SHARDS).map(|_| Shard::default()).collect())
     }
-    fn shard(&self, h: u128) -> &HashMap<u128, Compact, foldhash::fast::RandomState> {
+    fn shard(&self, h: u128) -> &Shard {
         &self.0[h as usize % SHARDS]
     }
-    fn shard_mut(&mut self, h: u128) -> &mut HashMap<u128, Compact, foldhash::fast::RandomState> {
+    fn shard_mut(&mut self, h: u128) -> &mut Shard {
         &mut self.0[h as usize % SHARDS]
     }
     fn get(&self, h: &u128) -> Option<&Compact> {
