@@ -717,11 +717,17 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
 
 /// A pipelined load over many conversations while one transfer, one push
 /// and one ingest process are killed, 20 s apart: nothing acked is lost,
-/// every receiver gets every message, and the pause is measured: most
-/// conversations do not notice (their partitions never stop: cooperative
-/// rebalancing), and those of the dead process resume within the session
-/// timeout and a rebalance. The per-second delivery timeline around each
-/// kill is printed (benches/README.md, "Kills under load").
+/// every receiver gets every message, and the pause is measured. The
+/// partitions of the other members never stop (cooperative rebalancing), so
+/// no second after a kill goes without deliveries, as every second of an
+/// eager ("stop-the-world") rebalance does; the dead process's share resumes
+/// within the session timeout and a rebalance. That share is not bounded
+/// below half: an `im_msg_transfer` holds partitions of two groups
+/// (`ws2ms_chat` and `msg_to_mongo`), assigned independently, so its kill can
+/// pause the conversations of up to 4 of the 8 partition indices, and the
+/// median conversation's gap is printed, not asserted. The per-second
+/// delivery timeline around each kill is printed (benches/README.md, "Kills
+/// under load").
 async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
     use common::load::{longest_gap, timeline, Endpoint, Load};
     let endpoint = Endpoint::new(&a.ws, &a.api);
@@ -795,9 +801,21 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
             "kill of {name} at {second} s: deliveries/s from 3 s before: {around:?}; longest gap per conversation: median {median:?}, worst {:?} ({})",
             worst.0, worst.1
         );
+        // Whole seconds inside the 15 s after the kill; the timeline's last
+        // second is cut short by the load's end.
+        let offered = pairs * 10;
+        let starved: Vec<(usize, usize)> = per_sec
+            .iter()
+            .copied()
+            .enumerate()
+            .take(per_sec.len().saturating_sub(1))
+            .skip(second + 1)
+            .take(14)
+            .filter(|(_, n)| n * 10 < offered)
+            .collect();
         assert!(
-            median < Duration::from_secs(3),
-            "{name}: most conversations paused {median:?} (a stop-the-world rebalance?)"
+            starved.is_empty(),
+            "{name}: (second, deliveries) below a tenth of the offered {offered}/s: {starved:?} (a stop-the-world rebalance?)"
         );
         assert!(
             worst.0 < Duration::from_secs(14),
