@@ -17,6 +17,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("encoding rows for the store: {0}")]
+    Encode(String),
     #[error("the store's writer has stopped")]
     WriterGone,
     #[error(transparent)]

@@ -95,13 +95,20 @@ impl SqliteStore {
         // cost that grows with its size (8.7% of the server's CPU at 8,000
         // msg/s with 64 MiB), while a page it misses is one read from the
         // OS's cache.
+        // No ping before each use (`test_before_acquire`): it is a round
+        // trip to the connection's worker thread, and an open SQLite file
+        // does not go stale as a socket does. (sqlx still pings when a
+        // connection goes back to the pool, which catches one left inside a
+        // transaction.)
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(base.clone().pragma("cache_size", WRITER_CACHE))
             .await?;
         sqlx::migrate!("./migrations").run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             // Helps reads between commits only: in WAL mode a reader drops
             // its whole cache when it starts after another connection's
             // commit, so under steady writes this is mostly unused.
@@ -1056,43 +1063,185 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
+/// The whole group commit as one statement list, so it is one round trip
+/// to sqlx's worker thread (a `begin()`, the inserts and a `commit()` were
+/// three, each a wakeup of that thread and of the writer task). The rows
+/// travel as one JSON array, `[conversation, seq, server_msg_id,
+/// client_msg_id, sender, send_time, body]` each, so the text never changes
+/// and the prepared statements are reused whatever the batch's size. `WHERE
+/// true` lets SQLite parse `ON CONFLICT` after a SELECT. RETURNING names the
+/// rows written; the others were there already.
+const INSERT_MESSAGES: &str = "BEGIN; \
+    INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) \
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 \
+    FROM json_each(?) WHERE true \
+    ON CONFLICT DO NOTHING RETURNING conversation_id, seq, server_msg_id; \
+    COMMIT";
+
 /// Write every job's messages in one transaction; for each message, whether
 /// its seq is taken by another message (so it was not written).
 async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> {
     let all: Vec<&Sequenced> = jobs.iter().flat_map(|j| j.messages.iter()).collect();
-    let mut taken = vec![false; all.len()];
-    let mut tx = pool.begin().await?;
-    for (c, chunk) in all.chunks(ROWS_PER_STATEMENT).enumerate() {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) ",
-        );
-        q.push_values(chunk, |mut b, m| {
-            b.push_bind(&*m.msg.conversation_id)
-                .push_bind(m.seq as i64)
-                .push_bind(&*m.msg.server_msg_id)
-                .push_bind(&*m.msg.client_msg_id)
-                .push_bind(&*m.msg.sender)
-                .push_bind(m.msg.send_time)
-                .push_bind(&*m.body);
-        });
-        q.push(" ON CONFLICT DO NOTHING");
-        let written = q.build().execute(&mut *tx).await?.rows_affected();
-        if written as usize == chunk.len() {
-            continue;
-        }
-        // Some were there already: a replay (same server_msg_id, done) or a
-        // seq handed out twice (another message holds it: not done).
-        for (i, m) in chunk.iter().enumerate() {
-            let holder: Option<String> = sqlx::query_scalar(
-                "SELECT server_msg_id FROM messages WHERE conversation_id = ? AND seq = ?",
+    let rows: Vec<_> = all
+        .iter()
+        .map(|m| {
+            (
+                &*m.msg.conversation_id,
+                m.seq as i64,
+                &*m.msg.server_msg_id,
+                &*m.msg.client_msg_id,
+                &*m.msg.sender,
+                m.msg.send_time,
+                &*m.body,
             )
-            .bind(&*m.msg.conversation_id)
-            .bind(m.seq as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
-            taken[c * ROWS_PER_STATEMENT + i] = holder.is_some_and(|h| h != *m.msg.server_msg_id);
+        })
+        .collect();
+    let rows = serde_json::to_string(&rows).map_err(|e| Error::Encode(e.to_string()))?;
+    let mut conn = pool.acquire().await?;
+    let written = match sqlx::query(INSERT_MESSAGES)
+        .bind(rows)
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(written) => written,
+        Err(e) => {
+            // The list stopped where it failed, perhaps inside the
+            // transaction: end it, or the connection's next user would
+            // write into it. An error here means there was none to end.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(e.into());
+        }
+    };
+    let mut taken = vec![false; all.len()];
+    if written.len() == all.len() {
+        return Ok(taken);
+    }
+    // Some were there already: a replay (same server_msg_id, done) or a seq
+    // handed out twice (another message holds it: not done). A stored
+    // (conversation, seq) never changes hands, so asking after the commit
+    // gives the same answer as inside it.
+    let mut holders: HashMap<(String, i64), String> = HashMap::with_capacity(written.len());
+    for row in &written {
+        holders.insert((text(row, 0)?, row.try_get(1)?), text(row, 2)?);
+    }
+    for (i, m) in all.iter().enumerate() {
+        let key = (m.msg.conversation_id.to_string(), m.seq as i64);
+        let holder = match holders.get(&key) {
+            Some(h) => Some(h.clone()),
+            None => {
+                sqlx::query_scalar(
+                    "SELECT server_msg_id FROM messages WHERE conversation_id = ? AND seq = ?",
+                )
+                .bind(&*m.msg.conversation_id)
+                .bind(m.seq as i64)
+                .fetch_optional(&mut *conn)
+                .await?
+            }
+        };
+        taken[i] = holder.is_some_and(|h| h != *m.msg.server_msg_id);
+    }
+    Ok(taken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Stamped, Target};
+
+    fn message(conversation: &str, seq: u64, id: &str) -> Sequenced {
+        Sequenced {
+            msg: Stamped {
+                conversation_id: conversation.into(),
+                server_msg_id: id.into(),
+                client_msg_id: format!("c-{id}").into(),
+                sender: "alice".into(),
+                target: Target::User("bob".into()),
+                content_type: 101,
+                content: r#"{"text":"hi"}"#.into(),
+                send_time: 1_700_000_000_000,
+            },
+            seq,
+            body: format!(r#"{{"seq":{seq},"text":"say \"{id}\" \u00e9"}}"#).into(),
         }
     }
-    tx.commit().await?;
-    Ok(taken)
+
+    async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path(), Durability::Normal)
+            .await
+            .expect("store");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_commit_stores_every_message_with_its_body_as_sent() {
+        let (_dir, store) = store().await;
+        let batch: Vec<Sequenced> = (1..=300)
+            .map(|s| message("si_a_b", s, &format!("m{s}")))
+            .collect();
+        let taken = store.commit(batch.clone()).await.expect("commit");
+        assert!(taken.is_empty(), "{taken:?}");
+        let stored = store.range("si_a_b", 1, 300).await.expect("range");
+        assert_eq!(stored.len(), 300);
+        for ((seq, body), m) in stored.iter().zip(&batch) {
+            assert_eq!(*seq, m.seq);
+            assert_eq!(body, &m.body);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_done_and_a_seq_held_by_another_message_is_taken() {
+        let (_dir, store) = store().await;
+        let first = vec![message("si_a_b", 1, "m1"), message("si_a_b", 2, "m2")];
+        assert!(store.commit(first).await.expect("commit").is_empty());
+        // The same two again (a replay), a new one, and another message
+        // that was handed seq 2 too; within one batch, a seq handed to two
+        // messages goes to the first.
+        let again = vec![
+            message("si_a_b", 1, "m1"),
+            message("si_a_b", 2, "other"),
+            message("si_a_b", 3, "m3"),
+            message("si_a_b", 2, "m2"),
+            message("si_a_b", 4, "m4"),
+            message("si_a_b", 4, "twin"),
+        ];
+        let taken = store.commit(again).await.expect("commit");
+        assert_eq!(taken, vec![1, 5]);
+        let stored = store.range("si_a_b", 1, 9).await.expect("range");
+        let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert!(stored[1].1.contains("m2"), "{:?}", stored[1]);
+        assert!(stored[3].1.contains("m4"), "{:?}", stored[3]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_leaves_no_transaction_open() {
+        let (_dir, store) = store().await;
+        // Make the insert fail inside the statement list, after BEGIN.
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = 7 \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(store.write_pool())
+        .await
+        .expect("trigger");
+        let err = store
+            .commit(vec![message("si_a_b", 6, "m6"), message("si_a_b", 7, "m7")])
+            .await
+            .expect_err("refused");
+        assert!(err.contains("refused"), "{err}");
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(store.write_pool())
+            .await
+            .expect("drop");
+        // Nothing of the failed batch was kept, and the next commit is its
+        // own transaction.
+        assert!(store.range("si_a_b", 1, 9).await.expect("range").is_empty());
+        assert!(store
+            .commit(vec![message("si_a_b", 7, "m7")])
+            .await
+            .expect("commit")
+            .is_empty());
+        assert_eq!(store.range("si_a_b", 1, 9).await.expect("range").len(), 1);
+    }
 }
