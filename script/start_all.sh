@@ -16,7 +16,9 @@ if [[ -n $(running_supervisors) ]]; then
   echo "imflow processes of $host are already running (pid files in $run_dir); run script/stop_all.sh first" >&2
   exit 1
 fi
-plan=$("$bin" plan --config "$config" --host "$host")
+# --strict: a config every process would refuse (secrets) fails here, before
+# anything starts.
+plan=$("$bin" plan --strict --config "$config" --host "$host")
 total=$(wc -l <<<"$plan")
 echo "starting $total processes on $host (logs in $log_dir)"
 while read -r process index _port; do

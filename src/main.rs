@@ -73,6 +73,11 @@ struct PlanArgs {
     /// This host's address (one of the config's `hosts`).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Also refuse what every cluster process would refuse at start (the
+    /// shipped admin secret, a missing cluster secret): start_all.sh plans
+    /// with it, so such a config stops it at once, not after its wait.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(clap::Args)]
@@ -251,7 +256,10 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Plan(a) => {
-                let (_, plan) = host_plan(&a.config, &a.host).await?;
+                let (cfg, plan) = host_plan(&a.config, &a.host).await?;
+                if a.strict {
+                    cfg.check_cluster_process(&a.config.display().to_string())?;
+                }
                 for p in plan {
                     let port = p.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
                     println!("{} {} {}", p.process, p.index, port);

@@ -90,6 +90,44 @@ fn an_unreachable_kafka_fails_start_up_naming_the_setting() {
 }
 
 #[test]
+fn a_strict_plan_refuses_the_secrets_every_process_would_refuse() {
+    let plan = |config: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_imflow"))
+            .args(["plan", "--strict", "--config", config])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("IMFLOW_ADMIN_SECRET")
+            .env_remove("IMFLOW_CLUSTER_SECRET")
+            .output()
+            .expect("run imflow");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = plan("config/config.yaml");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("config/config.yaml: admin_secret is the shipped default"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "admin_secret: an-operators-own-secret\n").unwrap();
+    let (code, err) = plan(cfg.to_str().unwrap());
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster_secret must be set"), "{err}");
+
+    std::fs::write(
+        &cfg,
+        "admin_secret: an-operators-own-secret\ncluster_secret: the-processes-own-secret\n",
+    )
+    .unwrap();
+    let (code, err) = plan(cfg.to_str().unwrap());
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn plan_lists_the_seeds_processes_per_host_and_subsets() {
     let (code, out, err) = imflow(&["plan", "--config", "config/config.yaml"]);
     assert_eq!(code, 0, "{err}");
