@@ -97,9 +97,10 @@ impl SqliteStore {
         // OS's cache.
         // No ping before each use (`test_before_acquire`): it is a round
         // trip to the connection's worker thread, and an open SQLite file
-        // does not go stale as a socket does. (sqlx still pings when a
-        // connection goes back to the pool, which catches one left inside a
-        // transaction.)
+        // does not go stale as a socket does. (sqlx still pings each
+        // connection on its way back to the pool: a call to its worker
+        // thread, off the next user's path unless that one waits for this
+        // very connection, as the writer's next commit does.)
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
@@ -1063,19 +1064,26 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
-/// The whole group commit as one statement list, so it is one round trip
-/// to sqlx's worker thread (a `begin()`, the inserts and a `commit()` were
-/// three, each a wakeup of that thread and of the writer task). The rows
-/// travel as one JSON array, `[conversation, seq, server_msg_id,
-/// client_msg_id, sender, send_time, body]` each, so the text never changes
-/// and the prepared statements are reused whatever the batch's size. `WHERE
-/// true` lets SQLite parse `ON CONFLICT` after a SELECT. RETURNING names the
-/// rows written; the others were there already.
+/// The whole group commit as one statement list, so it is one call to sqlx's
+/// worker thread (a `begin()`, the inserts, a lookup per conflicting row and
+/// a `commit()` were one each). The rows travel as one JSON array,
+/// `[conversation, seq, server_msg_id, client_msg_id, sender, send_time,
+/// body]` each, bound once as `?1` and read by both statements, so the text
+/// never changes and the prepared statements are reused whatever the
+/// batch's size. `WHERE true` lets SQLite parse `ON CONFLICT` after a
+/// SELECT; `ORDER BY key` makes the first of two rows given the same seq
+/// the one stored. The second statement names, by position in the array,
+/// each row whose (conversation, seq) another message holds: not stored
+/// (one stored before with the same id is a replay, done). It runs before
+/// COMMIT, so a failure there stores nothing either.
 const INSERT_MESSAGES: &str = "BEGIN; \
     INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) \
     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 \
-    FROM json_each(?) WHERE true \
-    ON CONFLICT DO NOTHING RETURNING conversation_id, seq, server_msg_id; \
+    FROM json_each(?1) WHERE true ORDER BY key \
+    ON CONFLICT DO NOTHING; \
+    SELECT j.key FROM json_each(?1) AS j JOIN messages AS m \
+    ON m.conversation_id = j.value ->> 0 AND m.seq = j.value ->> 1 \
+    WHERE m.server_msg_id <> j.value ->> 2; \
     COMMIT";
 
 /// Write every job's messages in one transaction; for each message, whether
@@ -1098,47 +1106,32 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
         .collect();
     let rows = serde_json::to_string(&rows).map_err(|e| Error::Encode(e.to_string()))?;
     let mut conn = pool.acquire().await?;
-    let written = match sqlx::query(INSERT_MESSAGES)
+    let held = match sqlx::query(INSERT_MESSAGES)
         .bind(rows)
         .fetch_all(&mut *conn)
         .await
     {
-        Ok(written) => written,
+        Ok(held) => held,
         Err(e) => {
             // The list stopped where it failed, perhaps inside the
             // transaction: end it, or the connection's next user would
-            // write into it. An error here means there was none to end.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            // write into it. If even that fails, the connection is closed
+            // (SQLite rolls back what a closing connection left open) and
+            // the pool opens another. (The writer task's future is dropped
+            // only when the runtime stops, so a commit is never abandoned
+            // half-way otherwise.)
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                conn.close_on_drop();
+            }
             return Err(e.into());
         }
     };
     let mut taken = vec![false; all.len()];
-    if written.len() == all.len() {
-        return Ok(taken);
-    }
-    // Some were there already: a replay (same server_msg_id, done) or a seq
-    // handed out twice (another message holds it: not done). A stored
-    // (conversation, seq) never changes hands, so asking after the commit
-    // gives the same answer as inside it.
-    let mut holders: HashMap<(String, i64), String> = HashMap::with_capacity(written.len());
-    for row in &written {
-        holders.insert((text(row, 0)?, row.try_get(1)?), text(row, 2)?);
-    }
-    for (i, m) in all.iter().enumerate() {
-        let key = (m.msg.conversation_id.to_string(), m.seq as i64);
-        let holder = match holders.get(&key) {
-            Some(h) => Some(h.clone()),
-            None => {
-                sqlx::query_scalar(
-                    "SELECT server_msg_id FROM messages WHERE conversation_id = ? AND seq = ?",
-                )
-                .bind(&*m.msg.conversation_id)
-                .bind(m.seq as i64)
-                .fetch_optional(&mut *conn)
-                .await?
-            }
-        };
-        taken[i] = holder.is_some_and(|h| h != *m.msg.server_msg_id);
+    for row in &held {
+        let at: i64 = row.try_get(0)?;
+        if let Some(t) = usize::try_from(at).ok().and_then(|i| taken.get_mut(i)) {
+            *t = true;
+        }
     }
     Ok(taken)
 }
