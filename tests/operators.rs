@@ -719,10 +719,10 @@ async fn two_hosts_from_start_all_chat_across_gateways_and_survive_kills() {
 /// and one ingest process are killed, 20 s apart: nothing acked is lost,
 /// every receiver gets every message, and the pause is measured. The
 /// partitions of the other members never stop (cooperative rebalancing), so
-/// no second after a kill goes without deliveries, as every second of an
-/// eager ("stop-the-world") rebalance does; the dead process's share resumes
-/// within the session timeout and a rebalance (`bound` below). That share is not bounded
-/// below half: an `im_msg_transfer` holds partitions of two groups
+/// no second after a kill falls below a twentieth of the offered rate, as
+/// whole seconds of an eager ("stop-the-world") rebalance do; the dead
+/// process's share resumes within the session timeout and a rebalance
+/// (`bound` below). That share is not bounded below half: an `im_msg_transfer` holds partitions of two groups
 /// (`ws2ms_chat` and `msg_to_mongo`), assigned independently, so its kill can
 /// pause the conversations of up to 4 of the 8 partition indices, and the
 /// median conversation's gap is printed, not asserted. The per-second

@@ -59,8 +59,8 @@ pub struct SqliteStore {
     blocks: DashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
 }
 
-/// Rows per multi-row INSERT: at 7 parameters a row (2 for new chats), far
-/// below SQLite's limit.
+/// Rows per multi-row INSERT of new chats: at 2 parameters a row, far below
+/// SQLite's limit. (Messages travel as one JSON parameter: `INSERT_MESSAGES`.)
 const ROWS_PER_STATEMENT: usize = 128;
 /// The writer connection's page cache (`PRAGMA cache_size`, negative: KiB).
 const WRITER_CACHE: &str = "-4096";
@@ -1089,9 +1089,9 @@ const INSERT_MESSAGES: &str = "BEGIN; \
 /// Write every job's messages in one transaction; for each message, whether
 /// its seq is taken by another message (so it was not written).
 async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> {
-    let all: Vec<&Sequenced> = jobs.iter().flat_map(|j| j.messages.iter()).collect();
-    let rows: Vec<_> = all
+    let rows: Vec<_> = jobs
         .iter()
+        .flat_map(|j| &j.messages)
         .map(|m| {
             (
                 &*m.msg.conversation_id,
@@ -1104,6 +1104,7 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
             )
         })
         .collect();
+    let mut taken = vec![false; rows.len()];
     let rows = serde_json::to_string(&rows).map_err(|e| Error::Encode(e.to_string()))?;
     let mut conn = pool.acquire().await?;
     let held = match sqlx::query(INSERT_MESSAGES)
@@ -1126,7 +1127,6 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
             return Err(e.into());
         }
     };
-    let mut taken = vec![false; all.len()];
     for row in &held {
         let at: i64 = row.try_get(0)?;
         if let Some(t) = usize::try_from(at).ok().and_then(|i| taken.get_mut(i)) {
