@@ -324,6 +324,10 @@ pub struct StoreConfig {
     /// Memory for the recent messages kept hot (bytes); least recently
     /// active conversations are dropped first.
     pub hot_cache_bytes: usize,
+    /// Standalone: how long a group commit may wait for more messages
+    /// (microseconds; 0: never). Taken only while messages arrive faster
+    /// than one per delay, so it costs a quiet server no latency.
+    pub commit_delay_us: u64,
 }
 
 impl Default for StoreConfig {
@@ -332,6 +336,7 @@ impl Default for StoreConfig {
             durability: Durability::default(),
             dedup_remember: imflow_stages::DEFAULT_DEDUP_REMEMBER,
             hot_cache_bytes: imflow_stages::hot::DEFAULT_HOT_BYTES,
+            commit_delay_us: 1000,
         }
     }
 }
@@ -789,6 +794,7 @@ mod tests {
         assert_eq!(c.store.dedup_remember, d.store.dedup_remember);
         assert_eq!(c.store.hot_cache_bytes, d.store.hot_cache_bytes);
         assert_eq!(c.store.durability, d.store.durability);
+        assert_eq!(c.store.commit_delay_us, d.store.commit_delay_us);
         assert_eq!(c.token_ttl_secs, d.token_ttl_secs);
         assert_eq!(c.shutdown_deadline_secs, d.shutdown_deadline_secs);
         assert_eq!(c.revoke_window_secs, d.revoke_window_secs);

@@ -217,11 +217,15 @@ impl Server {
         let backends = match cfg.cluster_settings() {
             Some(settings) => Backends::cluster(&settings).await?,
             None => {
-                let store = SqliteStore::open(&cfg.data_dir, cfg.store.durability)
-                    .await
-                    .with_context(|| {
-                        format!("opening the data directory {}", cfg.data_dir.display())
-                    })?;
+                let store = SqliteStore::open_with(
+                    &cfg.data_dir,
+                    cfg.store.durability,
+                    std::time::Duration::from_micros(cfg.store.commit_delay_us),
+                )
+                .await
+                .with_context(|| {
+                    format!("opening the data directory {}", cfg.data_dir.display())
+                })?;
                 embedded = Some(store.clone());
                 Backends::embedded_with(store, cfg.store.dedup_remember, cfg.store.hot_cache_bytes)
             }
