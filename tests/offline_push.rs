@@ -201,6 +201,11 @@ fn start_with_offline_push(
     options: String,
 ) -> impl FnOnce(&mut imflow::Config) {
     move |cfg| {
+        let dir = cfg
+            .data_dir
+            .parent()
+            .expect("data dir has a parent")
+            .to_path_buf();
         let text = std::fs::read_to_string(&cfg.pipeline).expect("pipeline");
         let push = "  push:\n    kind: push\n    inputs: [fanout]\n";
         assert!(text.contains(push), "the shipped pipeline changed");
@@ -209,36 +214,35 @@ fn start_with_offline_push(
                 push,
                 &format!("{push}\n  {stage}:\n    kind: offline-push\n    inputs: [fanout]\n    options: {options}\n"),
             )
-            .replace("stages: [fanout, push]", &format!("stages: [fanout, push, {stage}]"));
-        let path = cfg
-            .data_dir
-            .parent()
-            .expect("data dir has a parent")
-            .join("pipeline-offline-push.yaml");
+            .replace("stages: [fanout, push]", &format!("stages: [fanout, push, {stage}]"))
+            .replace(TOKEN_FILE, &apns_token_file(&dir).display().to_string());
+        let path = dir.join("pipeline-offline-push.yaml");
         std::fs::write(&path, text).expect("write pipeline");
         cfg.pipeline = path;
+        std::fs::write(apns_token_file(&dir), format!("{APNS_TOKEN}\n")).expect("token file");
         if let Some(k) = cfg.kafka.as_mut() {
             k.dead_letter_topic = format!("dead-{}", common::unique());
         }
     }
 }
 
-/// The three providers at `url`; the APNs token file is the test's own.
-fn providers(url: &str, fcm_path: &str, test: &str) -> String {
+/// The three providers at `url`; the APNs token file is in the test
+/// server's own directory (`TOKEN_FILE` is replaced when the pipeline is
+/// written there), so it goes when the test does.
+fn providers(url: &str, fcm_path: &str) -> String {
     format!(
         "{{fcm: {{shape: fcm, url: '{url}{fcm_path}', token_env: IMFLOW_TEST_FCM_TOKEN}}, \
-           apns: {{shape: apns, url: '{url}/apns', topic: com.example.chat, token_file: '{}'}}, \
-           relay: {{shape: generic, url: '{url}/relay', secret: {SECRET}}}}}",
-        apns_token_file(test).display()
+           apns: {{shape: apns, url: '{url}/apns', topic: com.example.chat, token_file: '{TOKEN_FILE}'}}, \
+           relay: {{shape: generic, url: '{url}/relay', secret: {SECRET}}}}}"
     )
 }
 
-/// A file holding the APNs provider token, as a sidecar would keep it.
-fn apns_token_file(test: &str) -> std::path::PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("imflow-apns-token-{}-{test}", std::process::id()));
-    std::fs::write(&path, format!("{APNS_TOKEN}\n")).expect("token file");
-    path
+const TOKEN_FILE: &str = "@apns-token-file@";
+
+/// Where the test server in `dir` keeps the APNs provider token, as a
+/// sidecar would.
+fn apns_token_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("apns-token")
 }
 
 /// The FCM token's variable, set once for every test of this file.
@@ -301,10 +305,7 @@ async fn offline_users_are_notified_through_their_provider_and_online_or_muted_o
     let (_receiver, mut seen, url) = receiver(false).await;
     let s = TestServer::start_with(start_with_offline_push(
         STAGE,
-        format!(
-            "{{providers: {}, preview: true}}",
-            providers(&url, "/fcm", STAGE)
-        ),
+        format!("{{providers: {}, preview: true}}", providers(&url, "/fcm")),
     ))
     .await;
     s.register(&["alice", "bob", "carol", "dave", "erin"]).await;
@@ -420,7 +421,7 @@ async fn a_provider_away_for_a_while_gets_every_notification_and_a_gone_token_is
         STAGE,
         format!(
             "{{providers: {}, preview: true, batch: 3, max_attempts: 1000, retry_first_ms: 10, retry_cap_ms: 50}}",
-            providers(&url, "/fcm", STAGE)
+            providers(&url, "/fcm")
         ),
     ))
     .await;
@@ -455,7 +456,7 @@ async fn a_provider_away_for_a_while_gets_every_notification_and_a_gone_token_is
 
     // The APNs token a sidecar keeps has expired (403): retried, not
     // given up on, and sent once the file holds a fresh one.
-    std::fs::write(apns_token_file(STAGE), "expired-jwt\n").expect("token file");
+    std::fs::write(apns_token_file(s.dir.path()), "expired-jwt\n").expect("token file");
     s.register(&["erin"]).await;
     device(&s, "erin", 1, "apns", "erin-phone").await;
     let ack = alice.send_text(Target::User("erin"), "e0", "hi erin").await;
@@ -464,7 +465,7 @@ async fn a_provider_away_for_a_while_gets_every_notification_and_a_gone_token_is
         s.refused("apns") >= 2
     })
     .await;
-    std::fs::write(apns_token_file(STAGE), format!("{APNS_TOKEN}\n")).expect("token file");
+    std::fs::write(apns_token_file(s.dir.path()), format!("{APNS_TOKEN}\n")).expect("token file");
     wait_for(&mut seen, "Erin's notification", |s| {
         s.taken().contains(&triple("apns", "erin-phone", "hi erin"))
     })
@@ -506,7 +507,7 @@ async fn a_provider_that_never_recovers_yields_a_dead_letter_after_max_attempts(
         STAGE,
         format!(
             "{{providers: {}, max_attempts: 3, retry_first_ms: 10, retry_cap_ms: 20}}",
-            providers(&url, "/fcm", STAGE)
+            providers(&url, "/fcm")
         ),
     ))
     .await;
