@@ -888,6 +888,55 @@ async fn a_stale_token_generation_never_replaces_a_newer_one_in_the_cache() {
     assert_eq!(redis.cached_generation("alice", 1).await.unwrap(), Some(6));
 }
 
+/// A replayed batch in MongoDB: each message met as a duplicate is either
+/// its own earlier copy (done) or another message's seq (taken), told apart
+/// across conversations by one index lookup per conversation.
+#[tokio::test]
+async fn a_replayed_batch_in_mongodb_tells_its_own_copies_from_taken_seqs() {
+    use imflow_stages::model::{Sequenced, Stamped, Target as To};
+    use imflow_stages::store::mongo::{MongoHistory, MongoSettings};
+    use imflow_stages::store::History;
+    let history = MongoHistory::connect(&MongoSettings {
+        database: common::unique(),
+        ..Default::default()
+    })
+    .await
+    .expect("the infra MongoDB");
+    let sequenced = |conv: &str, seq: u64, id: &str| Sequenced {
+        msg: Stamped {
+            conversation_id: conv.into(),
+            server_msg_id: id.into(),
+            client_msg_id: format!("c-{id}").into(),
+            sender: "a".into(),
+            target: To::User("b".into()),
+            content_type: 101,
+            content: "{}".into(),
+            send_time: 0,
+        },
+        seq,
+        body: format!("{{\"id\":\"{id}\"}}").into(),
+    };
+    let first = vec![
+        sequenced("si_a_b", 1, "m1"),
+        sequenced("si_a_b", 2, "m2"),
+        sequenced("si_a_c", 1, "n1"),
+    ];
+    assert!(history.commit(first).await.expect("commit").is_empty());
+    let replay = vec![
+        sequenced("si_a_b", 1, "m1"),
+        sequenced("si_a_b", 2, "other"),
+        sequenced("si_a_c", 1, "n1"),
+        sequenced("si_a_c", 2, "n2"),
+        sequenced("si_a_c", 1, "another"),
+    ];
+    assert_eq!(history.commit(replay).await.expect("commit"), vec![1, 4]);
+    let stored = history.range("si_a_c", 1, 9).await.expect("range");
+    let bodies: Vec<&str> = stored.iter().map(|(_, b)| &**b).collect();
+    assert_eq!(bodies, [r#"{"id":"n1"}"#, r#"{"id":"n2"}"#]);
+    let stored = history.range("si_a_b", 1, 9).await.expect("range");
+    assert_eq!(stored[1].1.as_ref(), r#"{"id":"m2"}"#);
+}
+
 /// A partition that moves (a crash, a rebalance) while seqs handed out by
 /// its old owner are still on their way to the history: the new owner
 /// starts above them, so no seq is handed out twice and nothing has to be

@@ -282,6 +282,65 @@ async fn rpc_send(
 
 // ---------------------------------------------------------------- push
 
+/// How long a gateway may be missing from the member list before `push`
+/// forgets who is connected to it (see `RemotePresence::start`): several
+/// etcd lease lifetimes.
+const GATEWAY_GRACE: Duration = Duration::from_secs(30);
+
+/// Gateways that left the member list, and since when. Their users are
+/// forgotten only after `GATEWAY_GRACE`: a gateway whose etcd lease lapsed
+/// (etcd starved of CPU: seen for 9 s on a saturated host) is still up and
+/// holding its connections, and forgetting them at once skipped every push
+/// to them as offline (7,535 acked messages of one run never reached users
+/// who were connected all along). A gateway that is really gone costs its
+/// pushes until then (counted as dropped), no more.
+#[derive(Default)]
+struct Departures {
+    since: HashMap<Arc<str>, tokio::time::Instant>,
+}
+
+impl Departures {
+    /// The member list went from `known` to `now_listed` (or time passed):
+    /// the gateways whose users are to be forgotten now.
+    fn update(
+        &mut self,
+        now: tokio::time::Instant,
+        known: &[Arc<str>],
+        now_listed: &[Arc<str>],
+    ) -> Vec<Arc<str>> {
+        for gone in known.iter().filter(|g| !now_listed.contains(g)) {
+            self.since.entry(gone.clone()).or_insert(now);
+        }
+        self.since.retain(|g, _| !now_listed.contains(g));
+        let over: Vec<Arc<str>> = self
+            .since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= GATEWAY_GRACE)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in &over {
+            self.since.remove(g);
+        }
+        over
+    }
+
+    /// When the next departed gateway's grace ends.
+    fn next_forget(&self) -> Option<tokio::time::Instant> {
+        self.since
+            .values()
+            .min()
+            .map(|since| *since + GATEWAY_GRACE)
+    }
+}
+
+/// Sleep until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct PushEntry {
     conversation_id: Arc<str>,
@@ -329,6 +388,7 @@ impl RemotePresence {
         let follower = me.clone();
         tokio::spawn(async move {
             let mut known: Vec<Arc<str>> = Vec::new();
+            let mut departed = Departures::default();
             loop {
                 let gateways: Vec<Arc<str>> = members
                     .borrow_and_update()
@@ -336,8 +396,10 @@ impl RemotePresence {
                     .filter(|m| m.role == "gateway")
                     .map(|m| Arc::from(m.addr.as_str()))
                     .collect();
-                for gone in known.iter().filter(|g| !gateways.contains(g)) {
-                    follower.forget_gateway(gone);
+                let now = tokio::time::Instant::now();
+                for g in departed.update(now, &known, &gateways) {
+                    tracing::info!(gateway = %g, "gateway gone; its users forgotten");
+                    follower.forget_gateway(&g);
                 }
                 let fresh: Vec<Arc<str>> = gateways
                     .iter()
@@ -349,10 +411,12 @@ impl RemotePresence {
                 }
                 follower.load(&fresh).await;
                 known = gateways;
+                let next_forget = departed.next_forget();
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = members.changed() => if changed.is_err() { return },
                     Some(()) = reload_rx.recv() => follower.load(&known).await,
+                    _ = sleep_until_some(next_forget) => {}
                 }
             }
         });
@@ -914,4 +978,42 @@ async fn rpc_tap(
 
 async fn metrics_text(State(s): State<RpcState>) -> String {
     (s.metrics)()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_missing_from_the_members_is_forgotten_only_after_its_grace() {
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs;
+        let (a, b): (Arc<str>, Arc<str>) = ("10.0.0.1:10140".into(), "10.0.0.2:10140".into());
+        let both = [a.clone(), b.clone()];
+        let mut d = Departures::default();
+        assert!(d.update(t0, &[], &both).is_empty());
+        assert_eq!(d.next_forget(), None);
+        // `a`'s lease lapses: nothing forgotten yet, a deadline set.
+        assert!(d.update(t0 + s(1), &both, &[b.clone()]).is_empty());
+        assert_eq!(d.next_forget(), Some(t0 + s(1) + GATEWAY_GRACE));
+        // It announces itself again within the grace: it never left.
+        assert!(d.update(t0 + s(10), &[b.clone()], &both).is_empty());
+        assert_eq!(d.next_forget(), None);
+        assert!(d.update(t0 + s(100), &both, &both).is_empty());
+        // Gone for good: forgotten once, when its grace is over.
+        assert!(d.update(t0 + s(101), &both, &[b.clone()]).is_empty());
+        assert!(d
+            .update(
+                t0 + s(101) + GATEWAY_GRACE - s(1),
+                &[b.clone()],
+                &[b.clone()]
+            )
+            .is_empty());
+        assert_eq!(
+            d.update(t0 + s(101) + GATEWAY_GRACE, &[b.clone()], &[b.clone()]),
+            vec![a.clone()]
+        );
+        assert_eq!(d.next_forget(), None);
+        assert!(d.update(t0 + s(500), &[b.clone()], &[b]).is_empty());
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, FindOptions, IndexOptions, WriteConcern};
@@ -86,6 +86,8 @@ const DUPLICATE_KEY: i32 = 11000;
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a read.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Finds in flight while looking up who holds duplicate seqs.
+const TAKEN_FINDS_AT_ONCE: usize = 8;
 
 impl MongoHistory {
     /// Connect, check the server answers (within 10 s), create the index.
@@ -255,23 +257,46 @@ async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T
 impl MongoHistory {
     /// Of the messages at `dups` (duplicate keys), those whose seq is held
     /// by another server_msg_id.
+    /// Who holds the seqs an insert met as duplicates. One find per
+    /// conversation, `{conversation_id, seq: {$in}}`, a few at a time: an
+    /// index scan everywhere, where one `$or` of (conversation, seq) pairs
+    /// was a scan of the whole collection on a server whose planner does not
+    /// split an `$or` into index scans (SecantusDB: a replayed batch of 1,024
+    /// on a large history took longer than the commit's timeout, so each
+    /// retry replayed it again and the history never caught up).
     async fn taken(&self, messages: &[Sequenced], dups: &[usize]) -> Result<Taken> {
-        let keys: Vec<Document> = dups
-            .iter()
-            .filter_map(|&i| messages.get(i))
-            .map(|m| doc! {"conversation_id": &*m.msg.conversation_id, "seq": m.seq as i64})
-            .collect();
-        let cursor = self
-            .messages
-            .find(doc! {"$or": keys})
-            .with_options(
-                FindOptions::builder()
-                    .projection(doc! {"_id": 0, "conversation_id": 1, "seq": 1, "server_msg_id": 1})
-                    .build(),
-            )
-            .await
-            .map_err(mongo_err)?;
-        let stored: Vec<Document> = cursor.try_collect().await.map_err(mongo_err)?;
+        let mut by_conversation: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
+        for m in dups.iter().filter_map(|&i| messages.get(i)) {
+            by_conversation
+                .entry(m.msg.conversation_id.clone())
+                .or_default()
+                .push(m.seq as i64);
+        }
+        let finds = by_conversation
+            .into_iter()
+            .map(|(conversation, seqs)| async move {
+                let cursor = self
+                    .messages
+                    .find(doc! {"conversation_id": &*conversation, "seq": {"$in": seqs}})
+                    .with_options(
+                        FindOptions::builder()
+                            .projection(
+                                doc! {"_id": 0, "conversation_id": 1, "seq": 1, "server_msg_id": 1},
+                            )
+                            .build(),
+                    )
+                    .await
+                    .map_err(mongo_err)?;
+                cursor
+                    .try_collect::<Vec<Document>>()
+                    .await
+                    .map_err(mongo_err)
+            });
+        let finds: Vec<_> = finds.collect();
+        let stored: Vec<Document> = futures::stream::iter(finds)
+            .buffer_unordered(TAKEN_FINDS_AT_ONCE)
+            .try_concat()
+            .await?;
         let mut holder: HashMap<(String, i64), String> = HashMap::new();
         for d in stored {
             if let (Ok(c), Ok(seq), Ok(id)) = (
