@@ -990,30 +990,27 @@ mod tests {
         let s = Duration::from_secs;
         let (a, b): (Arc<str>, Arc<str>) = ("10.0.0.1:10140".into(), "10.0.0.2:10140".into());
         let both = [a.clone(), b.clone()];
+        let only_b = [b];
         let mut d = Departures::default();
         assert!(d.update(t0, &[], &both).is_empty());
         assert_eq!(d.next_forget(), None);
         // `a`'s lease lapses: nothing forgotten yet, a deadline set.
-        assert!(d.update(t0 + s(1), &both, &[b.clone()]).is_empty());
+        assert!(d.update(t0 + s(1), &both, &only_b).is_empty());
         assert_eq!(d.next_forget(), Some(t0 + s(1) + GATEWAY_GRACE));
         // It announces itself again within the grace: it never left.
-        assert!(d.update(t0 + s(10), &[b.clone()], &both).is_empty());
+        assert!(d.update(t0 + s(10), &only_b, &both).is_empty());
         assert_eq!(d.next_forget(), None);
         assert!(d.update(t0 + s(100), &both, &both).is_empty());
         // Gone for good: forgotten once, when its grace is over.
-        assert!(d.update(t0 + s(101), &both, &[b.clone()]).is_empty());
+        assert!(d.update(t0 + s(101), &both, &only_b).is_empty());
         assert!(d
-            .update(
-                t0 + s(101) + GATEWAY_GRACE - s(1),
-                &[b.clone()],
-                &[b.clone()]
-            )
+            .update(t0 + s(101) + GATEWAY_GRACE - s(1), &only_b, &only_b)
             .is_empty());
         assert_eq!(
-            d.update(t0 + s(101) + GATEWAY_GRACE, &[b.clone()], &[b.clone()]),
+            d.update(t0 + s(101) + GATEWAY_GRACE, &only_b, &only_b),
             vec![a.clone()]
         );
         assert_eq!(d.next_forget(), None);
-        assert!(d.update(t0 + s(500), &[b.clone()], &[b]).is_empty());
+        assert!(d.update(t0 + s(500), &only_b, &only_b).is_empty());
     }
 }
