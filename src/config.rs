@@ -325,10 +325,14 @@ pub struct StoreConfig {
     /// active conversations are dropped first.
     pub hot_cache_bytes: usize,
     /// Standalone: how long a group commit may wait for more messages
-    /// (microseconds; 0: never). Taken only while messages arrive faster
-    /// than one per delay, so it costs a quiet server no latency.
+    /// (microseconds; 0: never). Taken only while commits are asked for
+    /// faster than one per delay, so it costs a quiet server no latency.
     pub commit_delay_us: u64,
 }
+
+/// The longest `store.commit_delay_us` accepted: 100 ms. More is almost
+/// surely milliseconds written as microseconds.
+const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -503,6 +507,9 @@ impl Config {
         }
         if self.websocket.max_connections == 0 {
             bail!("{file}: websocket.max_connections must be at least 1");
+        }
+        if self.store.commit_delay_us > MAX_COMMIT_DELAY_US {
+            bail!("{file}: store.commit_delay_us is {} µs, more than {MAX_COMMIT_DELAY_US} (every busy commit, and its senders' acks, would wait that long); it is in microseconds: e.g. 1000, or 0 for none", self.store.commit_delay_us);
         }
         if let Some(url) = &self.web.ws_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -754,6 +761,15 @@ mod tests {
             .to_string();
         assert!(err.starts_with("c.yaml:2:"), "{err}");
         assert!(err.contains("gatway"), "{err}");
+    }
+
+    #[test]
+    fn a_commit_delay_in_milliseconds_by_mistake_is_refused() {
+        let c = Config::parse("c.yaml", "store:\n  commit_delay_us: 1000000\n").unwrap();
+        let err = c.check("c.yaml").unwrap_err().to_string();
+        assert!(err.contains("store.commit_delay_us is 1000000 µs"), "{err}");
+        let c = Config::parse("c.yaml", "store:\n  commit_delay_us: 100000\n").unwrap();
+        c.check("c.yaml").expect("100 ms is allowed");
     }
 
     #[test]

@@ -888,12 +888,35 @@ async fn a_stale_token_generation_never_replaces_a_newer_one_in_the_cache() {
     assert_eq!(redis.cached_generation("alice", 1).await.unwrap(), Some(6));
 }
 
+/// A sequenced single-chat message from `a` to `b`, as the history stores it.
+fn sequenced(
+    conversation: &str,
+    seq: u64,
+    id: &str,
+    body: String,
+) -> imflow_stages::model::Sequenced {
+    use imflow_stages::model::{Sequenced, Stamped, Target};
+    Sequenced {
+        msg: Stamped {
+            conversation_id: conversation.into(),
+            server_msg_id: id.into(),
+            client_msg_id: format!("c-{id}").into(),
+            sender: "a".into(),
+            target: Target::User("b".into()),
+            content_type: 101,
+            content: "{}".into(),
+            send_time: 0,
+        },
+        seq,
+        body: body.into(),
+    }
+}
+
 /// A replayed batch in MongoDB: each message met as a duplicate is either
 /// its own earlier copy (done) or another message's seq (taken), told apart
 /// across conversations by one index lookup per conversation.
 #[tokio::test]
 async fn a_replayed_batch_in_mongodb_tells_its_own_copies_from_taken_seqs() {
-    use imflow_stages::model::{Sequenced, Stamped, Target as To};
     use imflow_stages::store::mongo::{MongoHistory, MongoSettings};
     use imflow_stages::store::History;
     let history = MongoHistory::connect(&MongoSettings {
@@ -902,20 +925,8 @@ async fn a_replayed_batch_in_mongodb_tells_its_own_copies_from_taken_seqs() {
     })
     .await
     .expect("the infra MongoDB");
-    let sequenced = |conv: &str, seq: u64, id: &str| Sequenced {
-        msg: Stamped {
-            conversation_id: conv.into(),
-            server_msg_id: id.into(),
-            client_msg_id: format!("c-{id}").into(),
-            sender: "a".into(),
-            target: To::User("b".into()),
-            content_type: 101,
-            content: "{}".into(),
-            send_time: 0,
-        },
-        seq,
-        body: format!("{{\"id\":\"{id}\"}}").into(),
-    };
+    let sequenced =
+        |conv: &str, seq: u64, id: &str| sequenced(conv, seq, id, format!("{{\"id\":\"{id}\"}}"));
     let first = vec![
         sequenced("si_a_b", 1, "m1"),
         sequenced("si_a_b", 2, "m2"),
@@ -944,7 +955,6 @@ async fn a_replayed_batch_in_mongodb_tells_its_own_copies_from_taken_seqs() {
 /// history with nothing on its way is still brought back to the history.
 #[tokio::test]
 async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() {
-    use imflow_stages::model::{Sequenced, Stamped, Target as To};
     use imflow_stages::store::mongo::{MongoHistory, MongoSettings};
     use imflow_stages::store::redis::{Redis, RedisSequencer, RedisSettings};
     use imflow_stages::store::{seq_memory, History, Sequencer};
@@ -965,20 +975,8 @@ async fn seqs_still_in_flight_when_a_partition_moves_are_not_handed_out_again() 
     let sequencer = RedisSequencer::new(redis.clone(), history.clone());
     let conv: Arc<str> = "si_a_b".into();
     let msg = |i: usize| -> (Arc<str>, Arc<str>) { (conv.clone(), format!("m{i}").into()) };
-    let sequenced = |i: usize, seq: u64| Sequenced {
-        msg: Stamped {
-            conversation_id: conv.clone(),
-            server_msg_id: format!("m{i}").into(),
-            client_msg_id: format!("c{i}").into(),
-            sender: "a".into(),
-            target: To::User("b".into()),
-            content_type: 101,
-            content: "{}".into(),
-            send_time: 0,
-        },
-        seq,
-        body: format!("{{\"seq\":{seq}}}").into(),
-    };
+    let sequenced =
+        |i: usize, seq: u64| sequenced(&conv, seq, &format!("m{i}"), format!("{{\"seq\":{seq}}}"));
 
     // The old owner hands out 1..=5; the history has stored 1..=2 when the
     // partition moves.

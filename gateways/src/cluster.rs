@@ -293,7 +293,8 @@ const GATEWAY_GRACE: Duration = Duration::from_secs(30);
 /// holding its connections, and forgetting them at once skipped every push
 /// to them as offline (7,535 acked messages of one run never reached users
 /// who were connected all along). A gateway that is really gone costs its
-/// pushes until then (counted as dropped), no more.
+/// pushes until then (counted as dropped), no more; its users count as
+/// offline at once, for offline push.
 #[derive(Default)]
 struct Departures {
     since: HashMap<Arc<str>, tokio::time::Instant>,
@@ -322,6 +323,15 @@ impl Departures {
             self.since.remove(g);
         }
         over
+    }
+
+    fn contains(&self, gateway: &Arc<str>) -> bool {
+        self.since.contains_key(gateway)
+    }
+
+    /// The gateways in their grace.
+    fn gateways(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.since.keys()
     }
 
     /// When the next departed gateway's grace ends.
@@ -356,6 +366,10 @@ pub struct RemotePresence {
     /// gateway → its delivery queue (each entry with its message's ack,
     /// released once the gateway took it).
     queues: DashMap<Arc<str>, mpsc::Sender<(PushEntry, Ack)>>,
+    /// Gateways missing from the member list, in their grace: still pushed
+    /// to, but their users do not count as online (so offline push reaches
+    /// the users of a gateway that crashed).
+    departed: dashmap::DashSet<Arc<str>>,
     http: reqwest::Client,
     secret: Arc<str>,
     redis: Arc<Redis>,
@@ -373,6 +387,7 @@ impl RemotePresence {
         let me = Arc::new(RemotePresence {
             online: DashMap::new(),
             queues: DashMap::new(),
+            departed: dashmap::DashSet::new(),
             http: http_client(),
             secret: secret.into(),
             redis: redis.clone(),
@@ -401,6 +416,10 @@ impl RemotePresence {
                     tracing::info!(gateway = %g, "gateway gone; its users forgotten");
                     follower.forget_gateway(&g);
                 }
+                follower.departed.retain(|g| departed.contains(g));
+                for g in departed.gateways() {
+                    follower.departed.insert(g.clone());
+                }
                 let fresh: Vec<Arc<str>> = gateways
                     .iter()
                     .filter(|g| !known.contains(g))
@@ -415,7 +434,13 @@ impl RemotePresence {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = members.changed() => if changed.is_err() { return },
-                    Some(()) = reload_rx.recv() => follower.load(&known).await,
+                    // Departed gateways too: one back within its grace must
+                    // not miss what changed while Redis was away.
+                    Some(()) = reload_rx.recv() => {
+                        let mut all = known.clone();
+                        all.extend(departed.gateways().cloned());
+                        follower.load(&all).await
+                    }
                     _ = sleep_until_some(next_forget) => {}
                 }
             }
@@ -506,7 +531,9 @@ impl Presence for RemotePresence {
     }
 
     fn is_online(&self, user: &str) -> bool {
-        self.online.contains_key(user)
+        self.online
+            .get(user)
+            .is_some_and(|gws| gws.iter().any(|g| !self.departed.contains(g)))
     }
 
     fn deliver_all(&self, users: &[Arc<str>], item: &PushItem, done: Ack) {
@@ -997,6 +1024,8 @@ mod tests {
         // `a`'s lease lapses: nothing forgotten yet, a deadline set.
         assert!(d.update(t0 + s(1), &both, &only_b).is_empty());
         assert_eq!(d.next_forget(), Some(t0 + s(1) + GATEWAY_GRACE));
+        assert!(d.contains(&a) && !d.contains(&only_b[0]));
+        assert_eq!(d.gateways().collect::<Vec<_>>(), [&a]);
         // It announces itself again within the grace: it never left.
         assert!(d.update(t0 + s(10), &only_b, &both).is_empty());
         assert_eq!(d.next_forget(), None);

@@ -197,9 +197,8 @@ impl History for MongoHistory {
                 ))
             }
         };
-        tokio::time::timeout(READ_TIMEOUT, self.taken(&messages, &dups))
+        self.taken(&messages, &dups)
             .await
-            .map_err(|_| "mongodb: no answer to a read within 5 s".to_string())?
             .map_err(|e| e.to_string())
     }
 
@@ -256,14 +255,15 @@ async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T
 
 impl MongoHistory {
     /// Of the messages at `dups` (duplicate keys), those whose seq is held
-    /// by another server_msg_id.
-    /// Who holds the seqs an insert met as duplicates. One find per
+    /// by another server_msg_id. Who holds the seqs an insert met as duplicates. One find per
     /// conversation, `{conversation_id, seq: {$in}}`, a few at a time: an
     /// index scan everywhere, where one `$or` of (conversation, seq) pairs
     /// was a scan of the whole collection on a server whose planner does not
     /// split an `$or` into index scans (SecantusDB: a replayed batch of 1,024
     /// on a large history took longer than the commit's timeout, so each
-    /// retry replayed it again and the history never caught up).
+    /// retry replayed it again and the history never caught up). Each find
+    /// has its own time bound, so a batch of many conversations is not held
+    /// to the time of one read.
     async fn taken(&self, messages: &[Sequenced], dups: &[usize]) -> Result<Taken> {
         let mut by_conversation: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
         for m in dups.iter().filter_map(|&i| messages.get(i)) {
@@ -272,9 +272,8 @@ impl MongoHistory {
                 .or_default()
                 .push(m.seq as i64);
         }
-        let finds = by_conversation
-            .into_iter()
-            .map(|(conversation, seqs)| async move {
+        let finds = by_conversation.into_iter().map(|(conversation, seqs)| {
+            bounded(async move {
                 let cursor = self
                     .messages
                     .find(doc! {"conversation_id": &*conversation, "seq": {"$in": seqs}})
@@ -291,7 +290,8 @@ impl MongoHistory {
                     .try_collect::<Vec<Document>>()
                     .await
                     .map_err(mongo_err)
-            });
+            })
+        });
         let finds: Vec<_> = finds.collect();
         let stored: Vec<Document> = futures::stream::iter(finds)
             .buffer_unordered(TAKEN_FINDS_AT_ONCE)

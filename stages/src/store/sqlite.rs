@@ -1037,50 +1037,62 @@ async fn insert_members(
     Ok(added)
 }
 
-/// The group-commit loop: take every job waiting, write them in one
-/// transaction, answer them all.
 /// When to hold a group commit open for more messages. A commit costs about
 /// the same whatever it carries (with `durability: full`, an fsync and the
 /// same few WAL pages), so at a steady rate well below the writer's limit
 /// each message had a commit of its own: at the seed's 2,300 msg/s the
 /// writer thread spent ~130 µs of CPU per message. Waiting a little for the
 /// next ones, as MySQL's `binlog_group_commit_sync_delay` and PostgreSQL's
-/// `commit_delay` do, shares that cost. The wait is taken only while jobs
-/// arrive at least once per delay on average, so a quiet server commits at
-/// once and no ack waits for company that is not coming.
+/// `commit_delay` do, shares that cost. The wait is taken only while
+/// commits are asked for (each by one stage task, with all the messages it
+/// holds) at least once per delay on average, and not after a pause of a
+/// few delays, so a quiet server commits at once and no ack waits for
+/// company that is not coming. tokio's timer ticks each millisecond, so a
+/// wait can last up to a millisecond longer than the delay.
 struct Gather {
     delay: Duration,
-    /// Jobs per second, smoothed over recent commits.
+    /// Commit requests (jobs) per second, smoothed over recent commits.
     rate: f64,
-    last: std::time::Instant,
+    /// When the previous commit's first job came.
+    last: tokio::time::Instant,
 }
+
+/// A pause longer than this many delays since the previous commit ends
+/// the waiting, whatever the rate was before.
+const GATHER_IDLE_DELAYS: u32 = 4;
 
 impl Gather {
     fn new(delay: Duration) -> Self {
         Gather {
             delay,
             rate: 0.0,
-            last: std::time::Instant::now(),
+            last: tokio::time::Instant::now(),
         }
     }
 
     /// `jobs` arrived since the previous call.
-    fn observe(&mut self, jobs: usize, now: std::time::Instant) {
+    fn observe(&mut self, jobs: usize, now: tokio::time::Instant) {
         let dt = now.duration_since(self.last).as_secs_f64().max(1e-6);
         self.last = now;
         self.rate = 0.7 * self.rate + 0.3 * (jobs as f64 / dt);
     }
 
-    /// How long to keep gathering after the first job, if at all.
-    fn window(&self) -> Option<Duration> {
-        (!self.delay.is_zero() && self.rate * self.delay.as_secs_f64() >= 1.0).then_some(self.delay)
+    /// How long to keep gathering after a commit's first job came at `now`,
+    /// if at all.
+    fn window(&self, now: tokio::time::Instant) -> Option<Duration> {
+        let busy = self.rate * self.delay.as_secs_f64() >= 1.0
+            && now.duration_since(self.last) <= self.delay * GATHER_IDLE_DELAYS;
+        (!self.delay.is_zero() && busy).then_some(self.delay)
     }
 }
 
+/// The group-commit loop: take every job waiting (and, under steady load,
+/// those that come within the commit delay), write them in one
+/// transaction, answer them all.
 async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut gather: Gather) {
     let mut jobs = Vec::new();
     while rx.recv_many(&mut jobs, 256).await > 0 {
-        let first = std::time::Instant::now();
+        let first = tokio::time::Instant::now();
         // Keep taking queued jobs while the commit stays bounded.
         let mut total: usize = jobs.iter().map(|j| j.messages.len()).sum();
         let take = |j: WriteJob, jobs: &mut Vec<WriteJob>, total: &mut usize| {
@@ -1093,8 +1105,8 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut 
                 Err(_) => break,
             }
         }
-        if let Some(window) = gather.window() {
-            let until = tokio::time::Instant::from_std(first) + window;
+        if let Some(window) = gather.window(first) {
+            let until = first + window;
             while total < MAX_COMMIT {
                 match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(j)) => take(j, &mut jobs, &mut total),
@@ -1272,14 +1284,18 @@ mod tests {
 
     #[test]
     fn the_gather_waits_only_while_jobs_come_faster_than_the_delay() {
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         let ms = Duration::from_millis;
         let mut quiet = Gather::new(ms(1));
         quiet.last = t0;
         // One job every 10 ms: no company within 1 ms to wait for.
         for i in 1..=20 {
             quiet.observe(1, t0 + ms(10 * i));
-            assert_eq!(quiet.window(), None, "after {i} quiet commits");
+            assert_eq!(
+                quiet.window(t0 + ms(10 * i + 1)),
+                None,
+                "after {i} quiet commits"
+            );
         }
         // Then three jobs a millisecond: worth waiting for.
         let mut at = t0 + ms(200);
@@ -1287,17 +1303,20 @@ mod tests {
             at += ms(1);
             quiet.observe(3, at);
         }
-        assert_eq!(quiet.window(), Some(ms(1)));
-        // And back to quiet: the wait stops within a few commits.
+        assert_eq!(quiet.window(at + ms(1)), Some(ms(1)));
+        // A pause of more than a few delays: the next lone job does not
+        // wait, though the rate has not been brought down yet.
+        assert_eq!(quiet.window(at + ms(5)), None);
+        // And back to quiet: the rate itself comes down within a few commits.
         for _ in 0..5 {
-            at += ms(50);
+            at += ms(3);
             quiet.observe(1, at);
         }
-        assert_eq!(quiet.window(), None);
+        assert_eq!(quiet.window(at + ms(1)), None);
         // A delay of zero never waits, however busy.
         let mut off = Gather::new(Duration::ZERO);
         off.observe(1000, t0 + ms(1));
-        assert_eq!(off.window(), None);
+        assert_eq!(off.window(t0 + ms(1)), None);
     }
 
     #[tokio::test]
