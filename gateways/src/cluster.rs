@@ -294,17 +294,18 @@ const GATEWAY_GRACE: Duration = Duration::from_secs(30);
 /// to them as offline (7,535 acked messages of one run never reached users
 /// who were connected all along). A gateway that is really gone costs its
 /// pushes until then (counted as dropped), no more; its users count as
-/// offline at once, for offline push.
+/// offline at once, for offline push. Shared: the follower of the member
+/// list updates it, `is_online` reads it on the push path.
 #[derive(Default)]
 struct Departures {
-    since: HashMap<Arc<str>, tokio::time::Instant>,
+    since: DashMap<Arc<str>, tokio::time::Instant>,
 }
 
 impl Departures {
     /// The member list went from `known` to `now_listed` (or time passed):
     /// the gateways whose users are to be forgotten now.
     fn update(
-        &mut self,
+        &self,
         now: tokio::time::Instant,
         known: &[Arc<str>],
         now_listed: &[Arc<str>],
@@ -312,34 +313,33 @@ impl Departures {
         for gone in known.iter().filter(|g| !now_listed.contains(g)) {
             self.since.entry(gone.clone()).or_insert(now);
         }
-        self.since.retain(|g, _| !now_listed.contains(g));
-        let over: Vec<Arc<str>> = self
-            .since
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= GATEWAY_GRACE)
-            .map(|(g, _)| g.clone())
-            .collect();
-        for g in &over {
-            self.since.remove(g);
-        }
+        let mut over = Vec::new();
+        self.since.retain(|g, since| {
+            let forget = now.duration_since(*since) >= GATEWAY_GRACE;
+            if forget && !now_listed.contains(g) {
+                over.push(g.clone());
+            }
+            !forget && !now_listed.contains(g)
+        });
         over
     }
 
-    fn contains(&self, gateway: &Arc<str>) -> bool {
+    fn contains(&self, gateway: &str) -> bool {
         self.since.contains_key(gateway)
     }
 
     /// The gateways in their grace.
-    fn gateways(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.since.keys()
+    fn gateways(&self) -> Vec<Arc<str>> {
+        self.since.iter().map(|e| e.key().clone()).collect()
     }
 
     /// When the next departed gateway's grace ends.
     fn next_forget(&self) -> Option<tokio::time::Instant> {
         self.since
-            .values()
+            .iter()
+            .map(|e| *e.value())
             .min()
-            .map(|since| *since + GATEWAY_GRACE)
+            .map(|since| since + GATEWAY_GRACE)
     }
 }
 
@@ -369,7 +369,7 @@ pub struct RemotePresence {
     /// Gateways missing from the member list, in their grace: still pushed
     /// to, but their users do not count as online (so offline push reaches
     /// the users of a gateway that crashed).
-    departed: dashmap::DashSet<Arc<str>>,
+    departed: Departures,
     http: reqwest::Client,
     secret: Arc<str>,
     redis: Arc<Redis>,
@@ -387,7 +387,7 @@ impl RemotePresence {
         let me = Arc::new(RemotePresence {
             online: DashMap::new(),
             queues: DashMap::new(),
-            departed: dashmap::DashSet::new(),
+            departed: Departures::default(),
             http: http_client(),
             secret: secret.into(),
             redis: redis.clone(),
@@ -403,7 +403,6 @@ impl RemotePresence {
         let follower = me.clone();
         tokio::spawn(async move {
             let mut known: Vec<Arc<str>> = Vec::new();
-            let mut departed = Departures::default();
             loop {
                 let gateways: Vec<Arc<str>> = members
                     .borrow_and_update()
@@ -412,13 +411,9 @@ impl RemotePresence {
                     .map(|m| Arc::from(m.addr.as_str()))
                     .collect();
                 let now = tokio::time::Instant::now();
-                for g in departed.update(now, &known, &gateways) {
+                for g in follower.departed.update(now, &known, &gateways) {
                     tracing::info!(gateway = %g, "gateway gone; its users forgotten");
                     follower.forget_gateway(&g);
-                }
-                follower.departed.retain(|g| departed.contains(g));
-                for g in departed.gateways() {
-                    follower.departed.insert(g.clone());
                 }
                 let fresh: Vec<Arc<str>> = gateways
                     .iter()
@@ -430,7 +425,7 @@ impl RemotePresence {
                 }
                 follower.load(&fresh).await;
                 known = gateways;
-                let next_forget = departed.next_forget();
+                let next_forget = follower.departed.next_forget();
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = members.changed() => if changed.is_err() { return },
@@ -438,7 +433,7 @@ impl RemotePresence {
                     // not miss what changed while Redis was away.
                     Some(()) = reload_rx.recv() => {
                         let mut all = known.clone();
-                        all.extend(departed.gateways().cloned());
+                        all.extend(follower.departed.gateways());
                         follower.load(&all).await
                     }
                     _ = sleep_until_some(next_forget) => {}
@@ -1018,14 +1013,14 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = ("10.0.0.1:10140".into(), "10.0.0.2:10140".into());
         let both = [a.clone(), b.clone()];
         let only_b = [b];
-        let mut d = Departures::default();
+        let d = Departures::default();
         assert!(d.update(t0, &[], &both).is_empty());
         assert_eq!(d.next_forget(), None);
         // `a`'s lease lapses: nothing forgotten yet, a deadline set.
         assert!(d.update(t0 + s(1), &both, &only_b).is_empty());
         assert_eq!(d.next_forget(), Some(t0 + s(1) + GATEWAY_GRACE));
         assert!(d.contains(&a) && !d.contains(&only_b[0]));
-        assert_eq!(d.gateways().collect::<Vec<_>>(), [&a]);
+        assert_eq!(d.gateways(), vec![a.clone()]);
         // It announces itself again within the grace: it never left.
         assert!(d.update(t0 + s(10), &only_b, &both).is_empty());
         assert_eq!(d.next_forget(), None);

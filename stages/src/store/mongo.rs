@@ -255,15 +255,14 @@ async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T
 
 impl MongoHistory {
     /// Of the messages at `dups` (duplicate keys), those whose seq is held
-    /// by another server_msg_id. Who holds the seqs an insert met as duplicates. One find per
-    /// conversation, `{conversation_id, seq: {$in}}`, a few at a time: an
-    /// index scan everywhere, where one `$or` of (conversation, seq) pairs
-    /// was a scan of the whole collection on a server whose planner does not
-    /// split an `$or` into index scans (SecantusDB: a replayed batch of 1,024
-    /// on a large history took longer than the commit's timeout, so each
-    /// retry replayed it again and the history never caught up). Each find
-    /// has its own time bound, so a batch of many conversations is not held
-    /// to the time of one read.
+    /// by another server_msg_id. One find per conversation, `{conversation_id,
+    /// seq: {$in}}`, a few at a time: an index scan everywhere, where one
+    /// `$or` of (conversation, seq) pairs was a scan of the whole collection
+    /// on a server whose planner does not split an `$or` into index scans
+    /// (SecantusDB: a replayed batch of 1,024 on a large history took longer
+    /// than the commit's timeout, so each retry replayed it again and the
+    /// history never caught up). Each find has its own time bound, so a
+    /// batch of many conversations is not held to the time of one read.
     async fn taken(&self, messages: &[Sequenced], dups: &[usize]) -> Result<Taken> {
         let mut by_conversation: HashMap<Arc<str>, Vec<i64>> = HashMap::new();
         for m in dups.iter().filter_map(|&i| messages.get(i)) {
@@ -292,7 +291,6 @@ impl MongoHistory {
                     .map_err(mongo_err)
             })
         });
-        let finds: Vec<_> = finds.collect();
         let stored: Vec<Document> = futures::stream::iter(finds)
             .buffer_unordered(TAKEN_FINDS_AT_ONCE)
             .try_concat()

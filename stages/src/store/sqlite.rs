@@ -1093,26 +1093,21 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut 
     let mut jobs = Vec::new();
     while rx.recv_many(&mut jobs, 256).await > 0 {
         let first = tokio::time::Instant::now();
-        // Keep taking queued jobs while the commit stays bounded.
+        // Keep taking jobs while the commit stays bounded: those already
+        // queued, and under steady load those that come within the window.
         let mut total: usize = jobs.iter().map(|j| j.messages.len()).sum();
-        let take = |j: WriteJob, jobs: &mut Vec<WriteJob>, total: &mut usize| {
-            *total += j.messages.len();
-            jobs.push(j);
-        };
+        let until = gather.window(first).map(|w| first + w);
         while total < MAX_COMMIT {
-            match rx.try_recv() {
-                Ok(j) => take(j, &mut jobs, &mut total),
-                Err(_) => break,
-            }
-        }
-        if let Some(window) = gather.window(first) {
-            let until = first + window;
-            while total < MAX_COMMIT {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(j)) => take(j, &mut jobs, &mut total),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            let next = match until {
+                Some(until) => tokio::time::timeout_at(until, rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => rx.try_recv().ok(),
+            };
+            let Some(j) = next else { break };
+            total += j.messages.len();
+            jobs.push(j);
         }
         gather.observe(jobs.len(), first);
         let started = std::time::Instant::now();
