@@ -296,10 +296,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.scenario, Scenario::Relay { .. }) {
+        // The server's own policy (`imflow --workers`: one fewer than the
+        // CPUs), so the baseline differs from imflow in what it does, not
+        // in how its threads are set up.
+        builder.worker_threads(
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        );
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("imflow-bench: {e}");
