@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connections::{ConnEvent, Connections, Outbound};
 use crate::discovery::Member;
+use crate::error::Causes;
 
 pub const SECRET_HEADER: &str = "x-imflow-cluster-secret";
 const PRESENCE_CHANNEL: &str = "presence";
@@ -160,11 +161,11 @@ impl RemoteIngest {
                 // Never reached that process (it died, or is restarting):
                 // the next one takes it.
                 Err(e) if e.is_connect() => {
-                    tracing::debug!(%addr, error = %e, "ingest process unreachable; trying the next");
+                    tracing::debug!(%addr, error = %Causes(&e), "ingest process unreachable; trying the next");
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(%addr, error = %e, "send to ingest process failed");
+                    tracing::warn!(%addr, error = %Causes(&e), "send to ingest process failed");
                     return Err(ImError::unavailable(
                         "the message may not be stored; send it again",
                     ));
@@ -602,7 +603,7 @@ async fn forward(
                 Ok(resp) => {
                     tracing::warn!(%gateway, status = %resp.status(), "gateway refused pushes")
                 }
-                Err(e) => tracing::debug!(%gateway, error = %e, "push to gateway failed"),
+                Err(e) => tracing::debug!(%gateway, error = %Causes(&e), "push to gateway failed"),
             }
             tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
