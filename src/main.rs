@@ -21,7 +21,7 @@ struct Cli {
     command: Option<Command>,
     /// Threads running the server's tasks [default: one fewer than the
     /// CPUs, at least 1].
-    #[arg(long, global = true, env = "IMFLOW_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, global = true, env = "IMFLOW_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
 }
 
@@ -29,10 +29,9 @@ struct Cli {
 /// idle: it is the embedded store's writer thread (busy under load), the
 /// kernel's network processing and, on a shared host, the other processes.
 /// A worker that finds its peers busy steals their tasks and is woken for
-/// each burst; on 2 CPUs one worker instead of two cut the server's CPU at
-/// the seed's single-chat rate by a quarter (33% → 25% of a core) and its
-/// group p99 (51 → 43 ms), and held the same highest rate
-/// (benches/README.md, "Worker threads").
+/// each burst: on 2 CPUs, one worker instead of two took about a fifth off
+/// the server's CPU at the seed's rate (benches/README.md, "Worker
+/// threads", has the runs and the trade at the highest rate).
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }

@@ -43,6 +43,20 @@ fn validate_reports_every_error_with_its_line_and_fails() {
 }
 
 #[test]
+fn the_worker_count_is_taken_before_or_after_the_command_and_zero_is_refused() {
+    for args in [
+        &["--workers", "1", "validate", "pipeline.yaml"][..],
+        &["validate", "--workers", "3", "pipeline.yaml"][..],
+    ] {
+        let (code, _out, err) = imflow(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    let (code, _out, err) = imflow(&["--workers", "0", "validate"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--workers"), "{err}");
+}
+
+#[test]
 fn graph_prints_dot_with_the_seeds_topics() {
     let (code, out, err) = imflow(&["graph"]);
     assert_eq!(code, 0, "{err}");

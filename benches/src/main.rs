@@ -298,12 +298,17 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(cli.scenario, Scenario::Relay { .. }) {
-        // The server's own policy (`imflow --workers`: one fewer than the
-        // CPUs), so the baseline differs from imflow in what it does, not
-        // in how its threads are set up.
-        builder.worker_threads(
-            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
-        );
+        // The server's own rule (`imflow --workers`: `IMFLOW_WORKERS`, else
+        // one fewer than the CPUs), so the baseline differs from imflow in
+        // what it does, not in how its threads are set up.
+        let workers = std::env::var("IMFLOW_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| (1..=1024).contains(n))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+            });
+        builder.worker_threads(workers);
     }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -230,7 +230,14 @@ impl Lines {
             }
             match self.resp.chunk().await {
                 Ok(Some(c)) => self.buf.extend_from_slice(&c),
-                _ => return None,
+                Ok(None) => return None,
+                Err(e) => {
+                    // A timeout or a reset mid-answer: the sender hears
+                    // `unavailable` and sends again, which the resend
+                    // check makes safe.
+                    tracing::warn!(error = %Causes(&e), "the ingest process's answer was cut");
+                    return None;
+                }
             }
         }
     }
