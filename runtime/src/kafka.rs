@@ -648,7 +648,15 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
                     match gaps.seen(partition, offset, std::time::Instant::now()) {
                         Seen::Take => {}
                         Seen::ReadAgain(from) => {
-                            match consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                            // librdkafka's seek blocks its thread up to the
+                            // timeout: not a worker's (there may be one).
+                            let (seeking, t) = (consumer.clone(), topic.clone());
+                            let sought = tokio::task::spawn_blocking(move || {
+                                seeking.seek(&t, partition, Offset::Offset(from), Duration::from_secs(1))
+                            })
+                            .await
+                            .unwrap_or(Err(KafkaError::Canceled));
+                            match sought {
                                 Ok(()) => {
                                     // This record comes again after the missing ones.
                                     read_again.increment(1);
@@ -696,7 +704,13 @@ pub(crate) fn consumer_task<T: DeserializeOwned + Send + 'static>(
             commit(&consumer, &topic, &offsets, CommitMode::Async, false);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        commit(&consumer, &topic, &offsets, CommitMode::Sync, true);
+        // A synchronous commit waits for the broker: off the workers, so
+        // the other stages' drains go on meanwhile.
+        let (last, t, o) = (consumer.clone(), topic.clone(), offsets.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            commit(&last, &t, &o, CommitMode::Sync, true);
+        })
+        .await;
         consumer.unsubscribe();
         StageResult::Ok(())
     }))
