@@ -60,7 +60,7 @@ pub struct SqliteStore {
 }
 
 /// Rows per multi-row INSERT of new chats: at 2 parameters a row, far below
-/// SQLite's limit. (Messages travel as one JSON parameter: `INSERT_MESSAGES`.)
+/// SQLite's limit. (Messages: `commit_statements`.)
 const ROWS_PER_STATEMENT: usize = 128;
 /// The writer connection's page cache (`PRAGMA cache_size`, negative: KiB).
 const WRITER_CACHE: &str = "-4096";
@@ -1134,55 +1134,86 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut 
     }
 }
 
-/// The whole group commit as one statement list, so it is one call to sqlx's
-/// worker thread (a `begin()`, the inserts, a lookup per conflicting row and
-/// a `commit()` were one each). The rows travel as one JSON array,
-/// `[conversation, seq, server_msg_id, client_msg_id, sender, send_time,
-/// body]` each, bound once as `?1` and read by both statements, so the text
-/// never changes and the prepared statements are reused whatever the
-/// batch's size. `WHERE true` lets SQLite parse `ON CONFLICT` after a
-/// SELECT; `ORDER BY key` makes the first of two rows given the same seq
-/// the one stored. The second statement names, by position in the array,
-/// each row whose (conversation, seq) another message holds: not stored
-/// (one stored before with the same id is a replay, done). It runs before
-/// COMMIT, so a failure there stores nothing either.
-const INSERT_MESSAGES: &str = "BEGIN; \
-    INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) \
-    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 \
-    FROM json_each(?1) WHERE true ORDER BY key \
-    ON CONFLICT DO NOTHING; \
-    SELECT j.key FROM json_each(?1) AS j JOIN messages AS m \
+/// Rows per INSERT statement of a group commit: a commit runs as many
+/// `BIG` statements as it fills, then `SMALL` ones, the last padded with
+/// NULL rows. Two fixed shapes keep the number of distinct statement lists
+/// small, so sqlx's per-connection statement cache holds them all and a
+/// commit never prepares a statement (a 64-row one costs more to prepare
+/// than to run), while a commit of five pads at most three rows.
+const BIG: usize = 64;
+const SMALL: usize = 8;
+/// Columns bound per message row.
+const COLUMNS: usize = 7;
+
+/// One INSERT of `rows` messages, first one wins a (conversation, seq)
+/// given twice (`ORDER BY` the row's position: literal, so the text is the
+/// same for every commit). Padding rows are NULL and filtered out. `WHERE`
+/// lets SQLite parse `ON CONFLICT` after a SELECT. `RETURNING` names the
+/// rows stored; a row it leaves out found its (conversation, seq) held.
+fn insert_statement(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|i| format!("(?, ?, ?, ?, ?, ?, ?, {i})"))
+        .collect();
+    format!(
+        "INSERT INTO messages (conversation_id, seq, server_msg_id, client_msg_id, sender, send_time, body) \
+         SELECT column1, column2, column3, column4, column5, column6, column7 \
+         FROM (VALUES {}) WHERE column1 IS NOT NULL ORDER BY column8 \
+         ON CONFLICT DO NOTHING RETURNING conversation_id, seq;",
+        values.join(", ")
+    )
+}
+
+/// The statement list of a commit of `n` messages: one transaction, so it
+/// is one call to sqlx's worker thread (a `begin()`, the inserts and a
+/// `commit()` were one each). Messages are bound as parameters: the JSON
+/// array they travelled in before was parsed again for every column of
+/// every row, ~a fifth of the writer thread's time.
+/// Also returns the number of rows it binds: `n` rounded up to `SMALL`.
+fn commit_statements(n: usize) -> (String, usize) {
+    let big = n / BIG;
+    let small = (n % BIG).div_ceil(SMALL);
+    let mut text = String::from("BEGIN; ");
+    for _ in 0..big {
+        text.push_str(&insert_statement(BIG));
+    }
+    for _ in 0..small {
+        text.push_str(&insert_statement(SMALL));
+    }
+    text.push_str(" COMMIT;");
+    (text, big * BIG + small * SMALL)
+}
+
+/// Which of `keys`, not stored, found their (conversation, seq) held by
+/// another message (a different server_msg_id): positions in `keys`. Rare
+/// (a replay after a restart, or a seq handed out twice), so the rows
+/// travel as one JSON array: `[conversation, seq, server_msg_id]` each.
+const HELD_BY_ANOTHER: &str = "SELECT j.key FROM json_each(?1) AS j JOIN messages AS m \
     ON m.conversation_id = j.value ->> 0 AND m.seq = j.value ->> 1 \
-    WHERE m.server_msg_id <> j.value ->> 2; \
-    COMMIT";
+    WHERE m.server_msg_id <> j.value ->> 2";
 
 /// Write every job's messages in one transaction; for each message, whether
-/// its seq is taken by another message (so it was not written).
+/// its seq is taken by another message (so it was not written). One stored
+/// before with the same server_msg_id is a replay: done, not taken.
 async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> {
-    let rows: Vec<_> = jobs
-        .iter()
-        .flat_map(|j| &j.messages)
-        .map(|m| {
-            (
-                &*m.msg.conversation_id,
-                m.seq as i64,
-                &*m.msg.server_msg_id,
-                &*m.msg.client_msg_id,
-                &*m.msg.sender,
-                m.msg.send_time,
-                &*m.body,
-            )
-        })
-        .collect();
-    let mut taken = vec![false; rows.len()];
-    let rows = serde_json::to_string(&rows).map_err(|e| Error::Encode(e.to_string()))?;
+    let messages: Vec<&Sequenced> = jobs.iter().flat_map(|j| &j.messages).collect();
+    let (text, rows) = commit_statements(messages.len());
+    let mut query = sqlx::query(&text);
+    for m in &messages {
+        query = query
+            .bind(&*m.msg.conversation_id)
+            .bind(m.seq as i64)
+            .bind(&*m.msg.server_msg_id)
+            .bind(&*m.msg.client_msg_id)
+            .bind(&*m.msg.sender)
+            .bind(m.msg.send_time)
+            .bind(&*m.body);
+    }
+    for _ in 0..(rows - messages.len()) * COLUMNS {
+        query = query.bind(None::<&str>);
+    }
     let mut conn = pool.acquire().await?;
-    let held = match sqlx::query(INSERT_MESSAGES)
-        .bind(rows)
-        .fetch_all(&mut *conn)
-        .await
-    {
-        Ok(held) => held,
+    let stored = match query.fetch_all(&mut *conn).await {
+        Ok(stored) => stored,
         Err(e) => {
             // The list stopped where it failed, perhaps inside the
             // transaction: end it, or the connection's next user would
@@ -1197,10 +1228,44 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
             return Err(e.into());
         }
     };
-    for row in &held {
+    // Each stored (conversation, seq) is claimed by the first message that
+    // names it: a second one in the same commit was not stored.
+    let mut claims: HashMap<(String, i64), usize> = HashMap::with_capacity(stored.len());
+    for row in &stored {
+        *claims
+            .entry((row.try_get(0)?, row.try_get(1)?))
+            .or_default() += 1;
+    }
+    let mut unstored = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let key = (m.msg.conversation_id.to_string(), m.seq as i64);
+        match claims.get_mut(&key) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => unstored.push(i),
+        }
+    }
+    let mut taken = vec![false; messages.len()];
+    if unstored.is_empty() {
+        return Ok(taken);
+    }
+    // After COMMIT: a failure here fails the commit, and its retry finds
+    // the rows stored now under their own server_msg_id (done).
+    let keys: Vec<_> = unstored
+        .iter()
+        .map(|&i| {
+            let m = messages[i];
+            (&*m.msg.conversation_id, m.seq as i64, &*m.msg.server_msg_id)
+        })
+        .collect();
+    let keys = serde_json::to_string(&keys).map_err(|e| Error::Encode(e.to_string()))?;
+    for row in sqlx::query(HELD_BY_ANOTHER)
+        .bind(keys)
+        .fetch_all(&mut *conn)
+        .await?
+    {
         let at: i64 = row.try_get(0)?;
-        if let Some(t) = usize::try_from(at).ok().and_then(|i| taken.get_mut(i)) {
-            *t = true;
+        if let Some(&i) = usize::try_from(at).ok().and_then(|k| unstored.get(k)) {
+            taken[i] = true;
         }
     }
     Ok(taken)
@@ -1239,16 +1304,20 @@ mod tests {
     #[tokio::test]
     async fn a_commit_stores_every_message_with_its_body_as_sent() {
         let (_dir, store) = store().await;
-        let batch: Vec<Sequenced> = (1..=300)
-            .map(|s| message("si_a_b", s, &format!("m{s}")))
-            .collect();
-        let taken = store.commit(batch.clone()).await.expect("commit");
-        assert!(taken.is_empty(), "{taken:?}");
-        let stored = store.range("si_a_b", 1, 300).await.expect("range");
-        assert_eq!(stored.len(), 300);
-        for ((seq, body), m) in stored.iter().zip(&batch) {
-            assert_eq!(*seq, m.seq);
-            assert_eq!(body, &m.body);
+        // Sizes on each side of the statements' shapes (padded or not).
+        for n in [1, 7, 8, 9, 63, 64, 65, 128, 300] {
+            let conv = format!("si_a_{n}");
+            let batch: Vec<Sequenced> = (1..=n)
+                .map(|s| message(&conv, s, &format!("{n}-{s}")))
+                .collect();
+            let taken = store.commit(batch.clone()).await.expect("commit");
+            assert!(taken.is_empty(), "{n}: {taken:?}");
+            let stored = store.range(&conv, 1, 1000).await.expect("range");
+            assert_eq!(stored.len() as u64, n);
+            for ((seq, body), m) in stored.iter().zip(&batch) {
+                assert_eq!(*seq, m.seq);
+                assert_eq!(body, &m.body);
+            }
         }
     }
 
