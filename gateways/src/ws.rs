@@ -355,7 +355,9 @@ pub async fn run_connection<S>(
     let close = &handle.close;
     loop {
         // Frames are fed into the write buffer and flushed once per turn, so
-        // what became ready together leaves in one write.
+        // what became ready together leaves in one write. Acks go before
+        // pushes: a client hears its ack before its own message comes back.
+        let mut acked = false;
         let alive = tokio::select! {
             biased;
             _ = close.cancelled() => {
@@ -363,10 +365,11 @@ pub async fn run_connection<S>(
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
                 false
             }
-            n = rx.recv_many(&mut outbox, 64) => n > 0 && write_outbound(&mut ws, close, &mut outbox).await,
             Some((rid, result)) = pending.next(), if !pending.is_empty() => {
+                acked = true;
                 feed(&mut ws, close, ack_or_error(rid, result)).await
             }
+            n = rx.recv_many(&mut outbox, 64) => n > 0 && write_outbound(&mut ws, close, &mut outbox).await,
             incoming = ws.next(), if pending.len() < limits.max_pending_acks => {
                 let reply = match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
@@ -396,8 +399,37 @@ pub async fn run_connection<S>(
                 }
             }
         };
-        if !alive || !feed_ready(&mut ws, close, &mut rx, &mut outbox, &mut pending).await {
+        if !alive
+            || !feed_ready(
+                &mut ws,
+                close,
+                &mut rx,
+                &mut outbox,
+                &mut pending,
+                &mut acked,
+            )
+            .await
+        {
             break;
+        }
+        // An acked message comes back to this connection as a push
+        // (PROTOCOL promise 5), in standalone mode a few task polls after
+        // its ack was released: let those run once, so that the push
+        // leaves in the same write as the ack (one send, not two).
+        if acked {
+            tokio::task::yield_now().await;
+            if !feed_ready(
+                &mut ws,
+                close,
+                &mut rx,
+                &mut outbox,
+                &mut pending,
+                &mut acked,
+            )
+            .await
+            {
+                break;
+            }
         }
         let flushed = tokio::select! {
             r = ws.flush() => r.is_ok(),
@@ -416,20 +448,28 @@ fn ack_or_error(rid: Option<Box<RawValue>>, result: Result<AckInfo, ImError>) ->
     }
 }
 
-/// Feed whatever else is ready right now (queued pushes, finished acks)
-/// without waiting for anything.
+/// Feed whatever else is ready right now (finished acks, then queued
+/// pushes) without waiting for anything; `acked` is set if an ack was fed.
 async fn feed_ready<S>(
     ws: &mut S,
     close: &CancellationToken,
     rx: &mut mpsc::Receiver<Outbound>,
     outbox: &mut Vec<Outbound>,
     pending: &mut FuturesUnordered<AckFuture>,
+    acked: &mut bool,
 ) -> bool
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     loop {
         let mut progressed = false;
+        while let Some(Some((rid, result))) = pending.next().now_or_never() {
+            progressed = true;
+            *acked = true;
+            if !feed(ws, close, ack_or_error(rid, result)).await {
+                return false;
+            }
+        }
         while outbox.len() < 64 {
             match rx.try_recv() {
                 Ok(o) => outbox.push(o),
@@ -439,12 +479,6 @@ where
         if !outbox.is_empty() {
             progressed = true;
             if !write_outbound(ws, close, outbox).await {
-                return false;
-            }
-        }
-        if let Some(Some((rid, result))) = pending.next().now_or_never() {
-            progressed = true;
-            if !feed(ws, close, ack_or_error(rid, result)).await {
                 return false;
             }
         }
