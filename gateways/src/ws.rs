@@ -369,7 +369,8 @@ pub async fn run_connection<S>(
                 acked = true;
                 feed(&mut ws, close, ack_or_error(rid, result)).await
             }
-            n = rx.recv_many(&mut outbox, 64) => n > 0 && write_outbound(&mut ws, close, &mut outbox).await,
+            // Written by `feed_ready` below, after the acks ready by then.
+            n = rx.recv_many(&mut outbox, 64) => n > 0,
             incoming = ws.next(), if pending.len() < limits.max_pending_acks => {
                 let reply = match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
@@ -399,8 +400,15 @@ pub async fn run_connection<S>(
                 }
             }
         };
-        if !alive
-            || !feed_ready(
+        // Feed what else is ready. An acked message comes back to this
+        // connection as a push (PROTOCOL promise 5), in standalone mode a
+        // few task polls after its ack was released: after an ack, let
+        // those run once and feed again, so that the push leaves in the
+        // same write as the ack (one send, not two).
+        let mut ok = alive;
+        let mut yielded = false;
+        while ok {
+            ok = feed_ready(
                 &mut ws,
                 close,
                 &mut rx,
@@ -408,28 +416,15 @@ pub async fn run_connection<S>(
                 &mut pending,
                 &mut acked,
             )
-            .await
-        {
-            break;
-        }
-        // An acked message comes back to this connection as a push
-        // (PROTOCOL promise 5), in standalone mode a few task polls after
-        // its ack was released: let those run once, so that the push
-        // leaves in the same write as the ack (one send, not two).
-        if acked {
-            tokio::task::yield_now().await;
-            if !feed_ready(
-                &mut ws,
-                close,
-                &mut rx,
-                &mut outbox,
-                &mut pending,
-                &mut acked,
-            )
-            .await
-            {
+            .await;
+            if !acked || yielded {
                 break;
             }
+            yielded = true;
+            tokio::task::yield_now().await;
+        }
+        if !ok {
+            break;
         }
         let flushed = tokio::select! {
             r = ws.flush() => r.is_ok(),
@@ -448,8 +443,13 @@ fn ack_or_error(rid: Option<Box<RawValue>>, result: Result<AckInfo, ImError>) ->
     }
 }
 
-/// Feed whatever else is ready right now (finished acks, then queued
-/// pushes) without waiting for anything; `acked` is set if an ack was fed.
+/// Feed whatever else is ready right now, without waiting for anything:
+/// finished acks, then queued pushes; `acked` is set if an ack was fed.
+/// The pushes are taken first and the acks after: a push is queued only
+/// after its message's ack fired, so every push taken has its ack among
+/// those fed before it, even when another worker thread queues more in
+/// between. The acks are polled outside tokio's task budget, which would
+/// otherwise stop them part way while the pushes kept coming.
 async fn feed_ready<S>(
     ws: &mut S,
     close: &CancellationToken,
@@ -463,17 +463,19 @@ where
 {
     loop {
         let mut progressed = false;
-        while let Some(Some((rid, result))) = pending.next().now_or_never() {
-            progressed = true;
-            *acked = true;
-            if !feed(ws, close, ack_or_error(rid, result)).await {
-                return false;
-            }
-        }
         while outbox.len() < 64 {
             match rx.try_recv() {
                 Ok(o) => outbox.push(o),
                 Err(_) => break,
+            }
+        }
+        while let Some(Some((rid, result))) =
+            tokio::task::unconstrained(pending.next()).now_or_never()
+        {
+            progressed = true;
+            *acked = true;
+            if !feed(ws, close, ack_or_error(rid, result)).await {
+                return false;
             }
         }
         if !outbox.is_empty() {

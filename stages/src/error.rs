@@ -21,6 +21,10 @@ pub enum Error {
     Encode(String),
     #[error("the store's writer has stopped")]
     WriterGone,
+    /// A commit neither stored a message nor found it stored: a bug in the
+    /// commit's statements, reported rather than taken as stored.
+    #[error("the history commit dropped message {0}: neither stored nor found")]
+    Unstored(String),
     #[error(transparent)]
     Client(#[from] ImError),
 }

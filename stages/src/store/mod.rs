@@ -442,7 +442,9 @@ pub trait History: Send + Sync + 'static {
     /// same (conversation, seq) and the same server_msg_id is left as it is,
     /// so a replay stores nothing twice; one stored under another
     /// server_msg_id is reported in [`Taken`], never taken as done. Errors
-    /// are strings: they are shared by every waiting batch.
+    /// are strings: they are shared by every waiting batch. An error may
+    /// come after part of the batch was stored; committing the same batch
+    /// again finds those as replays.
     async fn commit(&self, messages: Vec<Sequenced>) -> std::result::Result<Taken, String>;
     /// Bodies of `from..=to` of `conversation`, ascending; absent seqs are
     /// left out.

@@ -1134,14 +1134,6 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut 
     }
 }
 
-/// Rows per INSERT statement of a group commit: a commit runs as many
-/// `BIG` statements as it fills, then `SMALL` ones, the last padded with
-/// NULL rows. Two fixed shapes keep the number of distinct statement lists
-/// small, so sqlx's per-connection statement cache holds them all and a
-/// commit never prepares a statement (a 64-row one costs more to prepare
-/// than to run), while a commit of five pads at most three rows.
-const BIG: usize = 64;
-const SMALL: usize = 8;
 /// Columns bound per message row.
 const COLUMNS: usize = 7;
 
@@ -1168,28 +1160,41 @@ fn insert_statement(rows: usize) -> String {
 /// `commit()` were one each). Messages are bound as parameters: the JSON
 /// array they travelled in before was parsed again for every column of
 /// every row, ~a fifth of the writer thread's time.
-/// Also returns the number of rows it binds: `n` rounded up to `SMALL`.
+///
+/// `n` is rounded up to a power of two (at least 8), the rest padded with
+/// NULL rows, and each size has one shape (8-row statements up to 32
+/// rows, 64-row ones up to 256, 512-row ones above), so a commit is one of
+/// a handful of texts: sqlx's per-connection statement cache (100) keeps
+/// them all with the writer's other statements, and a commit does not
+/// prepare its statements again (a 64-row INSERT costs more to prepare
+/// than to run). A padded row costs a few NULL binds, far less than a
+/// stored one. Returns the text and the number of rows it binds.
 fn commit_statements(n: usize) -> (String, usize) {
-    let big = n / BIG;
-    let small = (n % BIG).div_ceil(SMALL);
-    let mut text = String::from("BEGIN; ");
-    for _ in 0..big {
-        text.push_str(&insert_statement(BIG));
-    }
-    for _ in 0..small {
-        text.push_str(&insert_statement(SMALL));
+    let rows = n.max(1).next_power_of_two().max(8);
+    let shape = match rows {
+        ..=32 => 8,
+        33..=256 => 64,
+        _ => 512,
+    };
+    let one = insert_statement(shape);
+    let mut text = String::with_capacity(one.len() * (rows / shape) + 16);
+    text.push_str("BEGIN; ");
+    for _ in 0..rows / shape {
+        text.push_str(&one);
     }
     text.push_str(" COMMIT;");
-    (text, big * BIG + small * SMALL)
+    (text, rows)
 }
 
-/// Which of `keys`, not stored, found their (conversation, seq) held by
-/// another message (a different server_msg_id): positions in `keys`. Rare
-/// (a replay after a restart, or a seq handed out twice), so the rows
-/// travel as one JSON array: `[conversation, seq, server_msg_id]` each.
-const HELD_BY_ANOTHER: &str = "SELECT j.key FROM json_each(?1) AS j JOIN messages AS m \
-    ON m.conversation_id = j.value ->> 0 AND m.seq = j.value ->> 1 \
-    WHERE m.server_msg_id <> j.value ->> 2";
+/// For each of `keys`, not stored, whether the message holding its
+/// (conversation, seq) is another one (1: taken), the same one (0: a
+/// replay, done), or none (NULL: a row the INSERT dropped, a bug to
+/// report, never to take as stored). Rare (a replay after a restart, or a
+/// seq handed out twice), so the rows travel as one JSON array:
+/// `[conversation, seq, server_msg_id]` each.
+const HELD_BY: &str = "SELECT j.key, m.server_msg_id <> j.value ->> 2 \
+    FROM json_each(?1) AS j LEFT JOIN messages AS m \
+    ON m.conversation_id = j.value ->> 0 AND m.seq = j.value ->> 1";
 
 /// Write every job's messages in one transaction; for each message, whether
 /// its seq is taken by another message (so it was not written). One stored
@@ -1211,6 +1216,9 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
     for _ in 0..(rows - messages.len()) * COLUMNS {
         query = query.bind(None::<&str>);
     }
+    // sqlx binds NULL for a parameter it was not given, and a NULL row is
+    // padding: a miscount here would drop messages without an error.
+    debug_assert_eq!(text.matches('?').count(), rows * COLUMNS);
     let mut conn = pool.acquire().await?;
     let stored = match query.fetch_all(&mut *conn).await {
         Ok(stored) => stored,
@@ -1248,8 +1256,9 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
     if unstored.is_empty() {
         return Ok(taken);
     }
-    // After COMMIT: a failure here fails the commit, and its retry finds
-    // the rows stored now under their own server_msg_id (done).
+    // After COMMIT: a failure here fails the commit although its rows are
+    // stored; the persist stage's retry finds them under their own
+    // server_msg_id (a replay, done). See `History::commit`.
     let keys: Vec<_> = unstored
         .iter()
         .map(|&i| {
@@ -1258,14 +1267,19 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
         })
         .collect();
     let keys = serde_json::to_string(&keys).map_err(|e| Error::Encode(e.to_string()))?;
-    for row in sqlx::query(HELD_BY_ANOTHER)
+    for row in sqlx::query(HELD_BY)
         .bind(keys)
         .fetch_all(&mut *conn)
         .await?
     {
         let at: i64 = row.try_get(0)?;
-        if let Some(&i) = usize::try_from(at).ok().and_then(|k| unstored.get(k)) {
-            taken[i] = true;
+        let other: Option<bool> = row.try_get(1)?;
+        let Some(&i) = usize::try_from(at).ok().and_then(|k| unstored.get(k)) else {
+            continue;
+        };
+        match other {
+            Some(other) => taken[i] = other,
+            None => return Err(Error::Unstored(messages[i].msg.server_msg_id.to_string())),
         }
     }
     Ok(taken)
@@ -1435,6 +1449,35 @@ mod tests {
             held[0].1.contains("c1") && held[1].1.contains("held"),
             "{held:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_failing_in_a_later_statement_stores_nothing() {
+        let (_dir, store) = store().await;
+        // 70 messages: two 64-row statements; the second one fails.
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = 70 \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(store.write_pool())
+        .await
+        .expect("trigger");
+        let batch: Vec<Sequenced> = (1..=70)
+            .map(|s| message("si_a_b", s, &format!("m{s}")))
+            .collect();
+        let err = store.commit(batch.clone()).await.expect_err("refused");
+        assert!(err.contains("refused"), "{err}");
+        assert!(store
+            .range("si_a_b", 1, 99)
+            .await
+            .expect("range")
+            .is_empty());
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(store.write_pool())
+            .await
+            .expect("drop");
+        assert!(store.commit(batch).await.expect("commit").is_empty());
+        assert_eq!(store.range("si_a_b", 1, 99).await.expect("range").len(), 70);
     }
 
     #[tokio::test]
