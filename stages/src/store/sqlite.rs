@@ -1451,17 +1451,29 @@ mod tests {
         );
     }
 
+    /// Make every insert of `seq` fail, inside the commit's statement list.
+    async fn refuse_seq(store: &SqliteStore, seq: u64) {
+        sqlx::query(&format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = {seq} \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ))
+        .execute(store.write_pool())
+        .await
+        .expect("trigger");
+    }
+
+    async fn stop_refusing(store: &SqliteStore) {
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(store.write_pool())
+            .await
+            .expect("drop");
+    }
+
     #[tokio::test]
     async fn a_commit_failing_in_a_later_statement_stores_nothing() {
         let (_dir, store) = store().await;
         // 70 messages: two 64-row statements; the second one fails.
-        sqlx::query(
-            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = 70 \
-             BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(store.write_pool())
-        .await
-        .expect("trigger");
+        refuse_seq(&store, 70).await;
         let batch: Vec<Sequenced> = (1..=70)
             .map(|s| message("si_a_b", s, &format!("m{s}")))
             .collect();
@@ -1472,10 +1484,7 @@ mod tests {
             .await
             .expect("range")
             .is_empty());
-        sqlx::query("DROP TRIGGER refuse")
-            .execute(store.write_pool())
-            .await
-            .expect("drop");
+        stop_refusing(&store).await;
         assert!(store.commit(batch).await.expect("commit").is_empty());
         assert_eq!(store.range("si_a_b", 1, 99).await.expect("range").len(), 70);
     }
@@ -1484,22 +1493,13 @@ mod tests {
     async fn a_failed_commit_leaves_no_transaction_open() {
         let (_dir, store) = store().await;
         // Make the insert fail inside the statement list, after BEGIN.
-        sqlx::query(
-            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = 7 \
-             BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(store.write_pool())
-        .await
-        .expect("trigger");
+        refuse_seq(&store, 7).await;
         let err = store
             .commit(vec![message("si_a_b", 6, "m6"), message("si_a_b", 7, "m7")])
             .await
             .expect_err("refused");
         assert!(err.contains("refused"), "{err}");
-        sqlx::query("DROP TRIGGER refuse")
-            .execute(store.write_pool())
-            .await
-            .expect("drop");
+        stop_refusing(&store).await;
         // Nothing of the failed batch was kept, and the next commit is its
         // own transaction.
         assert!(store.range("si_a_b", 1, 9).await.expect("range").is_empty());
