@@ -137,14 +137,9 @@ pub async fn check_everything(
             })
             .await
             .unwrap_or_else(|| panic!("{conv}: the last message was never pushed"));
-        let seq = f["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["server_msg_id"] == json!(last.1))
-            .unwrap()["seq"]
-            .as_u64()
-            .unwrap();
+        // Not the whole frame: it may hold the other conversation's last
+        // message too.
+        let seq = a.take_message(f, &json!(want))["seq"].as_u64().unwrap();
         let r = a
             .request(
                 json!({"op": "pull", "conversation_id": conv, "from_seq": 1, "to_seq": seq + 50}),

@@ -515,18 +515,26 @@ impl Client {
                     .as_array()
                     .is_some_and(|m| m.iter().any(|m| m["server_msg_id"] == id))
         };
-        let mut f = self.next_where(has).await;
+        let f = self.next_where(has).await;
+        self.take_message(f, &id)["seq"]
+            .as_u64()
+            .expect("a pushed message has a seq")
+    }
+
+    /// The message `server_msg_id` out of the push frame `f`. A push frame
+    /// merges whatever was queued for the connection, other conversations'
+    /// messages too: the rest of it stays for later readers.
+    pub fn take_message(&mut self, mut f: Value, server_msg_id: &Value) -> Value {
         let messages = f["messages"].as_array_mut().expect("push has messages");
         let at = messages
             .iter()
-            .position(|m| m["server_msg_id"] == id)
+            .position(|m| m["server_msg_id"] == *server_msg_id)
             .expect("the push holds the message");
         let m = messages.remove(at);
         if !messages.is_empty() {
-            // The rest of a merged push stays for later readers.
             self.backlog.push_front(f);
         }
-        m["seq"].as_u64().expect("a pushed message has a seq")
+        m
     }
 
     /// Messages from `push` frames until `n` have arrived, in arrival order.

@@ -1091,6 +1091,7 @@ impl Gather {
 /// transaction, answer them all.
 async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut gather: Gather) {
     let mut jobs = Vec::new();
+    let mut texts = CommitTexts::default();
     while rx.recv_many(&mut jobs, 256).await > 0 {
         let first = tokio::time::Instant::now();
         // Keep taking jobs while the commit stays bounded: those already
@@ -1111,7 +1112,9 @@ async fn message_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteJob>, mut 
         }
         gather.observe(jobs.len(), first);
         let started = std::time::Instant::now();
-        let result = write_batch(&pool, &jobs).await.map_err(|e| e.to_string());
+        let result = write_batch(&pool, &mut texts, &jobs)
+            .await
+            .map_err(|e| e.to_string());
         metrics::histogram!("imflow_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("imflow_store_commit_messages").record(total as f64);
         if let Err(e) = &result {
@@ -1155,6 +1158,29 @@ fn insert_statement(rows: usize) -> String {
     )
 }
 
+/// The texts of `commit_statements` made so far, by row count: the writer
+/// keeps them rather than formatting up to 512 rows again per commit.
+#[derive(Default)]
+struct CommitTexts(HashMap<usize, Arc<str>>);
+
+impl CommitTexts {
+    /// The statement list for `n` messages and the rows it binds.
+    fn get(&mut self, n: usize) -> (Arc<str>, usize) {
+        let rows = commit_rows(n);
+        let text = self
+            .0
+            .entry(rows)
+            .or_insert_with(|| commit_statements(rows).into())
+            .clone();
+        (text, rows)
+    }
+}
+
+/// The rows a commit of `n` messages binds, padding included.
+fn commit_rows(n: usize) -> usize {
+    n.max(1).next_power_of_two().max(8)
+}
+
 /// The statement list of a commit of `n` messages: one transaction, so it
 /// is one call to sqlx's worker thread (a `begin()`, the inserts and a
 /// `commit()` were one each). Messages are bound as parameters: the JSON
@@ -1168,9 +1194,9 @@ fn insert_statement(rows: usize) -> String {
 /// them all with the writer's other statements, and a commit does not
 /// prepare its statements again (a 64-row INSERT costs more to prepare
 /// than to run). A padded row costs a few NULL binds, far less than a
-/// stored one. Returns the text and the number of rows it binds.
-fn commit_statements(n: usize) -> (String, usize) {
-    let rows = n.max(1).next_power_of_two().max(8);
+/// stored one.
+fn commit_statements(n: usize) -> String {
+    let rows = commit_rows(n);
     let shape = match rows {
         ..=32 => 8,
         33..=256 => 64,
@@ -1183,7 +1209,7 @@ fn commit_statements(n: usize) -> (String, usize) {
         text.push_str(&one);
     }
     text.push_str(" COMMIT;");
-    (text, rows)
+    text
 }
 
 /// For each of `keys`, not stored, whether the message holding its
@@ -1199,9 +1225,13 @@ const HELD_BY: &str = "SELECT j.key, m.server_msg_id <> j.value ->> 2 \
 /// Write every job's messages in one transaction; for each message, whether
 /// its seq is taken by another message (so it was not written). One stored
 /// before with the same server_msg_id is a replay: done, not taken.
-async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> {
+async fn write_batch(
+    pool: &SqlitePool,
+    texts: &mut CommitTexts,
+    jobs: &[WriteJob],
+) -> Result<Vec<bool>> {
     let messages: Vec<&Sequenced> = jobs.iter().flat_map(|j| &j.messages).collect();
-    let (text, rows) = commit_statements(messages.len());
+    let (text, rows) = texts.get(messages.len());
     let mut query = sqlx::query(&text);
     for m in &messages {
         query = query
@@ -1238,7 +1268,7 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
     };
     // Each stored (conversation, seq) is claimed by the first message that
     // names it: a second one in the same commit was not stored.
-    let mut claims: HashMap<(String, i64), usize> = HashMap::with_capacity(stored.len());
+    let mut claims: HashMap<(&str, i64), usize> = HashMap::with_capacity(stored.len());
     for row in &stored {
         *claims
             .entry((row.try_get(0)?, row.try_get(1)?))
@@ -1246,8 +1276,7 @@ async fn write_batch(pool: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<bool>> 
     }
     let mut unstored = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        let key = (m.msg.conversation_id.to_string(), m.seq as i64);
-        match claims.get_mut(&key) {
+        match claims.get_mut(&(&*m.msg.conversation_id, m.seq as i64)) {
             Some(n) if *n > 0 => *n -= 1,
             _ => unstored.push(i),
         }
