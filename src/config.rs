@@ -633,8 +633,14 @@ impl Config {
         if self.rest.max_connections == 0 {
             bail!("{file}: rest.max_connections must be at least 1, e.g. 10000");
         }
-        if self.websocket.outgoing_queue == 0 || self.websocket.max_pending_acks == 0 {
-            bail!("{file}: websocket.outgoing_queue and websocket.max_pending_acks must be at least 1");
+        if self.websocket.max_pending_acks == 0 {
+            bail!("{file}: websocket.max_pending_acks must be at least 1, e.g. 1024");
+        }
+        // The push stage hands a connection up to 32 messages between two
+        // of its turns (stages/src/kinds/push.rs): a smaller queue would
+        // close clients that read fine.
+        if self.websocket.outgoing_queue < 64 {
+            bail!("{file}: websocket.outgoing_queue must be at least 64 (a burst of pushes to one client is queued whole), e.g. 1024");
         }
         Ok(())
     }

@@ -56,6 +56,38 @@ async fn single_chat_reaches_every_connection_of_both_users_in_seq_order() {
 }
 
 #[tokio::test]
+async fn a_sender_hears_each_ack_before_its_own_message_comes_back() {
+    let s = TestServer::start().await;
+    s.register(&["alice", "bob"]).await;
+    let mut a = s.connect("alice", 1).await;
+    // More than tokio's per-task budget (128) of acks can finish at once.
+    let n = 300;
+    for i in 0..n {
+        a.send_json(&send_frame(Target::User("bob"), &format!("c{i}"), "hi"))
+            .await;
+    }
+    // Every frame in arrival order, until each message's ack and push came.
+    let mut acked = std::collections::HashSet::new();
+    let mut pushed = 0;
+    while acked.len() < n || pushed < n {
+        let f = a.read_frame().await.expect("connection open");
+        match f["op"].as_str() {
+            Some("ack") => {
+                acked.insert(f["server_msg_id"].as_str().expect("id").to_string());
+            }
+            Some("push") => {
+                for m in f["messages"].as_array().expect("messages") {
+                    let id = m["server_msg_id"].as_str().expect("id");
+                    assert!(acked.contains(id), "{id} pushed before its ack: {f}");
+                    pushed += 1;
+                }
+            }
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_group_of_200_with_50_online_gets_every_message_in_order() {
     let s = TestServer::start().await;
     let users: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();

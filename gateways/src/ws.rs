@@ -355,7 +355,9 @@ pub async fn run_connection<S>(
     let close = &handle.close;
     loop {
         // Frames are fed into the write buffer and flushed once per turn, so
-        // what became ready together leaves in one write.
+        // what became ready together leaves in one write. Acks go before
+        // pushes: a client hears its ack before its own message comes back.
+        let mut acked = false;
         let alive = tokio::select! {
             biased;
             _ = close.cancelled() => {
@@ -363,10 +365,12 @@ pub async fn run_connection<S>(
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
                 false
             }
-            n = rx.recv_many(&mut outbox, 64) => n > 0 && write_outbound(&mut ws, close, &mut outbox).await,
             Some((rid, result)) = pending.next(), if !pending.is_empty() => {
+                acked = true;
                 feed(&mut ws, close, ack_or_error(rid, result)).await
             }
+            // Written by `feed_ready` below, after the acks ready by then.
+            n = rx.recv_many(&mut outbox, 64) => n > 0,
             incoming = ws.next(), if pending.len() < limits.max_pending_acks => {
                 let reply = match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
@@ -396,7 +400,30 @@ pub async fn run_connection<S>(
                 }
             }
         };
-        if !alive || !feed_ready(&mut ws, close, &mut rx, &mut outbox, &mut pending).await {
+        // Feed what else is ready. An acked message comes back to this
+        // connection as a push (PROTOCOL promise 5), in standalone mode a
+        // few task polls after its ack was released: after an ack, let
+        // those run once and feed again, so that the push leaves in the
+        // same write as the ack (one send, not two).
+        let mut ok = alive;
+        let mut yielded = false;
+        while ok {
+            ok = feed_ready(
+                &mut ws,
+                close,
+                &mut rx,
+                &mut outbox,
+                &mut pending,
+                &mut acked,
+            )
+            .await;
+            if !acked || yielded {
+                break;
+            }
+            yielded = true;
+            tokio::task::yield_now().await;
+        }
+        if !ok {
             break;
         }
         let flushed = tokio::select! {
@@ -416,14 +443,20 @@ fn ack_or_error(rid: Option<Box<RawValue>>, result: Result<AckInfo, ImError>) ->
     }
 }
 
-/// Feed whatever else is ready right now (queued pushes, finished acks)
-/// without waiting for anything.
+/// Feed whatever else is ready right now, without waiting for anything:
+/// finished acks, then queued pushes; `acked` is set if an ack was fed.
+/// The pushes are taken first and the acks after: a push is queued only
+/// after its message's ack fired, so every push taken has its ack among
+/// those fed before it, even when another worker thread queues more in
+/// between. The acks are polled outside tokio's task budget, which would
+/// otherwise stop them part way while the pushes kept coming.
 async fn feed_ready<S>(
     ws: &mut S,
     close: &CancellationToken,
     rx: &mut mpsc::Receiver<Outbound>,
     outbox: &mut Vec<Outbound>,
     pending: &mut FuturesUnordered<AckFuture>,
+    acked: &mut bool,
 ) -> bool
 where
     S: Sink<Message, Error = WsError> + Unpin,
@@ -436,15 +469,18 @@ where
                 Err(_) => break,
             }
         }
-        if !outbox.is_empty() {
+        while let Some(Some((rid, result))) =
+            tokio::task::unconstrained(pending.next()).now_or_never()
+        {
             progressed = true;
-            if !write_outbound(ws, close, outbox).await {
+            *acked = true;
+            if !feed(ws, close, ack_or_error(rid, result)).await {
                 return false;
             }
         }
-        if let Some(Some((rid, result))) = pending.next().now_or_never() {
+        if !outbox.is_empty() {
             progressed = true;
-            if !feed(ws, close, ack_or_error(rid, result)).await {
+            if !write_outbound(ws, close, outbox).await {
                 return false;
             }
         }

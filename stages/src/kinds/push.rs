@@ -46,13 +46,17 @@ impl StageKind for Push {
     }
 }
 
+/// Messages delivered between two yields to the connections: far below
+/// their outgoing queue (`websocket.outgoing_queue`, 1,024 by default).
+const YIELD_EVERY: usize = 32;
+
 async fn run(
     mut input: Input<Delivery>,
     presence: Arc<dyn Presence>,
 ) -> imflow_runtime::registry::StageResult {
     let mut batch: Vec<Envelope<Delivery>> = Vec::with_capacity(256);
     while input.recv_batch(&mut batch, 256).await {
-        for env in batch.drain(..) {
+        for (i, env) in batch.drain(..).enumerate() {
             let Envelope { item, ack, .. } = env;
             let push = PushItem {
                 conversation_id: item.conversation_id,
@@ -61,9 +65,14 @@ async fn run(
             };
             presence.deliver_all(&item.recipients, &push, ack);
             // A batch from Kafka can hold hundreds of messages for one
-            // user: let the connections drain between them, or a bounded
+            // user: let the connections drain every few, or a bounded
             // outgoing queue would overflow for a client that reads fine.
-            tokio::task::yield_now().await;
+            // Not after each: a sender's connection yields once after its
+            // ack to send it with its own push, so pushes delivered in one
+            // run leave with their acks (see `gateways::ws`).
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
         }
     }
     Ok(())
